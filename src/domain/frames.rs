@@ -1,0 +1,177 @@
+//! What the server sends to clients (CONTRACT §2), and the error codes of §4.
+//!
+//! A frame is serialised once into [`bytes::Bytes`] and the same bytes go to every recipient.
+
+use super::event::{Event, EventBody, rfc3339};
+use super::names::{RoomName, UserId};
+use bytes::Bytes;
+use serde::Serialize;
+
+/// An error code a client can act on (CONTRACT §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    UnknownAction,
+    InvalidRoom,
+    NotMember,
+    TooLarge,
+    RateLimited,
+    Internal,
+}
+
+/// Whether a `member` frame says someone joined or left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MemberChange {
+    Joined,
+    Left,
+}
+
+/// A frame from server to client.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum ServerFrame {
+    Message {
+        room: RoomName,
+        seq: u64,
+        id: String,
+        user: UserId,
+        text: String,
+        at: String,
+    },
+    Member {
+        room: RoomName,
+        seq: u64,
+        id: String,
+        user: UserId,
+        change: MemberChange,
+        at: String,
+    },
+    Presence {
+        room: RoomName,
+        user: UserId,
+        online: bool,
+    },
+    Joined {
+        room: RoomName,
+        head: u64,
+    },
+    Left {
+        room: RoomName,
+    },
+    Sent {
+        room: RoomName,
+        seq: u64,
+        id: String,
+        #[serde(rename = "clientMsgId", skip_serializing_if = "Option::is_none")]
+        client_msg_id: Option<String>,
+    },
+    History {
+        room: RoomName,
+        events: Vec<ServerFrame>,
+        head: u64,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        action: Option<String>,
+    },
+}
+
+impl ServerFrame {
+    /// The live frame of a room event; `None` for connection events, which are not shown.
+    pub fn of_event(event: &Event) -> Option<ServerFrame> {
+        let room = event.room()?.clone();
+        let id = event.id.to_string();
+        let at = rfc3339(&event.at);
+        let seq = event.seq;
+        Some(match &event.body {
+            EventBody::MessagePosted { user, text, .. } => ServerFrame::Message {
+                room,
+                seq,
+                id,
+                user: user.clone(),
+                text: text.clone(),
+                at,
+            },
+            EventBody::Joined { user, .. } => ServerFrame::Member {
+                room,
+                seq,
+                id,
+                user: user.clone(),
+                change: MemberChange::Joined,
+                at,
+            },
+            EventBody::Left { user, .. } => ServerFrame::Member {
+                room,
+                seq,
+                id,
+                user: user.clone(),
+                change: MemberChange::Left,
+                at,
+            },
+            EventBody::Connected { .. } | EventBody::Disconnected { .. } => return None,
+        })
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>, action: Option<&str>) -> ServerFrame {
+        ServerFrame::Error {
+            code,
+            message: message.into(),
+            action: action.map(str::to_owned),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        // Serialising these types cannot fail: no maps with non-string keys, no foreign types.
+        serde_json::to_string(self).expect("server frames always serialise")
+    }
+
+    /// The frame's bytes, made once and shared by every recipient.
+    pub fn to_bytes(&self) -> Bytes {
+        Bytes::from(self.to_json())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::event::Event;
+
+    #[test]
+    fn message_frames_have_the_contract_shape() {
+        let at = chrono::DateTime::from_timestamp_millis(1_700_000_000_123).unwrap();
+        let event = Event::record(
+            EventBody::MessagePosted {
+                room: RoomName::parse("general").unwrap(),
+                user: UserId::parse("ana").unwrap(),
+                text: "hello".into(),
+                client_msg_id: Some("c1".into()),
+                connection: None,
+            },
+            7,
+            at,
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&ServerFrame::of_event(&event).unwrap().to_json()).unwrap();
+        assert_eq!(json["type"], "message");
+        assert_eq!(json["room"], "general");
+        assert_eq!(json["seq"], 7);
+        assert_eq!(json["user"], "ana");
+        assert_eq!(json["text"], "hello");
+        assert_eq!(json["at"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(json["id"].as_str().unwrap().len(), 26);
+    }
+
+    #[test]
+    fn error_frames_use_snake_case_codes() {
+        let json =
+            ServerFrame::error(ErrorCode::NotMember, "join first", Some("sendMessage")).to_json();
+        assert_eq!(
+            json,
+            r#"{"type":"error","code":"not_member","message":"join first","action":"sendMessage"}"#
+        );
+    }
+}

@@ -1,0 +1,14 @@
+//! Sizes and counts the contract fixes (CONTRACT §4) or that keep one client from hurting others.
+
+/// A client frame larger than this gets `too_large` (API Gateway's frame limit is 32 KB).
+pub const MAX_FRAME_BYTES: usize = 32 * 1024;
+/// A message `text` larger than this (UTF-8 bytes) gets `too_large`.
+pub const MAX_TEXT_BYTES: usize = 16 * 1024;
+/// `getHistory` answers this many events when no `limit` is given.
+pub const DEFAULT_HISTORY_LIMIT: usize = 100;
+/// `getHistory` never answers more than this many events at once.
+pub const MAX_HISTORY_LIMIT: usize = 500;
+/// A `clientMsgId` is an idempotency key, not a payload.
+pub const MAX_CLIENT_MSG_ID_LEN: usize = 128;
+/// `postToConnection` accepts at most this much (API Gateway's message limit, 128 KB).
+pub const MAX_POST_BYTES: usize = 128 * 1024;

@@ -1,0 +1,51 @@
+//! The local log tail: follows the log in commit order and hands every event to the fan-out.
+//!
+//! Catch-up without gaps: subscribe to the wake-up first, then read from the checkpoint, and
+//! only then wait. The wake-up carries no events — only "something was committed" — so a tail
+//! that falls behind re-reads from its checkpoint instead of silently skipping.
+
+use super::FanOut;
+use crate::ports::LogFeed;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How many events one read takes.
+const PAGE: usize = 256;
+/// Re-read at least this often even without a wake-up (another process may write the file).
+const POLL: Duration = Duration::from_secs(1);
+
+/// Runs until the feed's store is dropped. Starts after `checkpoint`.
+pub async fn run(feed: Arc<dyn LogFeed>, fanout: FanOut, mut checkpoint: u64) {
+    let mut wake = feed.watch();
+    loop {
+        wake.borrow_and_update();
+        loop {
+            let page = match feed.read_all(checkpoint, PAGE).await {
+                Ok(page) => page,
+                Err(error) => {
+                    tracing::error!(%error, checkpoint, "log tail could not read; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let Some(&(last, _)) = page.last() else { break };
+            for (position, event) in &page {
+                // A store error here (not a failed post) would skip recipients: retry the event.
+                while let Err(error) = fanout.deliver(event).await {
+                    tracing::error!(%error, position, "fan-out failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            checkpoint = last;
+        }
+        tokio::select! {
+            changed = wake.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+/// Where a tail started now should begin: after everything already committed.
+pub async fn current_position(feed: &dyn LogFeed) -> u64 {
+    *feed.watch().borrow()
+}

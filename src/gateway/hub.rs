@@ -1,0 +1,213 @@
+//! The local gateway's open connections, and its side of `postToConnection`.
+//!
+//! Each connection has a bounded outbox drained by its socket writer. A post never waits: if a
+//! connection's outbox is full its reader cannot keep up, so it is closed — one slow client must
+//! not hold up a room. It recovers by reconnecting with `joinRoom{after}`, which replays from
+//! the log what it missed.
+
+use crate::domain::ConnectionId;
+use crate::ports::{ConnectionGateway, PostError};
+use async_trait::async_trait;
+use axum::extract::ws::{Message, Utf8Bytes};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
+use tokio::sync::{Notify, mpsc};
+
+/// Frames queued for one connection before it counts as too slow.
+pub const OUTBOX_FRAMES: usize = 1024;
+
+/// Why the server closed a connection: becomes the WebSocket close frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Its outbox overflowed.
+    TooSlow,
+    /// It kept sending after being rate limited.
+    Flooding,
+    /// `DELETE @connections/{id}`.
+    Deleted,
+    /// The server is stopping.
+    ShuttingDown,
+}
+
+impl CloseReason {
+    /// The WebSocket close code and reason text.
+    pub fn frame(self) -> (u16, &'static str) {
+        match self {
+            CloseReason::TooSlow => (1008, "too slow: reconnect and rejoin with after"),
+            CloseReason::Flooding => (1008, "flooding"),
+            CloseReason::Deleted => (1000, "closed by the server"),
+            CloseReason::ShuttingDown => (1001, "server shutting down"),
+        }
+    }
+}
+
+/// One open connection.
+pub struct Link {
+    pub id: ConnectionId,
+    pub connected_at: DateTime<Utc>,
+    pub source_ip: IpAddr,
+    pub user_agent: Option<String>,
+    last_active_ms: AtomicI64,
+    outbox: mpsc::Sender<Message>,
+    closing: AtomicBool,
+    close_reason: RwLock<Option<CloseReason>>,
+    closed: Notify,
+}
+
+impl Link {
+    pub fn last_active_at(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(self.last_active_ms.load(Ordering::Relaxed))
+            .unwrap_or(self.connected_at)
+    }
+
+    /// The client sent something.
+    pub fn touch(&self) {
+        self.last_active_ms
+            .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+    }
+
+    /// Asks the connection's tasks to close it; the first reason given wins.
+    pub fn close(&self, reason: CloseReason) {
+        if !self.closing.swap(true, Ordering::AcqRel) {
+            *self.close_reason.write().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        }
+        self.closed.notify_waiters();
+        self.closed.notify_one();
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        *self.close_reason.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resolves once [`Link::close`] was called.
+    pub async fn closed(&self) {
+        loop {
+            let notified = self.closed.notified();
+            if self.is_closing() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Queues a frame without waiting; a full outbox closes the connection.
+    pub fn push(&self, frame: Message) -> Result<(), PostError> {
+        if self.is_closing() {
+            return Err(PostError::Gone);
+        }
+        match self.outbox.try_send(frame) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(connection = %self.id, "outbox full: closing a slow connection");
+                self.close(CloseReason::TooSlow);
+                Err(PostError::Gone)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(PostError::Gone),
+        }
+    }
+
+    /// Queues an answer to the connection's own request, waiting for room if need be.
+    pub async fn answer(&self, frame: Message) -> Result<(), PostError> {
+        self.outbox.send(frame).await.map_err(|_| PostError::Gone)
+    }
+}
+
+/// Every open connection of this gateway.
+#[derive(Default)]
+pub struct Hub {
+    links: RwLock<HashMap<ConnectionId, Arc<Link>>>,
+}
+
+impl Hub {
+    pub fn new() -> Arc<Hub> {
+        Arc::new(Hub::default())
+    }
+
+    /// Registers a connection before `$connect` runs, so frames the fan-out posts to it in the
+    /// meantime wait in its outbox instead of finding it gone.
+    pub fn register(
+        &self,
+        id: ConnectionId,
+        source_ip: IpAddr,
+        user_agent: Option<String>,
+    ) -> (Arc<Link>, mpsc::Receiver<Message>) {
+        let (outbox, inbox) = mpsc::channel(OUTBOX_FRAMES);
+        let connected_at = crate::domain::event::now();
+        let link = Arc::new(Link {
+            id: id.clone(),
+            connected_at,
+            source_ip,
+            user_agent,
+            last_active_ms: AtomicI64::new(connected_at.timestamp_millis()),
+            outbox,
+            closing: AtomicBool::new(false),
+            close_reason: RwLock::new(None),
+            closed: Notify::new(),
+        });
+        self.write().insert(id, link.clone());
+        (link, inbox)
+    }
+
+    pub fn remove(&self, id: &ConnectionId) {
+        self.write().remove(id);
+    }
+
+    pub fn get(&self, id: &ConnectionId) -> Option<Arc<Link>> {
+        self.links
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Closes every connection (on shutdown: open sockets would keep the server waiting).
+    pub fn close_all(&self, reason: CloseReason) {
+        let links: Vec<Arc<Link>> = self
+            .links
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for link in links {
+            link.close(reason);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.links.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<ConnectionId, Arc<Link>>> {
+        self.links.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Turns posted bytes into a WebSocket frame: text when they are UTF-8, as API Gateway does.
+pub fn frame_of(bytes: Bytes) -> Message {
+    // Cloning `Bytes` only bumps a reference count: the frame is still shared, not copied.
+    match Utf8Bytes::try_from(bytes.clone()) {
+        Ok(text) => Message::Text(text),
+        Err(_) => Message::Binary(bytes),
+    }
+}
+
+#[async_trait]
+impl ConnectionGateway for Hub {
+    async fn post(&self, connection: &ConnectionId, frame: Bytes) -> Result<(), PostError> {
+        let link = self.get(connection).ok_or(PostError::Gone)?;
+        link.push(frame_of(frame))
+    }
+}

@@ -1,0 +1,46 @@
+//! The local gateway: what API Gateway does for a WebSocket API, in one axum server.
+//!
+//! - `/` — WebSocket connections (routes selected by `action`), or the chat page for a browser;
+//! - `/@connections/{id}` and `/{stage}/@connections/{id}` — the management API;
+//! - `/admin/...` — operator queries behind a bearer token; `/healthz`.
+
+mod admin;
+pub mod hub;
+mod management;
+mod page;
+pub mod rate;
+mod websocket;
+
+use crate::handlers::Routes;
+use crate::ports::Store;
+use axum::Router;
+use axum::routing::get;
+use hub::Hub;
+use std::sync::Arc;
+
+/// What every request of the local gateway shares.
+pub struct GatewayState {
+    pub routes: Routes,
+    pub hub: Arc<Hub>,
+    pub store: Store,
+    /// `None` turns the admin endpoints off (every call answers 401).
+    pub admin_token: Option<String>,
+    /// The stage name put in route requests (`requestContext.stage`).
+    pub stage: String,
+}
+
+/// The gateway's routes.
+pub fn router(state: Arc<GatewayState>) -> Router {
+    let connections = get(management::get)
+        .post(management::post)
+        .delete(management::delete);
+    Router::new()
+        .route("/", get(websocket::root))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/@connections/{id}", connections.clone())
+        .route("/{stage}/@connections/{id}", connections)
+        .route("/admin/rooms", get(admin::rooms))
+        .route("/admin/rooms/{room}/members", get(admin::members))
+        .route("/admin/rooms/{room}/history", get(admin::history))
+        .with_state(state)
+}

@@ -1,0 +1,36 @@
+//! `$connect`: check the token, then record the connection. A refused token is an HTTP 401 on
+//! the handshake and leaves no trace in the log.
+
+use super::{Routes, status};
+use crate::domain::{ConnectionId, EventBody, Expect};
+use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
+
+pub(super) async fn handle(
+    routes: &Routes,
+    connection: ConnectionId,
+    request: &ApiGatewayWebsocketProxyRequest,
+) -> ApiGatewayProxyResponse {
+    let token = request.query_string_parameters.first("token");
+    let user = match routes.identity.verify(token) {
+        Ok(user) => user,
+        Err(error) => {
+            tracing::info!(%connection, %error, "connection refused");
+            return status(401, "Unauthorized");
+        }
+    };
+    let body = EventBody::Connected {
+        connection: connection.clone(),
+        user: user.clone(),
+        source_ip: request.request_context.identity.source_ip.clone(),
+    };
+    match routes.log.append(body, Expect::Seq(1)).await {
+        Ok(_) => {
+            tracing::info!(%connection, %user, "connected");
+            status(200, "Connected")
+        }
+        Err(error) => {
+            tracing::error!(%connection, %error, "could not record the connection");
+            status(500, "Internal Server Error")
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! `getHistory`: a page of the room's events, in the live frames' shapes.
+
+use super::{Caller, RouteError, Routes};
+use crate::domain::{RoomName, ServerFrame, Stream};
+
+pub(super) async fn handle(
+    routes: &Routes,
+    caller: &Caller,
+    room: RoomName,
+    after: u64,
+    limit: usize,
+) -> Result<ServerFrame, RouteError> {
+    if !routes.directory.is_member(&room, &caller.user).await? {
+        return Err(RouteError::not_member(&room));
+    }
+    let stream = Stream::Room(room.clone());
+    let events = routes.log.read(&stream, after, limit).await?;
+    let head = routes.log.head(&stream).await?;
+    Ok(ServerFrame::History {
+        room,
+        events: events.iter().filter_map(ServerFrame::of_event).collect(),
+        head,
+    })
+}

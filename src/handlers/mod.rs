@@ -1,0 +1,169 @@
+//! The WebSocket routes: validate the request, append to the log, answer the sender.
+//!
+//! Handlers never broadcast — the fan-out does that from the log. They take and return exactly
+//! what a Lambda function behind an API Gateway WebSocket API takes and returns
+//! ([`ApiGatewayWebsocketProxyRequest`] → [`ApiGatewayProxyResponse`]), so the same code runs
+//! in `palaver serve`'s local gateway and on AWS. A route's answer is the response body, which
+//! API Gateway (and the local gateway) sends back to the caller.
+
+mod connect;
+mod disconnect;
+mod history;
+mod join;
+mod leave;
+mod send;
+
+pub use disconnect::close as close_connection;
+
+use crate::domain::requests::{self, Rejection, Request};
+use crate::domain::{ConnectionId, ErrorCode, ServerFrame, UserId};
+use crate::identity::Identity;
+use crate::ports::{ConnectionGateway, Directory, EventLog, PostError, Store, StoreError};
+use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
+use aws_lambda_events::encodings::Body;
+use std::sync::Arc;
+
+/// Everything the route handlers need, built once per process (or per Lambda container).
+#[derive(Clone)]
+pub struct Routes {
+    log: Arc<dyn EventLog>,
+    directory: Arc<dyn Directory>,
+    gateway: Arc<dyn ConnectionGateway>,
+    identity: Identity,
+}
+
+/// Who sent a frame: the connection and the user it was opened by.
+struct Caller {
+    connection: ConnectionId,
+    user: UserId,
+}
+
+/// Why a route could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+enum RouteError {
+    #[error("{}", .0.message)]
+    Rejected(Rejection),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("could not deliver to the caller: {0}")]
+    Delivery(#[from] PostError),
+    #[error("connection {0} is not open")]
+    UnknownConnection(ConnectionId),
+}
+
+impl RouteError {
+    fn not_member(room: &crate::domain::RoomName) -> RouteError {
+        RouteError::Rejected(Rejection::new(
+            ErrorCode::NotMember,
+            format!("you are not a member of {room}: joinRoom first"),
+        ))
+    }
+}
+
+impl Routes {
+    pub fn new(store: &Store, gateway: Arc<dyn ConnectionGateway>, identity: Identity) -> Self {
+        Routes {
+            log: store.log.clone(),
+            directory: store.directory.clone(),
+            gateway,
+            identity,
+        }
+    }
+
+    /// Handles one API Gateway WebSocket event, whatever its route.
+    pub async fn handle(
+        &self,
+        request: ApiGatewayWebsocketProxyRequest,
+    ) -> ApiGatewayProxyResponse {
+        let context = &request.request_context;
+        let route = context.route_key.as_deref().unwrap_or("$default");
+        let connection = ConnectionId::new(context.connection_id.clone().unwrap_or_default());
+        match route {
+            "$connect" => connect::handle(self, connection, &request).await,
+            "$disconnect" => disconnect::handle(self, connection).await,
+            route => {
+                let body = if request.is_base64_encoded {
+                    Err(Rejection::new(
+                        ErrorCode::BadRequest,
+                        "binary frames are not supported: send JSON text frames",
+                    ))
+                } else {
+                    Ok(request.body.as_deref().unwrap_or(""))
+                };
+                let frame = match body {
+                    Err(rejection) => rejection.frame(None),
+                    Ok(body) if route == "$default" => {
+                        requests::default_route_rejection(body).frame(None)
+                    }
+                    Ok(body) => self.route(route, connection, body).await,
+                };
+                answer(&frame)
+            }
+        }
+    }
+
+    async fn route(&self, route: &str, connection: ConnectionId, body: &str) -> ServerFrame {
+        let outcome = match requests::parse(route, body) {
+            Err(rejection) => Err(RouteError::Rejected(rejection)),
+            Ok(request) => self.dispatch(connection, request).await,
+        };
+        outcome.unwrap_or_else(|error| match error {
+            RouteError::Rejected(rejection) => rejection.frame(Some(route)),
+            other => {
+                tracing::error!(route, error = %other, "route failed");
+                ServerFrame::error(
+                    ErrorCode::Internal,
+                    "something went wrong on our side; nothing was changed, try again",
+                    Some(route),
+                )
+            }
+        })
+    }
+
+    async fn dispatch(
+        &self,
+        connection: ConnectionId,
+        request: Request,
+    ) -> Result<ServerFrame, RouteError> {
+        let caller = self.caller(connection).await?;
+        match request {
+            Request::JoinRoom { room, after } => join::handle(self, &caller, room, after).await,
+            Request::LeaveRoom { room } => leave::handle(self, &caller, room).await,
+            Request::SendMessage {
+                room,
+                text,
+                client_msg_id,
+            } => send::handle(self, &caller, room, text, client_msg_id).await,
+            Request::GetHistory { room, after, limit } => {
+                history::handle(self, &caller, room, after, limit).await
+            }
+        }
+    }
+
+    /// The user behind a connection, from the registry `$connect` wrote.
+    async fn caller(&self, connection: ConnectionId) -> Result<Caller, RouteError> {
+        match self.directory.connection(&connection).await? {
+            Some(record) if record.open => Ok(Caller {
+                connection,
+                user: record.user,
+            }),
+            _ => Err(RouteError::UnknownConnection(connection)),
+        }
+    }
+}
+
+/// A 200 whose body the gateway sends back to the caller.
+fn answer(frame: &ServerFrame) -> ApiGatewayProxyResponse {
+    let mut response = ApiGatewayProxyResponse::default();
+    response.status_code = 200;
+    response.body = Some(Body::Text(frame.to_json()));
+    response
+}
+
+/// A bare status, for `$connect` and `$disconnect`, whose bodies no client sees.
+fn status(code: i64, message: &str) -> ApiGatewayProxyResponse {
+    let mut response = ApiGatewayProxyResponse::default();
+    response.status_code = code;
+    response.body = Some(Body::Text(message.to_owned()));
+    response
+}

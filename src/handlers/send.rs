@@ -1,0 +1,31 @@
+//! `sendMessage`: append the message; answer `sent` once it is durably in the log. The fan-out,
+//! not this handler, delivers it — to the sender's other connections too.
+
+use super::{Caller, RouteError, Routes};
+use crate::domain::{EventBody, Expect, RoomName, ServerFrame};
+
+pub(super) async fn handle(
+    routes: &Routes,
+    caller: &Caller,
+    room: RoomName,
+    text: String,
+    client_msg_id: Option<String>,
+) -> Result<ServerFrame, RouteError> {
+    if !routes.directory.is_member(&room, &caller.user).await? {
+        return Err(RouteError::not_member(&room));
+    }
+    let body = EventBody::MessagePosted {
+        room: room.clone(),
+        user: caller.user.clone(),
+        text,
+        client_msg_id: client_msg_id.clone(),
+        connection: Some(caller.connection.clone()),
+    };
+    let appended = routes.log.append(body, Expect::Next).await?;
+    Ok(ServerFrame::Sent {
+        room,
+        seq: appended.event.seq,
+        id: appended.event.id.to_string(),
+        client_msg_id,
+    })
+}

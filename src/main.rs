@@ -1,0 +1,244 @@
+//! The `palaver` command: run the server, make tokens, and answer operators' questions.
+
+use clap::{Parser, Subcommand};
+use palaver::domain::{RoomName, UserId};
+use palaver::identity::{Identity, parse_ttl, random_secret};
+use palaver::operator::{self, table};
+use palaver::ports::Store;
+use palaver::server::{ServeConfig, serve};
+use palaver::store::{self, DEFAULT_STORE, StoreUrl};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "palaver",
+    version,
+    about = "Event-sourced WebSocket chat: API Gateway on AWS, or one local binary"
+)]
+struct Cli {
+    /// Where the log lives: sqlite://PATH, memory://
+    #[arg(long, global = true, env = "PALAVER_STORE", default_value = DEFAULT_STORE)]
+    store: StoreUrl,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway, the route handlers, the fan-out and the chat page
+    Serve {
+        /// Address to listen on
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+    },
+    /// Print a token for USER, signed with PALAVER_JWT_SECRET
+    Token {
+        user: String,
+        /// How long the token is valid: 90s, 30m, 1h, 7d
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: Duration,
+    },
+    /// Every room: members, online members, last seq
+    Rooms {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Members of ROOM: joined at, online, open connections
+    Members {
+        room: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Events of ROOM after a seq
+    History {
+        room: String,
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open connections
+    Connections {
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "palaver=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("palaver: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Serve { listen } => run_serve(&cli.store, &listen).await,
+        Command::Token { user, ttl } => {
+            let secret = std::env::var("PALAVER_JWT_SECRET")
+                .map_err(|_| "set PALAVER_JWT_SECRET to the secret the server uses")?;
+            let user = UserId::parse(&user)?;
+            println!("{}", Identity::new(secret.as_bytes()).issue(&user, ttl));
+            Ok(())
+        }
+        Command::Rooms { json } => {
+            let rows = operator::rooms(&open(&cli.store).await?).await?;
+            print(json, &rows, &["ROOM", "MEMBERS", "ONLINE", "HEAD"], |r| {
+                vec![
+                    r.room.clone(),
+                    r.members.to_string(),
+                    r.online.to_string(),
+                    r.head.to_string(),
+                ]
+            })
+        }
+        Command::Members { room, json } => {
+            let room = RoomName::parse(&room)?;
+            let rows = operator::members(&open(&cli.store).await?, &room).await?;
+            print(
+                json,
+                &rows,
+                &["USER", "JOINED", "ONLINE", "CONNECTIONS"],
+                |m| {
+                    vec![
+                        m.user.clone(),
+                        m.joined_at.clone(),
+                        if m.online { "yes" } else { "no" }.to_owned(),
+                        m.connections.to_string(),
+                    ]
+                },
+            )
+        }
+        Command::History {
+            room,
+            after,
+            limit,
+            json,
+        } => {
+            let room = RoomName::parse(&room)?;
+            let frames = operator::history(&open(&cli.store).await?, &room, after, limit).await?;
+            let rows: Vec<serde_json::Value> = frames
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<Result<_, _>>()?;
+            print(json, &rows, &["SEQ", "AT", "USER", "EVENT"], |f| {
+                let text = match f["type"].as_str() {
+                    Some("message") => f["text"].as_str().unwrap_or_default().to_owned(),
+                    _ => format!("({})", f["change"].as_str().unwrap_or_default()),
+                };
+                vec![
+                    f["seq"].to_string(),
+                    f["at"].as_str().unwrap_or_default().to_owned(),
+                    f["user"].as_str().unwrap_or_default().to_owned(),
+                    text,
+                ]
+            })
+        }
+        Command::Connections { user, json } => {
+            let user = user.as_deref().map(UserId::parse).transpose()?;
+            let rows = operator::connections(&open(&cli.store).await?, user.as_ref()).await?;
+            print(json, &rows, &["ID", "USER", "CONNECTED"], |c| {
+                vec![c.id.clone(), c.user.clone(), c.connected_at.clone()]
+            })
+        }
+    }
+}
+
+async fn open(url: &StoreUrl) -> Result<Store, Failure> {
+    store::open(url).await
+}
+
+fn print<T: serde::Serialize>(
+    json: bool,
+    rows: &[T],
+    header: &[&str],
+    cells: impl Fn(&T) -> Vec<String>,
+) -> Result<(), Failure> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+    } else {
+        let rows: Vec<Vec<String>> = rows.iter().map(cells).collect();
+        print!("{}", table(header, &rows));
+    }
+    Ok(())
+}
+
+async fn run_serve(url: &StoreUrl, listen: &str) -> Result<(), Failure> {
+    let store = open(url).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let addr = listener.local_addr()?;
+    let host = if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    };
+
+    let (secret, generated) = match std::env::var("PALAVER_JWT_SECRET") {
+        Ok(secret) if !secret.is_empty() => (secret, false),
+        _ => (random_secret(), true),
+    };
+    let identity = Identity::new(secret.as_bytes());
+    let admin_token = std::env::var("PALAVER_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+
+    println!(
+        "palaver is listening on http://{host}  (store: {})",
+        describe(url)
+    );
+    if generated {
+        let user = std::env::var("USER")
+            .ok()
+            .and_then(|u| UserId::parse(&u).ok())
+            .unwrap_or_else(|| UserId::parse("guest").expect("a valid name"));
+        let token = identity.issue(&user, Duration::from_secs(12 * 3600));
+        println!();
+        println!("No PALAVER_JWT_SECRET was set, so this session made one up.");
+        println!("Open the chat as {user}:");
+        println!();
+        println!("    http://{host}/?token={token}");
+        println!();
+        println!("Tokens for other users (valid while this server runs):");
+        println!("    PALAVER_JWT_SECRET={secret} palaver token NAME");
+    }
+    if admin_token.is_none() {
+        println!("Admin endpoints are off: set PALAVER_ADMIN_TOKEN to turn them on.");
+    }
+    println!();
+    serve(ServeConfig {
+        listener,
+        store,
+        identity,
+        admin_token,
+    })
+    .await?;
+    Ok(())
+}
+
+fn describe(url: &StoreUrl) -> String {
+    match url {
+        StoreUrl::Sqlite(path) => format!("sqlite://{path}"),
+        StoreUrl::Memory => "memory://".to_owned(),
+    }
+}

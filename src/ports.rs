@@ -1,0 +1,151 @@
+//! The ports: what handlers and the fan-out need from a store and from the connection gateway.
+//!
+//! Every store (memory, SQLite, DynamoDB) implements [`EventLog`] and [`Directory`]; stores that
+//! can be tailed in commit order (memory, SQLite) also implement [`LogFeed`]. The gateway that
+//! holds the WebSocket connections — API Gateway's management API on AWS, the local gateway in
+//! `palaver serve` — implements [`ConnectionGateway`].
+
+use crate::domain::{Appended, ConnectionId, Event, EventBody, Expect, RoomName, Stream, UserId};
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Optimistic concurrency: the stream was not where the append expected it.
+    #[error("{stream}: expected to append seq {expected}, but the next seq is {next}")]
+    Conflict {
+        stream: String,
+        expected: u64,
+        next: u64,
+    },
+    /// The store could not be reached or refused the operation.
+    #[error("store failure: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Something read back could not be decoded.
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    pub fn backend(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError::Backend(Box::new(e))
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The append-only log: gap-free per-stream seq, ULID ids.
+#[async_trait]
+pub trait EventLog: Send + Sync {
+    /// Appends `body` to its stream. A message whose `clientMsgId` this user already used in this
+    /// room is not appended again: the first event comes back with `duplicate: true`.
+    ///
+    /// Stores that also hold the projection apply the event's [`changes`] in the same atomic
+    /// write, so a handler sees its own writes (join, then send at once, is never `not_member`).
+    ///
+    /// [`changes`]: crate::domain::projection::changes
+    async fn append(&self, body: EventBody, expect: Expect) -> StoreResult<Appended>;
+
+    /// Events of `stream` with `seq > after`, in order, at most `limit`.
+    async fn read(&self, stream: &Stream, after: u64, limit: usize) -> StoreResult<Vec<Event>>;
+
+    /// The seq of the stream's last event, 0 if it has none.
+    async fn head(&self, stream: &Stream) -> StoreResult<u64>;
+}
+
+/// An open or closed connection, as the registry knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionRecord {
+    pub id: ConnectionId,
+    pub user: UserId,
+    pub connected_at: DateTime<Utc>,
+    pub last_active_at: DateTime<Utc>,
+    pub source_ip: Option<String>,
+    pub open: bool,
+}
+
+/// A member of a room.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberRecord {
+    pub user: UserId,
+    pub joined_at: DateTime<Utc>,
+    /// How many connections this user has open (online when > 0).
+    pub connections: usize,
+}
+
+/// A room, for operators.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomRecord {
+    pub room: RoomName,
+    pub members: usize,
+    /// Members with at least one open connection.
+    pub online: usize,
+    pub head: u64,
+}
+
+/// The projected state: membership, the connection registry, rooms.
+#[async_trait]
+pub trait Directory: Send + Sync {
+    /// Applies an event's changes; applying the same event again changes nothing.
+    async fn apply(&self, event: &Event) -> StoreResult<()>;
+
+    /// The connection with this id, open or closed.
+    async fn connection(&self, id: &ConnectionId) -> StoreResult<Option<ConnectionRecord>>;
+
+    /// Open connections, oldest first; only `user`'s when given.
+    async fn open_connections(&self, user: Option<&UserId>) -> StoreResult<Vec<ConnectionRecord>>;
+
+    async fn is_member(&self, room: &RoomName, user: &UserId) -> StoreResult<bool>;
+
+    /// Current members of `room`, by user id.
+    async fn members(&self, room: &RoomName) -> StoreResult<Vec<MemberRecord>>;
+
+    /// Rooms `user` is a member of.
+    async fn rooms_of(&self, user: &UserId) -> StoreResult<Vec<RoomName>>;
+
+    /// Every room with at least one event, by name.
+    async fn rooms(&self) -> StoreResult<Vec<RoomRecord>>;
+
+    /// Who hears what is said in `room`: every open connection of every member.
+    async fn audience(&self, room: &RoomName) -> StoreResult<Vec<ConnectionId>>;
+}
+
+/// The log in commit order across all streams, for a tail in the same process.
+#[async_trait]
+pub trait LogFeed: Send + Sync {
+    /// Events committed after global position `after`, with their positions, at most `limit`.
+    async fn read_all(&self, after: u64, limit: usize) -> StoreResult<Vec<(u64, Event)>>;
+
+    /// A wake-up: holds the last committed position and changes after every commit. It carries
+    /// no events, so a slow reader can never miss one — it re-reads from its checkpoint.
+    fn watch(&self) -> watch::Receiver<u64>;
+}
+
+/// Why a post to a connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PostError {
+    /// The connection is closed or unknown (HTTP 410): remove it.
+    #[error("connection is gone")]
+    Gone,
+    /// Anything else (throttled, payload too large, network): the connection may still be there.
+    #[error("post failed: {0}")]
+    Failed(String),
+}
+
+/// Delivers frames to connections: `postToConnection`.
+#[async_trait]
+pub trait ConnectionGateway: Send + Sync {
+    async fn post(&self, connection: &ConnectionId, frame: Bytes) -> Result<(), PostError>;
+}
+
+/// A store: its log, its projection, and its feed where it has one.
+#[derive(Clone)]
+pub struct Store {
+    pub log: Arc<dyn EventLog>,
+    pub directory: Arc<dyn Directory>,
+    pub feed: Option<Arc<dyn LogFeed>>,
+}

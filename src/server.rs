@@ -1,0 +1,75 @@
+//! `palaver serve`: the store, the route handlers, the log tail driving the fan-out, and the
+//! local gateway, wired together in one process.
+
+use crate::fanout::{FanOut, tail};
+use crate::gateway::hub::{CloseReason, Hub};
+use crate::gateway::{GatewayState, router};
+use crate::handlers::Routes;
+use crate::identity::Identity;
+use crate::ports::Store;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// How `serve` was asked to run.
+pub struct ServeConfig {
+    pub listener: TcpListener,
+    pub store: Store,
+    pub identity: Identity,
+    pub admin_token: Option<String>,
+}
+
+/// Runs until ctrl-c or SIGTERM.
+pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
+    let ServeConfig {
+        listener,
+        store,
+        identity,
+        admin_token,
+    } = config;
+    let hub = Hub::new();
+    let routes = Routes::new(&store, hub.clone(), identity);
+
+    if let Some(feed) = store.feed.clone() {
+        let fanout = FanOut::new(&store, hub.clone());
+        // Connections of an earlier run are gone with it; new ones replay with joinRoom{after}.
+        let start = tail::current_position(feed.as_ref()).await;
+        tokio::spawn(tail::run(feed, fanout, start));
+    } else {
+        tracing::warn!("this store has no local feed: nothing will be broadcast");
+    }
+
+    let state = Arc::new(GatewayState {
+        routes,
+        hub: hub.clone(),
+        store,
+        admin_token,
+        stage: "local".to_owned(),
+    });
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown().await;
+            hub.close_all(CloseReason::ShuttingDown);
+        })
+        .await
+}
+
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,363 @@
+//! The memory store: the whole log and its projection behind one lock.
+//!
+//! For tests and throwaway local runs (`memory://`). Appends check and write under the same lock,
+//! so concurrent appends to a room can never leave a gap or a duplicate seq.
+
+use crate::domain::event::now;
+use crate::domain::projection::{Change, changes};
+use crate::domain::{Appended, ConnectionId, Event, EventBody, Expect, RoomName, Stream, UserId};
+use crate::ports::{
+    ConnectionRecord, Directory, EventLog, LogFeed, MemberRecord, RoomRecord, Store, StoreError,
+    StoreResult,
+};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::watch;
+
+/// An in-process store. Nothing survives the process.
+pub struct MemoryStore {
+    state: Mutex<State>,
+    committed: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Every event in commit order; the global position is the index + 1.
+    all: Vec<Event>,
+    /// Per stream key, the global positions of its events (index = seq - 1).
+    streams: HashMap<String, Vec<usize>>,
+    /// (room stream key, user, clientMsgId) → seq of the first message.
+    client_msg_ids: HashMap<(String, UserId, String), u64>,
+    members: BTreeMap<(RoomName, UserId), Membership>,
+    /// Active members per room, for the audience.
+    room_members: HashMap<RoomName, BTreeSet<UserId>>,
+    connections: HashMap<ConnectionId, ConnectionRecord>,
+    /// Open connections per user.
+    user_connections: HashMap<UserId, BTreeSet<ConnectionId>>,
+    heads: BTreeMap<RoomName, u64>,
+}
+
+struct Membership {
+    active: bool,
+    joined_at: DateTime<Utc>,
+    seq: u64,
+}
+
+impl MemoryStore {
+    pub fn new() -> Arc<Self> {
+        Arc::new(MemoryStore {
+            state: Mutex::new(State::default()),
+            committed: watch::channel(0).0,
+        })
+    }
+
+    /// The store behind every port it implements.
+    pub fn store() -> Store {
+        let store = MemoryStore::new();
+        Store {
+            log: store.clone(),
+            directory: store.clone(),
+            feed: Some(store),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-written (every mutation is
+        // a single insert or remove), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl State {
+    fn apply(&mut self, event: &Event) {
+        for change in changes(event) {
+            self.apply_change(change);
+        }
+    }
+
+    fn apply_change(&mut self, change: Change<'_>) {
+        match change {
+            Change::Membership {
+                room,
+                user,
+                active,
+                seq,
+                at,
+            } => {
+                let key = (room.clone(), user.clone());
+                if let Some(m) = self.members.get(&key)
+                    && m.seq >= seq
+                {
+                    return;
+                }
+                let joined_at = match self.members.get(&key) {
+                    Some(m) if m.active && active => m.joined_at,
+                    _ => at,
+                };
+                self.members.insert(
+                    key,
+                    Membership {
+                        active,
+                        joined_at,
+                        seq,
+                    },
+                );
+                let set = self.room_members.entry(room.clone()).or_default();
+                if active {
+                    set.insert(user.clone());
+                } else {
+                    set.remove(user);
+                }
+            }
+            Change::ConnectionOpened {
+                connection,
+                user,
+                source_ip,
+                at,
+            } => {
+                if self.connections.contains_key(connection) {
+                    return;
+                }
+                self.connections.insert(
+                    connection.clone(),
+                    ConnectionRecord {
+                        id: connection.clone(),
+                        user: user.clone(),
+                        connected_at: at,
+                        last_active_at: at,
+                        source_ip: source_ip.map(str::to_owned),
+                        open: true,
+                    },
+                );
+                self.user_connections
+                    .entry(user.clone())
+                    .or_default()
+                    .insert(connection.clone());
+            }
+            Change::ConnectionClosed {
+                connection,
+                user,
+                at,
+            } => {
+                let record = self
+                    .connections
+                    .entry(connection.clone())
+                    .or_insert_with(|| ConnectionRecord {
+                        id: connection.clone(),
+                        user: user.clone(),
+                        connected_at: at,
+                        last_active_at: at,
+                        source_ip: None,
+                        open: false,
+                    });
+                record.open = false;
+                if let Some(set) = self.user_connections.get_mut(user) {
+                    set.remove(connection);
+                }
+            }
+            Change::Activity { connection, at } => {
+                if let Some(record) = self.connections.get_mut(connection)
+                    && record.last_active_at < at
+                {
+                    record.last_active_at = at;
+                }
+            }
+            Change::RoomHead { room, seq } => {
+                let head = self.heads.entry(room.clone()).or_insert(0);
+                *head = (*head).max(seq);
+            }
+        }
+    }
+
+    fn stream_head(&self, key: &str) -> u64 {
+        self.streams.get(key).map_or(0, |s| s.len() as u64)
+    }
+
+    fn open_count(&self, user: &UserId) -> usize {
+        self.user_connections.get(user).map_or(0, BTreeSet::len)
+    }
+}
+
+#[async_trait]
+impl EventLog for MemoryStore {
+    async fn append(&self, body: EventBody, expect: Expect) -> StoreResult<Appended> {
+        let mut state = self.lock();
+        let key = body.stream().key();
+        if let Some(id) = body.client_msg_id() {
+            let dedupe = (key.clone(), body.user().clone(), id.to_owned());
+            if let Some(seq) = state.client_msg_ids.get(&dedupe) {
+                let pos = state.streams[&key][*seq as usize - 1];
+                return Ok(Appended {
+                    event: state.all[pos].clone(),
+                    duplicate: true,
+                });
+            }
+        }
+        let next = state.stream_head(&key) + 1;
+        if let Expect::Seq(expected) = expect
+            && expected != next
+        {
+            return Err(StoreError::Conflict {
+                stream: key,
+                expected,
+                next,
+            });
+        }
+        let event = Event::record(body, next, now());
+        if let Some(id) = event.body.client_msg_id() {
+            let dedupe = (key.clone(), event.body.user().clone(), id.to_owned());
+            state.client_msg_ids.insert(dedupe, next);
+        }
+        state.apply(&event);
+        let position = state.all.len();
+        state.all.push(event.clone());
+        state.streams.entry(key).or_default().push(position);
+        drop(state);
+        self.committed.send_replace(position as u64 + 1);
+        Ok(Appended {
+            event,
+            duplicate: false,
+        })
+    }
+
+    async fn read(&self, stream: &Stream, after: u64, limit: usize) -> StoreResult<Vec<Event>> {
+        let state = self.lock();
+        let Some(positions) = state.streams.get(&stream.key()) else {
+            return Ok(Vec::new());
+        };
+        let start = usize::try_from(after)
+            .unwrap_or(usize::MAX)
+            .min(positions.len());
+        Ok(positions[start..]
+            .iter()
+            .take(limit)
+            .map(|p| state.all[*p].clone())
+            .collect())
+    }
+
+    async fn head(&self, stream: &Stream) -> StoreResult<u64> {
+        Ok(self.lock().stream_head(&stream.key()))
+    }
+}
+
+#[async_trait]
+impl Directory for MemoryStore {
+    async fn apply(&self, event: &Event) -> StoreResult<()> {
+        self.lock().apply(event);
+        Ok(())
+    }
+
+    async fn connection(&self, id: &ConnectionId) -> StoreResult<Option<ConnectionRecord>> {
+        Ok(self.lock().connections.get(id).cloned())
+    }
+
+    async fn open_connections(&self, user: Option<&UserId>) -> StoreResult<Vec<ConnectionRecord>> {
+        let state = self.lock();
+        let mut open: Vec<ConnectionRecord> = match user {
+            Some(user) => state
+                .user_connections
+                .get(user)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| state.connections.get(id).cloned())
+                .collect(),
+            None => state
+                .connections
+                .values()
+                .filter(|c| c.open)
+                .cloned()
+                .collect(),
+        };
+        open.sort_by(|a, b| (a.connected_at, &a.id).cmp(&(b.connected_at, &b.id)));
+        Ok(open)
+    }
+
+    async fn is_member(&self, room: &RoomName, user: &UserId) -> StoreResult<bool> {
+        Ok(self
+            .lock()
+            .room_members
+            .get(room)
+            .is_some_and(|m| m.contains(user)))
+    }
+
+    async fn members(&self, room: &RoomName) -> StoreResult<Vec<MemberRecord>> {
+        let state = self.lock();
+        Ok(state
+            .room_members
+            .get(room)
+            .into_iter()
+            .flatten()
+            .map(|user| MemberRecord {
+                user: user.clone(),
+                joined_at: state.members[&(room.clone(), user.clone())].joined_at,
+                connections: state.open_count(user),
+            })
+            .collect())
+    }
+
+    async fn rooms_of(&self, user: &UserId) -> StoreResult<Vec<RoomName>> {
+        let state = self.lock();
+        Ok(state
+            .members
+            .iter()
+            .filter(|((_, u), m)| u == user && m.active)
+            .map(|((room, _), _)| room.clone())
+            .collect())
+    }
+
+    async fn rooms(&self) -> StoreResult<Vec<RoomRecord>> {
+        let state = self.lock();
+        Ok(state
+            .heads
+            .iter()
+            .map(|(room, head)| {
+                let members = state.room_members.get(room);
+                RoomRecord {
+                    room: room.clone(),
+                    members: members.map_or(0, BTreeSet::len),
+                    online: members
+                        .into_iter()
+                        .flatten()
+                        .filter(|u| state.open_count(u) > 0)
+                        .count(),
+                    head: *head,
+                }
+            })
+            .collect())
+    }
+
+    async fn audience(&self, room: &RoomName) -> StoreResult<Vec<ConnectionId>> {
+        let state = self.lock();
+        Ok(state
+            .room_members
+            .get(room)
+            .into_iter()
+            .flatten()
+            .filter_map(|user| state.user_connections.get(user))
+            .flatten()
+            .cloned()
+            .collect())
+    }
+}
+
+#[async_trait]
+impl LogFeed for MemoryStore {
+    async fn read_all(&self, after: u64, limit: usize) -> StoreResult<Vec<(u64, Event)>> {
+        let state = self.lock();
+        let start = usize::try_from(after)
+            .unwrap_or(usize::MAX)
+            .min(state.all.len());
+        Ok(state.all[start..]
+            .iter()
+            .take(limit)
+            .enumerate()
+            .map(|(i, e)| ((start + i + 1) as u64, e.clone()))
+            .collect())
+    }
+
+    fn watch(&self) -> watch::Receiver<u64> {
+        self.committed.subscribe()
+    }
+}

@@ -1,0 +1,289 @@
+//! Test harness: a real `palaver serve` process and real WebSocket clients.
+#![allow(dead_code)]
+
+use futures_util::{SinkExt, StreamExt};
+use palaver::domain::UserId;
+use palaver::identity::Identity;
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+
+pub const SECRET: &str = "test-secret-for-palaver";
+pub const ADMIN: &str = "test-admin-token";
+/// How long a test waits for a frame it expects.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A running `palaver serve`.
+pub struct Server {
+    child: Child,
+    /// `127.0.0.1:PORT`
+    pub addr: String,
+    pub store: String,
+    pub dir: tempfile::TempDir,
+    pub stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// A server on the store the suite runs against: `PALAVER_TEST_STORE` (`sqlite`, the
+    /// default, or `memory`).
+    pub fn start() -> Server {
+        match std::env::var("PALAVER_TEST_STORE").as_deref() {
+            Ok("memory") => Server::start_on(tempfile::tempdir().expect("temp dir"), "memory://"),
+            Ok("sqlite") | Err(_) => Server::start_sqlite(),
+            Ok(other) => panic!("PALAVER_TEST_STORE={other} is not a store this suite knows"),
+        }
+    }
+
+    /// A server on a fresh SQLite file (for tests that reach into the file).
+    pub fn start_sqlite() -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = format!("sqlite://{}", dir.path().join("palaver.db").display());
+        Server::start_on(dir, &store)
+    }
+
+    /// A server on `store`, keeping `dir` alive as long as the server.
+    pub fn start_on(dir: tempfile::TempDir, store: &str) -> Server {
+        Server::start_with_env(dir, store, &[])
+    }
+
+    pub fn start_with_env(dir: tempfile::TempDir, store: &str, env: &[(&str, &str)]) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_palaver"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--store", store])
+            .env("PALAVER_JWT_SECRET", SECRET)
+            .env("PALAVER_ADMIN_TOKEN", ADMIN)
+            .env("RUST_LOG", "palaver=debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("palaver serve starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let seen = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("palaver is listening on http://") {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+                }
+                seen.lock().unwrap().push(line);
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("palaver serve printed its address");
+        Server {
+            child,
+            addr,
+            store: store.to_owned(),
+            dir,
+            stdout: lines,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        token(user)
+    }
+
+    /// Connects as `user` with a valid token.
+    pub async fn connect(&self, user: &str) -> Client {
+        Client::connect(&format!("ws://{}/?token={}", self.addr, token(user)), user)
+            .await
+            .expect("handshake accepted")
+    }
+
+    /// Kills the process without warning (SIGKILL).
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills the process with SIGKILL and starts a new one on the same store.
+    pub fn restart_after_kill9(mut self) -> Server {
+        self.kill9();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+        Server::start_on(dir, &self.store.clone())
+    }
+
+    /// Runs a `palaver` operator command against this server's store.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        cli(&self.store, args)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("palaver.db")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn token(user: &str) -> String {
+    Identity::new(SECRET.as_bytes()).issue(
+        &UserId::parse(user).expect("valid test user"),
+        Duration::from_secs(3600),
+    )
+}
+
+/// Runs `palaver ARGS --store STORE` and returns its output.
+pub fn cli(store: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_palaver"))
+        .args(args)
+        .args(["--store", store])
+        .env("PALAVER_JWT_SECRET", SECRET)
+        .output()
+        .expect("palaver runs")
+}
+
+/// A WebSocket client that keeps pushed frames (message, member, presence) apart from answers.
+pub struct Client {
+    pub user: String,
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pushed: VecDeque<Value>,
+}
+
+const ANSWERS: [&str; 5] = ["joined", "left", "sent", "history", "error"];
+
+impl Client {
+    pub async fn connect(
+        url: &str,
+        user: &str,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let (ws, _) = connect_async(url).await?;
+        Ok(Client {
+            user: user.to_owned(),
+            ws,
+            pushed: VecDeque::new(),
+        })
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("frame sent");
+    }
+
+    /// The next frame of any kind, in arrival order.
+    pub async fn recv(&mut self) -> Value {
+        if let Some(frame) = self.pushed.pop_front() {
+            return frame;
+        }
+        self.read().await.expect("a frame arrives in time")
+    }
+
+    /// Reads one frame off the socket; `None` after WAIT.
+    async fn read(&mut self) -> Option<Value> {
+        self.read_within(WAIT).await
+    }
+
+    async fn read_within(&mut self, wait: Duration) -> Option<Value> {
+        loop {
+            match tokio::time::timeout(wait, self.ws.next()).await {
+                Err(_) => return None,
+                Ok(None) => panic!("{}: connection closed", self.user),
+                Ok(Some(Err(e))) => panic!("{}: socket error {e}", self.user),
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    return Some(serde_json::from_str(t.as_str()).expect("frames are JSON"));
+                }
+                Ok(Some(Ok(Message::Close(frame)))) => panic!("{}: closed {frame:?}", self.user),
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// Sends `frame` and returns its answer (joined, left, sent, history or error), keeping
+    /// pushed frames that arrive meanwhile for [`Client::pushed`].
+    pub async fn request(&mut self, frame: Value) -> Value {
+        self.send(frame).await;
+        self.answer().await
+    }
+
+    pub async fn answer(&mut self) -> Value {
+        loop {
+            let frame = self.read().await.expect("an answer arrives in time");
+            if ANSWERS.contains(&frame["type"].as_str().unwrap_or("")) {
+                return frame;
+            }
+            self.pushed.push_back(frame);
+        }
+    }
+
+    /// The next pushed frame.
+    pub async fn pushed(&mut self) -> Value {
+        loop {
+            let frame = self.recv().await;
+            if !ANSWERS.contains(&frame["type"].as_str().unwrap_or("")) {
+                return frame;
+            }
+            panic!("{}: expected a pushed frame, got answer {frame}", self.user);
+        }
+    }
+
+    /// The next pushed frame of `kind`, skipping others (presence, say).
+    pub async fn pushed_of(&mut self, kind: &str) -> Value {
+        loop {
+            let frame = self.pushed().await;
+            if frame["type"] == kind {
+                return frame;
+            }
+        }
+    }
+
+    /// Whatever arrives within `wait` (none expected in most uses).
+    pub async fn drain(&mut self, wait: Duration) -> Vec<Value> {
+        let mut frames: Vec<Value> = self.pushed.drain(..).collect();
+        while let Some(frame) = self.read_within(wait).await {
+            frames.push(frame);
+        }
+        frames
+    }
+
+    pub async fn join(&mut self, room: &str) -> Value {
+        let answer = self
+            .request(json!({"action": "joinRoom", "room": room}))
+            .await;
+        assert_eq!(answer["type"], "joined", "{answer}");
+        answer
+    }
+
+    pub async fn say(&mut self, room: &str, text: &str) -> Value {
+        let answer = self
+            .request(json!({"action": "sendMessage", "room": room, "text": text}))
+            .await;
+        assert_eq!(answer["type"], "sent", "{answer}");
+        answer
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        // Read until the server's close frame so the close is complete.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+
+    /// Whether the socket is still open: a getHistory round trip answers.
+    pub async fn is_open(&mut self) -> bool {
+        self.send(json!({"action": "nothing"})).await;
+        matches!(self.answer().await["code"].as_str(), Some("unknown_action"))
+    }
+}

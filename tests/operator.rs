@@ -1,0 +1,150 @@
+//! What operators see: the CLI commands and the admin endpoints, on a live server's store.
+
+mod common;
+
+use common::{ADMIN, Server};
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn operators_see_rooms_members_history_and_connections() {
+    let server = Server::start();
+    let mut ana = server.connect("ana").await;
+    let mut bo = server.connect("bo").await;
+    ana.join("general").await;
+    bo.join("general").await;
+    ana.join("quiet").await;
+    ana.say("general", "hi all").await;
+    bo.close().await;
+    // Wait for bo's $disconnect to land.
+    for _ in 0..50 {
+        let out = server.cli(&["connections", "--json"]);
+        let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        if rows.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let json_of = |args: &[&str]| -> Value {
+        let out = server.cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(
+        json_of(&["rooms", "--json"]),
+        json!([
+            {"room": "general", "members": 2, "online": 1, "head": 3},
+            {"room": "quiet", "members": 1, "online": 1, "head": 1},
+        ])
+    );
+    let members = json_of(&["members", "general", "--json"]);
+    let members = members.as_array().unwrap();
+    assert_eq!(members.len(), 2);
+    assert_eq!(
+        (
+            &members[0]["user"],
+            &members[0]["online"],
+            &members[0]["connections"]
+        ),
+        (&json!("ana"), &json!(true), &json!(1))
+    );
+    assert_eq!(
+        (
+            &members[1]["user"],
+            &members[1]["online"],
+            &members[1]["connections"]
+        ),
+        (&json!("bo"), &json!(false), &json!(0))
+    );
+    assert!(members[0]["joinedAt"].as_str().unwrap().ends_with('Z'));
+
+    let history = json_of(&["history", "general", "--after", "2", "--json"]);
+    assert_eq!(history.as_array().unwrap().len(), 1);
+    assert_eq!(history[0]["type"], "message");
+    assert_eq!(history[0]["text"], "hi all");
+    let connections = json_of(&["connections", "--json"]);
+    assert_eq!(connections[0]["user"], "ana");
+    assert!(connections[0]["connectedAt"].is_string());
+
+    // The tables say the same for people.
+    let table = String::from_utf8(server.cli(&["members", "general"]).stdout).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("USER"), "{table}");
+    assert!(
+        lines[1].starts_with("ana") && lines[1].contains("yes"),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with("bo") && lines[2].contains("no"),
+        "{table}"
+    );
+
+    // The admin endpoints answer the same JSON, only with the bearer token.
+    let http = reqwest::Client::new();
+    for (path, cli) in [
+        ("/admin/rooms", vec!["rooms", "--json"]),
+        (
+            "/admin/rooms/general/members",
+            vec!["members", "general", "--json"],
+        ),
+        (
+            "/admin/rooms/general/history?after=2&limit=10",
+            vec!["history", "general", "--after", "2", "--json"],
+        ),
+    ] {
+        let url = format!("{}{path}", server.url());
+        let refused = http.get(&url).send().await.unwrap();
+        assert_eq!(refused.status(), 401, "{path} without a token");
+        let wrong = http.get(&url).bearer_auth("nope").send().await.unwrap();
+        assert_eq!(wrong.status(), 401, "{path} with a wrong token");
+        let answer = http.get(&url).bearer_auth(ADMIN).send().await.unwrap();
+        assert_eq!(answer.status(), 200, "{path}");
+        assert_eq!(
+            answer.json::<Value>().await.unwrap(),
+            json_of(&cli),
+            "{path}"
+        );
+    }
+    let bad = http
+        .get(format!("{}/admin/rooms/no%20spaces/members", server.url()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
+    // Health and the page.
+    let health = http
+        .get(format!("{}/healthz", server.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let page = http.get(server.url()).send().await.unwrap();
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    assert!(page.text().await.unwrap().contains("palaver"));
+}
+
+#[tokio::test]
+async fn token_prints_a_token_the_server_accepts() {
+    let server = Server::start();
+    let out = server.cli(&["token", "dee", "--ttl", "5m"]);
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let mut dee = common::Client::connect(&format!("ws://{}/?token={token}", server.addr), "dee")
+        .await
+        .expect("accepted");
+    dee.join("r").await;
+    let invalid = server.cli(&["token", "not valid"]);
+    assert!(!invalid.status.success());
+    assert!(String::from_utf8_lossy(&invalid.stderr).contains("not a valid name"));
+}

@@ -1,0 +1,393 @@
+//! The wire protocol end to end: real WebSocket clients against a real `palaver serve`.
+
+mod common;
+
+use common::{Client, Server};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+fn seqs(frames: &[Value]) -> Vec<u64> {
+    frames.iter().map(|f| f["seq"].as_u64().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn two_users_chat_in_two_rooms_and_rooms_stay_apart() {
+    let server = Server::start();
+    let mut ana = server.connect("ana").await;
+    let mut bo = server.connect("bo").await;
+
+    let joined = ana.join("general").await;
+    assert_eq!(joined["head"], 1, "ana's join is the room's first event");
+    let member = ana.pushed_of("member").await;
+    assert_eq!(
+        (member["user"].as_str(), member["change"].as_str()),
+        (Some("ana"), Some("joined"))
+    );
+
+    bo.join("general").await;
+    let bo_joined = ana.pushed_of("member").await;
+    assert_eq!(bo_joined["user"], "bo");
+    assert_eq!(bo_joined["seq"], 2);
+    ana.join("random").await;
+
+    let sent = ana.say("general", "hello bo").await;
+    assert_eq!(sent["seq"], 3);
+    assert_eq!(sent["room"], "general");
+    assert_eq!(sent["id"].as_str().unwrap().len(), 26, "ids are ULIDs");
+
+    // Both members get the message, the sender included.
+    for client in [&mut ana, &mut bo] {
+        let message = client.pushed_of("message").await;
+        assert_eq!(message["room"], "general");
+        assert_eq!(message["seq"], 3);
+        assert_eq!(message["user"], "ana");
+        assert_eq!(message["text"], "hello bo");
+        assert_eq!(message["id"], sent["id"]);
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(message["at"].as_str().unwrap()).is_ok(),
+            "at is RFC 3339: {message}"
+        );
+    }
+
+    // A message in a room bo is not in never reaches bo.
+    ana.say("random", "only for random").await;
+    let ana_sees = ana.pushed_of("message").await;
+    assert_eq!(ana_sees["room"], "random");
+    let bo_sees: Vec<Value> = bo
+        .drain(Duration::from_millis(500))
+        .await
+        .into_iter()
+        .filter(|f| f["type"] == "message")
+        .collect();
+    assert!(
+        bo_sees.is_empty(),
+        "bo got frames of a room he is not in: {bo_sees:?}"
+    );
+
+    // Nobody reads or writes a room they have not joined.
+    let refused = bo
+        .request(json!({"action": "sendMessage", "room": "random", "text": "let me in"}))
+        .await;
+    assert_eq!(refused["code"], "not_member");
+    let refused = bo
+        .request(json!({"action": "getHistory", "room": "random"}))
+        .await;
+    assert_eq!(refused["code"], "not_member");
+}
+
+#[tokio::test]
+async fn presence_follows_first_and_last_connection_and_leaving_stops_messages() {
+    let server = Server::start();
+    let mut ana = server.connect("ana").await;
+    ana.join("team").await;
+
+    let mut bo = server.connect("bo").await;
+    bo.join("team").await;
+    ana.pushed_of("member").await; // her own join
+    ana.pushed_of("member").await; // bo's join
+
+    // bo opens a second connection: not his first, so no presence frame; then both close.
+    let bo_phone = server.connect("bo").await;
+    bo_phone.close().await;
+    let frames = ana.drain(Duration::from_millis(700)).await;
+    assert!(
+        frames
+            .iter()
+            .all(|f| f["type"] != "presence" || f["online"] == true),
+        "closing one of two connections does not make bo offline: {frames:?}"
+    );
+    bo.close().await;
+    let offline = ana.pushed_of("presence").await;
+    assert_eq!(
+        offline,
+        json!({"type": "presence", "room": "team", "user": "bo", "online": false})
+    );
+
+    // bo comes back: his first connection makes him online.
+    let mut bo = server.connect("bo").await;
+    let online = ana.pushed_of("presence").await;
+    assert_eq!(
+        online,
+        json!({"type": "presence", "room": "team", "user": "bo", "online": true})
+    );
+
+    // Membership survived the disconnect: bo still gets team's messages without joining again.
+    ana.say("team", "welcome back").await;
+    assert_eq!(bo.pushed_of("message").await["text"], "welcome back");
+
+    // After leaving, no more messages.
+    let left = bo
+        .request(json!({"action": "leaveRoom", "room": "team"}))
+        .await;
+    assert_eq!(left, json!({"type": "left", "room": "team"}));
+    let member = ana.pushed_of("member").await;
+    assert_eq!(
+        (member["user"].as_str(), member["change"].as_str()),
+        (Some("bo"), Some("left"))
+    );
+    ana.say("team", "bo is gone").await;
+    let frames = bo.drain(Duration::from_millis(500)).await;
+    assert!(frames.iter().all(|f| f["type"] != "message"), "{frames:?}");
+}
+
+#[tokio::test]
+async fn a_reconnecting_client_replays_exactly_what_it_missed() {
+    let server = Server::start();
+    let mut ana = server.connect("ana").await;
+    let mut bo = server.connect("bo").await;
+    ana.join("r").await;
+    bo.join("r").await;
+    ana.say("r", "one").await;
+    let last_seen = bo.pushed_of("message").await["seq"].as_u64().unwrap();
+    bo.close().await;
+
+    for text in ["two", "three", "four"] {
+        ana.say("r", text).await;
+    }
+    ana.request(json!({"action": "leaveRoom", "room": "r"}))
+        .await;
+
+    let mut bo = server.connect("bo").await;
+    bo.send(json!({"action": "joinRoom", "room": "r", "after": last_seen}))
+        .await;
+    let mut replay = Vec::new();
+    let joined = loop {
+        let frame = bo.recv().await;
+        match frame["type"].as_str() {
+            Some("joined") => break frame,
+            Some("message" | "member") => replay.push(frame),
+            _ => {}
+        }
+    };
+    let texts: Vec<&str> = replay
+        .iter()
+        .map(|f| f["text"].as_str().unwrap_or("(left)"))
+        .collect();
+    assert_eq!(texts, ["two", "three", "four", "(left)"]);
+    assert_eq!(seqs(&replay), [4, 5, 6, 7]);
+    assert_eq!(replay[3]["change"], "left");
+    assert_eq!(joined["head"], 7);
+
+    // Replayed frames have exactly the live frames' shape: compare with history.
+    let history = bo
+        .request(json!({"action": "getHistory", "room": "r", "after": last_seen}))
+        .await;
+    assert_eq!(history["events"].as_array().unwrap(), &replay);
+    assert_eq!(history["head"], 7);
+}
+
+#[tokio::test]
+async fn history_pages_through_a_room() {
+    let server = Server::start();
+    let mut ana = server.connect("ana").await;
+    ana.join("log").await;
+    for i in 0..30 {
+        ana.say("log", &format!("m{i}")).await;
+    }
+    let page = ana
+        .request(json!({"action": "getHistory", "room": "log", "after": 0, "limit": 10}))
+        .await;
+    assert_eq!(
+        seqs(page["events"].as_array().unwrap()),
+        (1..=10).collect::<Vec<_>>()
+    );
+    assert_eq!(page["head"], 31);
+    let page = ana
+        .request(json!({"action": "getHistory", "room": "log", "after": 25}))
+        .await;
+    assert_eq!(
+        seqs(page["events"].as_array().unwrap()),
+        (26..=31).collect::<Vec<_>>()
+    );
+    let page = ana
+        .request(json!({"action": "getHistory", "room": "log", "after": 31}))
+        .await;
+    assert_eq!(page["events"], json!([]));
+}
+
+#[tokio::test]
+async fn resending_a_client_msg_id_is_answered_once() {
+    let server = Server::start();
+    let mut ana = server.connect("ana").await;
+    ana.join("r").await;
+    let send =
+        json!({"action": "sendMessage", "room": "r", "text": "once", "clientMsgId": "abc-1"});
+    let first = ana.request(send.clone()).await;
+    assert_eq!(first["clientMsgId"], "abc-1");
+    // The retry comes from a new connection, as after a reconnect.
+    let mut again = server.connect("ana").await;
+    let second = again.request(send).await;
+    assert_eq!(first, second, "the first sent answer again");
+    let history = again
+        .request(json!({"action": "getHistory", "room": "r"}))
+        .await;
+    let messages: Vec<&Value> = history["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "message")
+        .collect();
+    assert_eq!(messages.len(), 1, "no second event: {history}");
+}
+
+#[tokio::test]
+async fn every_error_code_answers_and_the_connection_stays_open() {
+    let server = Server::start();
+    let mut ana = server.connect("ana").await;
+    ana.join("r").await;
+
+    let cases: Vec<(String, &str)> = vec![
+        ("not json".into(), "bad_request"),
+        ("[1,2,3]".into(), "bad_request"),
+        (r#"{"room":"r"}"#.into(), "unknown_action"),
+        (r#"{"action":"dance"}"#.into(), "unknown_action"),
+        (r#"{"action":"joinRoom","room":"no spaces"}"#.into(), "invalid_room"),
+        (r#"{"action":"joinRoom","room":""}"#.into(), "invalid_room"),
+        (r#"{"action":"sendMessage","room":"r"}"#.into(), "bad_request"),
+        (r#"{"action":"sendMessage","room":"r","text":42}"#.into(), "bad_request"),
+        (r#"{"action":"getHistory","room":"r","after":"x"}"#.into(), "bad_request"),
+        (r#"{"action":"sendMessage","room":"elsewhere","text":"hi"}"#.into(), "not_member"),
+        (r#"{"action":"getHistory","room":"elsewhere"}"#.into(), "not_member"),
+        (
+            json!({"action": "sendMessage", "room": "r", "text": "x".repeat(16 * 1024 + 1)}).to_string(),
+            "too_large",
+        ),
+        (
+            json!({"action": "sendMessage", "room": "r", "text": "y", "pad": "p".repeat(33 * 1024)}).to_string(),
+            "too_large",
+        ),
+    ];
+    for (frame, code) in &cases {
+        ana.send_text(frame).await;
+        let answer = ana.answer().await;
+        assert_eq!(answer["type"], "error", "{frame:.60} → {answer}");
+        assert_eq!(answer["code"], *code, "{frame:.60} → {answer}");
+        assert!(!answer["message"].as_str().unwrap().is_empty());
+    }
+    // Named routes say which action failed.
+    ana.send_text(r#"{"action":"sendMessage","room":"r"}"#)
+        .await;
+    assert_eq!(ana.answer().await["action"], "sendMessage");
+
+    // Nothing of the refused frames reached the log.
+    let history = ana
+        .request(json!({"action": "getHistory", "room": "r"}))
+        .await;
+    assert_eq!(history["head"], 1, "only ana's join: {history}");
+
+    // The connection is still up and works.
+    assert_eq!(ana.say("r", "still here").await["seq"], 2);
+}
+
+#[tokio::test]
+async fn flooding_is_rate_limited_without_closing_the_connection() {
+    let server = Server::start();
+    let mut ana = server.connect("ana").await;
+    ana.join("r").await;
+    let frame = json!({"action": "getHistory", "room": "r", "limit": 1});
+    for _ in 0..120 {
+        ana.send(frame.clone()).await;
+    }
+    let mut codes = Vec::new();
+    for _ in 0..120 {
+        let answer = ana.answer().await;
+        codes.push(answer["code"].as_str().unwrap_or("ok").to_owned());
+    }
+    let limited = codes.iter().filter(|c| *c == "rate_limited").count();
+    assert!(limited > 0, "a burst of 120 frames is throttled: {codes:?}");
+    assert!(
+        codes.iter().all(|c| c == "ok" || c == "rate_limited"),
+        "{codes:?}"
+    );
+    // After a pause the same connection works again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(ana.say("r", "calm again").await["type"], "sent");
+}
+
+#[tokio::test]
+async fn a_store_failure_is_an_internal_error_and_nothing_is_lost() {
+    let server = Server::start_sqlite();
+    let mut ana = server.connect("ana").await;
+    ana.join("r").await;
+    ana.say("r", "before").await;
+
+    // Make the store refuse one kind of write, from outside the server, as a full disk or a
+    // broken file would.
+    let db = server.db_path();
+    let status = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); \
+             c.execute(\"CREATE TRIGGER refuse BEFORE INSERT ON events \
+             WHEN NEW.body LIKE '%boom%' BEGIN SELECT RAISE(ABORT, 'injected'); END\"); c.commit()",
+            db.to_str().unwrap(),
+        ])
+        .status()
+        .expect("python3 runs");
+    assert!(status.success());
+
+    let answer = ana
+        .request(json!({"action": "sendMessage", "room": "r", "text": "boom"}))
+        .await;
+    assert_eq!(answer["type"], "error");
+    assert_eq!(answer["code"], "internal", "{answer}");
+    // The connection stays, the log is consistent, the next message takes the next seq.
+    let sent = ana.say("r", "after").await;
+    assert_eq!(sent["seq"], 3);
+    let history = ana
+        .request(json!({"action": "getHistory", "room": "r"}))
+        .await;
+    assert_eq!(seqs(history["events"].as_array().unwrap()), [1, 2, 3]);
+}
+
+#[tokio::test]
+async fn bad_tokens_fail_the_handshake_with_401_and_store_nothing() {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let server = Server::start();
+    let now = chrono::Utc::now().timestamp();
+    let sign = |secret: &str, claims: Value| {
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let bad = [
+        ("missing", String::new()),
+        ("malformed", "not-a-jwt".to_owned()),
+        (
+            "wrong secret",
+            sign("other", json!({"sub": "ana", "exp": now + 600})),
+        ),
+        (
+            "expired",
+            sign(common::SECRET, json!({"sub": "ana", "exp": now - 600})),
+        ),
+        (
+            "bad sub",
+            sign(common::SECRET, json!({"sub": "a b", "exp": now + 600})),
+        ),
+        ("no exp", sign(common::SECRET, json!({"sub": "ana"}))),
+    ];
+    for (what, token) in bad {
+        let url = format!("ws://{}/?token={token}", server.addr);
+        match Client::connect(&url, "ana").await {
+            Ok(_) => panic!("{what} token was accepted"),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 401, "{what}");
+            }
+            Err(other) => panic!("{what}: unexpected error {other}"),
+        }
+    }
+    let connections = server.cli(&["connections", "--json"]);
+    assert_eq!(String::from_utf8_lossy(&connections.stdout).trim(), "[]");
+
+    // A good token works.
+    let mut ana = server.connect("ana").await;
+    ana.join("r").await;
+    let connections = server.cli(&["connections", "--json"]);
+    let rows: Vec<Value> = serde_json::from_slice(&connections.stdout).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["user"], "ana");
+}
