@@ -57,7 +57,7 @@ async fn forty_clients_in_four_rooms_each_get_their_rooms_messages_once_in_order
             "the sender gets its own messages"
         );
         deliveries += received.len();
-        let all = by_room.entry(room).or_default();
+        let all = by_room.entry(room.clone()).or_default();
         all.extend(mine);
         receipts.push((room, received));
     }

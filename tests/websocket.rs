@@ -343,7 +343,8 @@ async fn a_store_failure_is_an_internal_error_and_nothing_is_lost() {
 #[tokio::test]
 async fn bad_tokens_fail_the_handshake_with_401_and_store_nothing() {
     use jsonwebtoken::{EncodingKey, Header, encode};
-    let server = Server::start();
+    // SQLite: the CLI reads the registry from the same file.
+    let server = Server::start_sqlite();
     let now = chrono::Utc::now().timestamp();
     let sign = |secret: &str, claims: Value| {
         encode(

@@ -228,13 +228,13 @@ impl Client {
 
     /// The next pushed frame.
     pub async fn pushed(&mut self) -> Value {
-        loop {
-            let frame = self.recv().await;
-            if !ANSWERS.contains(&frame["type"].as_str().unwrap_or("")) {
-                return frame;
-            }
-            panic!("{}: expected a pushed frame, got answer {frame}", self.user);
-        }
+        let frame = self.recv().await;
+        assert!(
+            !ANSWERS.contains(&frame["type"].as_str().unwrap_or("")),
+            "{}: expected a pushed frame, got answer {frame}",
+            self.user
+        );
+        frame
     }
 
     /// The next pushed frame of `kind`, skipping others (presence, say).

@@ -1,0 +1,149 @@
+//! Throughput figures: `cargo bench --bench throughput`.
+//!
+//! 1. Appends per second to the SQLite log (synchronous=FULL) with 1, 16 and 128 concurrent
+//!    writers — group commit should make many writers far faster than one.
+//! 2. End to end: messages per second through a real `palaver serve` stack (WebSocket in,
+//!    log, fan-out, WebSocket out) with 10 members in one room, and deliveries per second.
+
+use futures_util::{SinkExt, StreamExt};
+use palaver::domain::{EventBody, Expect, RoomName, UserId};
+use palaver::identity::Identity;
+use palaver::ports::Store;
+use palaver::server::{ServeConfig, serve};
+use palaver::store::sqlite::SqliteStore;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+const APPENDS: usize = 4000;
+
+async fn appends(store: &Store, writers: usize) -> f64 {
+    let room = RoomName::parse(&format!("bench{writers}")).unwrap();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let log = store.log.clone();
+            let room = room.clone();
+            tokio::spawn(async move {
+                let user = UserId::parse(&format!("w{w}")).unwrap();
+                for i in 0..APPENDS / writers {
+                    let body = EventBody::MessagePosted {
+                        room: room.clone(),
+                        user: user.clone(),
+                        text: format!("message {i} from writer {w}, about sixty bytes long"),
+                        client_msg_id: None,
+                        connection: None,
+                    };
+                    log.append(body, Expect::Next).await.expect("append");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    APPENDS as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn end_to_end(members: usize, messages_each: usize) -> (f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bench.db");
+    let store = SqliteStore::open(path.to_str().unwrap())
+        .await
+        .unwrap()
+        .store();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let identity = Identity::new(b"bench");
+    tokio::spawn(serve(ServeConfig {
+        listener,
+        store,
+        identity: identity.clone(),
+        admin_token: None,
+    }));
+
+    let mut clients = Vec::new();
+    for m in 0..members {
+        let token = identity.issue(
+            &UserId::parse(&format!("m{m}")).unwrap(),
+            Duration::from_secs(600),
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/?token={token}"))
+            .await
+            .unwrap();
+        ws.send(Message::text(r#"{"action":"joinRoom","room":"bench"}"#))
+            .await
+            .unwrap();
+        loop {
+            let frame = ws.next().await.unwrap().unwrap();
+            if frame.to_text().unwrap().contains(r#""type":"joined""#) {
+                break;
+            }
+        }
+        clients.push(ws);
+    }
+    // Let the join frames settle before timing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let total = members * messages_each;
+    let started = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let mut received = 0;
+                let mut sent = 0;
+                let mut acked = 0;
+                // Keep a few sends in flight, as a busy client would (under the rate limit).
+                while received < total || acked < messages_each {
+                    while sent < messages_each && sent - acked < 4 {
+                        let frame = format!(
+                            r#"{{"action":"sendMessage","room":"bench","text":"hello {sent}"}}"#
+                        );
+                        ws.send(Message::text(frame)).await.unwrap();
+                        sent += 1;
+                    }
+                    let frame = ws.next().await.unwrap().unwrap();
+                    let text = frame.to_text().unwrap();
+                    if text.contains(r#""type":"message""#) {
+                        received += 1;
+                    } else if text.contains(r#""type":"sent""#) {
+                        acked += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    (total as f64 / secs, (total * members) as f64 / secs)
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("append.db");
+        let sqlite = SqliteStore::open(path.to_str().unwrap())
+            .await
+            .unwrap()
+            .store();
+        let memory = palaver::store::memory::MemoryStore::store();
+        println!("appends of {APPENDS} ~100-byte messages to one room:");
+        for writers in [1, 16, 128] {
+            let m = appends(&memory, writers).await;
+            let s = appends(&sqlite, writers).await;
+            println!("  {writers:>3} writers: sqlite {s:>9.0}/s   memory {m:>9.0}/s");
+        }
+        for (members, each) in [(10, 50), (50, 10)] {
+            let (messages, deliveries) = end_to_end(members, each).await;
+            println!(
+                "end to end, {members} members in one room, {each} messages each: \
+                 {messages:.0} messages/s in, {deliveries:.0} deliveries/s out"
+            );
+        }
+    });
+}

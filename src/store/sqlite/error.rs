@@ -1,0 +1,75 @@
+//! The SQLite backend's one error type, and how it maps onto the ports' [`StoreError`].
+
+use crate::ports::StoreError;
+use std::sync::Arc;
+
+/// Why a SQLite store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SqliteError {
+    #[error("cannot open SQLite database {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot migrate SQLite database {path}: {source}")]
+    Migrate {
+        path: String,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("SQLite: {0}")]
+    Sql(#[source] sqlx::Error),
+    /// The group-commit transaction this append was part of was rolled back. Every append of the
+    /// batch gets the same cause; none of them is in the log.
+    #[error("write batch rolled back: {0}")]
+    BatchFailed(#[source] Arc<SqliteError>),
+    /// Optimistic concurrency (`Expect::Seq`) failed.
+    #[error("{stream}: expected to append seq {expected}, but the next seq is {next}")]
+    Conflict {
+        stream: String,
+        expected: u64,
+        next: u64,
+    },
+    #[error("cannot encode event: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// A number does not fit SQLite's signed 64-bit integers.
+    #[error("{0} does not fit a SQLite integer")]
+    OutOfRange(u64),
+    /// Something read back could not be decoded.
+    #[error("{0}")]
+    Corrupt(String),
+    /// The committer task is gone (the runtime is shutting down), so nothing can be appended.
+    #[error("the SQLite committer has stopped")]
+    CommitterGone,
+}
+
+impl From<sqlx::Error> for SqliteError {
+    /// A value sqlx cannot decode is bad data, not a failing database.
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+                SqliteError::Corrupt(e.to_string())
+            }
+            e => SqliteError::Sql(e),
+        }
+    }
+}
+
+impl From<SqliteError> for StoreError {
+    fn from(e: SqliteError) -> Self {
+        match e {
+            SqliteError::Conflict {
+                stream,
+                expected,
+                next,
+            } => StoreError::Conflict {
+                stream,
+                expected,
+                next,
+            },
+            SqliteError::Corrupt(what) => StoreError::Corrupt(what),
+            e => StoreError::backend(e),
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! The SQLite store: the log and its projection in one file, the default for `palaver serve`.
+//!
+//! Appends go through a single committer task that batches them into one transaction each
+//! ([`commit`]), so the write path is one writer with group commit; reads go straight to the
+//! pool, which WAL lets run alongside the writer. The projection tables are written in the same
+//! transaction as the event that changes them ([`project`]), so a handler always reads its own
+//! writes. The schema is in `migrations/`, applied at [`SqliteStore::open`].
+
+mod commit;
+mod error;
+mod project;
+mod rows;
+
+pub use error::SqliteError;
+
+use crate::domain::{Appended, ConnectionId, Event, EventBody, Expect, RoomName, Stream, UserId};
+use crate::ports::{
+    ConnectionRecord, Directory, EventLog, LogFeed, MemberRecord, RoomRecord, Store, StoreResult,
+};
+use async_trait::async_trait;
+use rows::{
+    ConnectionRow, EventRow, bound, connection, connection_columns, count, event_columns, room,
+    time, uint, user,
+};
+use sqlx::SqlitePool;
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+static MIGRATOR: Migrator = sqlx::migrate!();
+
+/// How long a statement waits for another connection's lock (another process writing the same
+/// file, or [`Directory::apply`] racing the committer) before failing with SQLITE_BUSY.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pool size: readers run in parallel under WAL; the committer takes one connection per batch.
+const MAX_CONNECTIONS: u32 = 8;
+
+/// Appends queued for the committer before `append` waits for room (backpressure).
+const QUEUE: usize = 4 * commit::MAX_BATCH;
+
+/// A SQLite-backed store. Clone the `Arc`; the committer stops when the last one is dropped.
+pub struct SqliteStore {
+    pool: SqlitePool,
+    jobs: mpsc::Sender<commit::Job>,
+    committed: watch::Sender<u64>,
+}
+
+impl SqliteStore {
+    /// Opens the database at `path`, creating the file if it is missing, and brings its schema up
+    /// to date. Must be called inside a tokio runtime: it starts the committer task.
+    pub async fn open(path: &str) -> Result<Arc<SqliteStore>, SqliteError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // An fsync per commit, so an acknowledged append survives power loss too; group
+            // commit shares that fsync among every append of the batch.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(false);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .connect_with(options)
+            .await
+            .map_err(|source| SqliteError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|source| SqliteError::Migrate {
+                path: path.to_owned(),
+                source,
+            })?;
+        let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(pos), 0) FROM events")
+            .fetch_one(&pool)
+            .await?;
+        let committed = watch::Sender::new(uint(last, "position")?);
+        let (jobs, queue) = mpsc::channel(QUEUE);
+        tokio::spawn(commit::committer(pool.clone(), queue, committed.clone()));
+        Ok(Arc::new(SqliteStore {
+            pool,
+            jobs,
+            committed,
+        }))
+    }
+
+    /// The store behind every port it implements.
+    pub fn store(self: &Arc<Self>) -> Store {
+        Store {
+            log: self.clone(),
+            directory: self.clone(),
+            feed: Some(self.clone()),
+        }
+    }
+
+    async fn append(&self, body: EventBody, expect: Expect) -> Result<Appended, SqliteError> {
+        let (reply, answer) = oneshot::channel();
+        let job = commit::Job {
+            body,
+            expect,
+            reply,
+        };
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| SqliteError::CommitterGone)?;
+        answer.await.map_err(|_| SqliteError::CommitterGone)?
+    }
+
+    async fn read(
+        &self,
+        stream: &Stream,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, SqliteError> {
+        let rows: Vec<EventRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM events WHERE stream = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+        ))
+        .bind(stream.key())
+        .bind(bound(after))
+        .bind(bound(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| rows::event(row).map(|(_, event)| event))
+            .collect()
+    }
+
+    async fn head(&self, stream: &Stream) -> Result<u64, SqliteError> {
+        let head: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events WHERE stream = ?1")
+                .bind(stream.key())
+                .fetch_one(&self.pool)
+                .await?;
+        uint(head, "seq")
+    }
+
+    async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<(u64, Event)>, SqliteError> {
+        let rows: Vec<EventRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM events WHERE pos > ?1 ORDER BY pos LIMIT ?2"
+        ))
+        .bind(bound(after))
+        .bind(bound(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(rows::event).collect()
+    }
+
+    /// Applies one event's changes in a transaction of its own. This bypasses the committer:
+    /// `BEGIN IMMEDIATE` waits (up to [`BUSY_TIMEOUT`]) for a batch in progress to finish.
+    async fn apply(&self, event: &Event) -> Result<(), SqliteError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        project::apply(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn connections(
+        &self,
+        user_id: Option<&UserId>,
+    ) -> Result<Vec<ConnectionRecord>, SqliteError> {
+        let rows: Vec<ConnectionRow> = match user_id {
+            Some(user_id) => {
+                sqlx::query_as(concat!(
+                    "SELECT ",
+                    connection_columns!(),
+                    " FROM connections WHERE user_id = ?1 AND closed_at IS NULL \
+                     ORDER BY connected_at, id"
+                ))
+                .bind(user_id.as_str())
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query_as(concat!(
+                    "SELECT ",
+                    connection_columns!(),
+                    " FROM connections WHERE closed_at IS NULL ORDER BY connected_at, id"
+                ))
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.into_iter().map(connection).collect()
+    }
+
+    async fn connection(&self, id: &ConnectionId) -> Result<Option<ConnectionRecord>, SqliteError> {
+        let row: Option<ConnectionRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            connection_columns!(),
+            " FROM connections WHERE id = ?1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(connection).transpose()
+    }
+
+    async fn is_member(&self, room: &RoomName, user_id: &UserId) -> Result<bool, SqliteError> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM members WHERE room = ?1 AND user_id = ?2 AND active = 1)",
+        )
+        .bind(room.as_str())
+        .bind(user_id.as_str())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn members(&self, room: &RoomName) -> Result<Vec<MemberRecord>, SqliteError> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT m.user_id, m.joined_at, \
+                    (SELECT COUNT(*) FROM connections c \
+                     WHERE c.user_id = m.user_id AND c.closed_at IS NULL) \
+             FROM members m WHERE m.room = ?1 AND m.active = 1 ORDER BY m.user_id",
+        )
+        .bind(room.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(user_id, joined_at, connections)| {
+                Ok(MemberRecord {
+                    user: user(&user_id)?,
+                    joined_at: time(joined_at, "joined_at")?,
+                    connections: count(connections)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn rooms_of(&self, user_id: &UserId) -> Result<Vec<RoomName>, SqliteError> {
+        let rooms: Vec<String> = sqlx::query_scalar(
+            "SELECT room FROM members WHERE user_id = ?1 AND active = 1 ORDER BY room",
+        )
+        .bind(user_id.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rooms.iter().map(|r| room(r)).collect()
+    }
+
+    async fn rooms(&self) -> Result<Vec<RoomRecord>, SqliteError> {
+        // Per room, two index-range counts over its members; operators call this, not the
+        // per-message path.
+        let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT r.room, r.head, \
+                    (SELECT COUNT(*) FROM members m WHERE m.room = r.room AND m.active = 1), \
+                    (SELECT COUNT(*) FROM members m WHERE m.room = r.room AND m.active = 1 \
+                       AND EXISTS (SELECT 1 FROM connections c \
+                                   WHERE c.user_id = m.user_id AND c.closed_at IS NULL)) \
+             FROM rooms r ORDER BY r.room",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(name, head, members, online)| {
+                Ok(RoomRecord {
+                    room: room(&name)?,
+                    members: count(members)?,
+                    online: count(online)?,
+                    head: uint(head, "head")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn audience(&self, room: &RoomName) -> Result<Vec<ConnectionId>, SqliteError> {
+        // Runs for every message: the room's active members by primary key, each joined to
+        // their open connections through `connections_open_by_user`. No scan of either table.
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT c.id FROM members m \
+             JOIN connections c ON c.user_id = m.user_id AND c.closed_at IS NULL \
+             WHERE m.room = ?1 AND m.active = 1 \
+             ORDER BY m.user_id, c.id",
+        )
+        .bind(room.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.into_iter().map(ConnectionId::new).collect())
+    }
+}
+
+// The ports delegate to the inherent methods above, which speak `SqliteError`; the `?` at this
+// boundary is where it becomes a `StoreError`.
+
+#[async_trait]
+impl EventLog for SqliteStore {
+    async fn append(&self, body: EventBody, expect: Expect) -> StoreResult<Appended> {
+        Ok(SqliteStore::append(self, body, expect).await?)
+    }
+
+    async fn read(&self, stream: &Stream, after: u64, limit: usize) -> StoreResult<Vec<Event>> {
+        Ok(SqliteStore::read(self, stream, after, limit).await?)
+    }
+
+    async fn head(&self, stream: &Stream) -> StoreResult<u64> {
+        Ok(SqliteStore::head(self, stream).await?)
+    }
+}
+
+#[async_trait]
+impl Directory for SqliteStore {
+    async fn apply(&self, event: &Event) -> StoreResult<()> {
+        Ok(SqliteStore::apply(self, event).await?)
+    }
+
+    async fn connection(&self, id: &ConnectionId) -> StoreResult<Option<ConnectionRecord>> {
+        Ok(SqliteStore::connection(self, id).await?)
+    }
+
+    async fn open_connections(&self, user: Option<&UserId>) -> StoreResult<Vec<ConnectionRecord>> {
+        Ok(self.connections(user).await?)
+    }
+
+    async fn is_member(&self, room: &RoomName, user: &UserId) -> StoreResult<bool> {
+        Ok(SqliteStore::is_member(self, room, user).await?)
+    }
+
+    async fn members(&self, room: &RoomName) -> StoreResult<Vec<MemberRecord>> {
+        Ok(SqliteStore::members(self, room).await?)
+    }
+
+    async fn rooms_of(&self, user: &UserId) -> StoreResult<Vec<RoomName>> {
+        Ok(SqliteStore::rooms_of(self, user).await?)
+    }
+
+    async fn rooms(&self) -> StoreResult<Vec<RoomRecord>> {
+        Ok(SqliteStore::rooms(self).await?)
+    }
+
+    async fn audience(&self, room: &RoomName) -> StoreResult<Vec<ConnectionId>> {
+        Ok(SqliteStore::audience(self, room).await?)
+    }
+}
+
+#[async_trait]
+impl LogFeed for SqliteStore {
+    async fn read_all(&self, after: u64, limit: usize) -> StoreResult<Vec<(u64, Event)>> {
+        Ok(SqliteStore::read_all(self, after, limit).await?)
+    }
+
+    fn watch(&self) -> watch::Receiver<u64> {
+        self.committed.subscribe()
+    }
+}

@@ -1,0 +1,1063 @@
+//! The store contract: one suite, run through the ports against every store.
+//!
+//! Each test in [`contract`] takes a fresh [`Store`] and checks behaviour handlers and the fan-out
+//! rely on: gap-free seqs under concurrency, optimistic concurrency, idempotent sends, paging, and
+//! a projection that re-delivered or reordered events cannot disturb. [`contract_suite!`] turns
+//! the list into one `#[tokio::test]` per store, so a new store joins with one line:
+//!
+//! ```ignore
+//! contract_suite!(dynamodb, dynamodb_store());
+//! ```
+//!
+//! Tests of one backend's own promises (SQLite: the file survives reopening, bad rows are errors)
+//! follow the suite.
+
+use palaver::domain::event::now;
+use palaver::domain::{
+    Appended, ConnectionId, DisconnectReason, Event, EventBody, Expect, RoomName, Stream, UserId,
+};
+use palaver::ports::{ConnectionRecord, MemberRecord, RoomRecord, Store, StoreError};
+use palaver::store::memory::MemoryStore;
+use palaver::store::sqlite::SqliteStore;
+use std::any::Any;
+use std::path::Path;
+
+/// A store under test, and whatever must outlive it (a temporary directory, a table prefix).
+struct Fixture {
+    store: Store,
+    _keep: Box<dyn Any + Send>,
+}
+
+async fn memory_store() -> Fixture {
+    Fixture {
+        store: MemoryStore::store(),
+        _keep: Box::new(()),
+    }
+}
+
+async fn sqlite_store() -> Fixture {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open_sqlite(&dir.path().join("palaver.db")).await;
+    Fixture {
+        store,
+        _keep: Box::new(dir),
+    }
+}
+
+async fn open_sqlite(path: &Path) -> Store {
+    log_to_test_output();
+    SqliteStore::open(path.to_str().expect("utf-8 temp path"))
+        .await
+        .expect("open SQLite store")
+        .store()
+}
+
+/// `RUST_LOG=palaver=debug cargo test --test store_contract -- --nocapture` shows the stores'
+/// tracing, e.g. the size of every SQLite commit batch.
+fn log_to_test_output() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// `contract_suite!(NAME, MAKE)`: module `NAME` with one test per contract test, each on a fresh
+/// store from the future `MAKE` (a `Fixture`).
+macro_rules! contract_suite {
+    ($name:ident, $make:expr) => {
+        mod $name {
+            use super::*;
+            contract_tests!(
+                $make;
+                concurrent_appends_to_one_room_are_gap_free,
+                concurrent_appends_to_many_streams_are_gap_free_per_stream,
+                expect_seq_conflicts,
+                racing_expect_seq_has_one_winner,
+                client_msg_id_makes_sends_idempotent,
+                concurrent_resends_append_once,
+                reads_page_in_order,
+                joins_and_leaves_project_membership,
+                connections_open_and_close,
+                projection_ignores_redelivered_and_reordered_events,
+                disconnect_before_connect_leaves_a_closed_tombstone,
+                feed_wakes_watchers_after_an_append,
+            );
+        }
+    };
+}
+
+macro_rules! contract_tests {
+    ($make:expr; $($test:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $test() {
+                let fixture: Fixture = $make.await;
+                contract::$test(&fixture.store).await;
+            }
+        )*
+    };
+}
+
+contract_suite!(memory, memory_store());
+contract_suite!(sqlite, sqlite_store());
+
+fn room(name: &str) -> RoomName {
+    RoomName::parse(name).unwrap()
+}
+
+fn user(name: &str) -> UserId {
+    UserId::parse(name).unwrap()
+}
+
+fn conn(id: &str) -> ConnectionId {
+    ConnectionId::new(id)
+}
+
+fn say(r: &str, u: &str, text: &str) -> EventBody {
+    EventBody::MessagePosted {
+        room: room(r),
+        user: user(u),
+        text: text.to_owned(),
+        client_msg_id: None,
+        connection: None,
+    }
+}
+
+fn say_once(r: &str, u: &str, text: &str, client_msg_id: &str) -> EventBody {
+    EventBody::MessagePosted {
+        room: room(r),
+        user: user(u),
+        text: text.to_owned(),
+        client_msg_id: Some(client_msg_id.to_owned()),
+        connection: None,
+    }
+}
+
+fn say_from(r: &str, u: &str, text: &str, from: &str) -> EventBody {
+    EventBody::MessagePosted {
+        room: room(r),
+        user: user(u),
+        text: text.to_owned(),
+        client_msg_id: None,
+        connection: Some(conn(from)),
+    }
+}
+
+fn joined(r: &str, u: &str) -> EventBody {
+    EventBody::Joined {
+        room: room(r),
+        user: user(u),
+    }
+}
+
+fn left(r: &str, u: &str) -> EventBody {
+    EventBody::Left {
+        room: room(r),
+        user: user(u),
+    }
+}
+
+fn connected(c: &str, u: &str) -> EventBody {
+    EventBody::Connected {
+        connection: conn(c),
+        user: user(u),
+        source_ip: Some("192.0.2.7".to_owned()),
+    }
+}
+
+fn disconnected(c: &str, u: &str) -> EventBody {
+    EventBody::Disconnected {
+        connection: conn(c),
+        user: user(u),
+        reason: DisconnectReason::Closed,
+    }
+}
+
+fn text(event: &Event) -> &str {
+    match &event.body {
+        EventBody::MessagePosted { text, .. } => text,
+        other => panic!("not a message: {other:?}"),
+    }
+}
+
+fn seqs(events: &[Event]) -> Vec<u64> {
+    events.iter().map(|e| e.seq).collect()
+}
+
+async fn append(store: &Store, body: EventBody) -> Appended {
+    store.log.append(body, Expect::Next).await.expect("append")
+}
+
+/// Everything the directory answers about these rooms, users and connections: two snapshots are
+/// equal exactly when the projection is.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    rooms: Vec<RoomRecord>,
+    members: Vec<Vec<MemberRecord>>,
+    audience: Vec<Vec<ConnectionId>>,
+    is_member: Vec<bool>,
+    rooms_of: Vec<Vec<RoomName>>,
+    open: Vec<ConnectionRecord>,
+    open_by_user: Vec<Vec<ConnectionRecord>>,
+    connections: Vec<Option<ConnectionRecord>>,
+}
+
+async fn snapshot(store: &Store, rooms: &[&str], users: &[&str], conns: &[&str]) -> Snapshot {
+    let d = &store.directory;
+    let mut s = Snapshot {
+        rooms: d.rooms().await.unwrap(),
+        members: Vec::new(),
+        audience: Vec::new(),
+        is_member: Vec::new(),
+        rooms_of: Vec::new(),
+        open: d.open_connections(None).await.unwrap(),
+        open_by_user: Vec::new(),
+        connections: Vec::new(),
+    };
+    for r in rooms {
+        s.members.push(d.members(&room(r)).await.unwrap());
+        s.audience.push(d.audience(&room(r)).await.unwrap());
+        for u in users {
+            s.is_member
+                .push(d.is_member(&room(r), &user(u)).await.unwrap());
+        }
+    }
+    for u in users {
+        s.rooms_of.push(d.rooms_of(&user(u)).await.unwrap());
+        s.open_by_user
+            .push(d.open_connections(Some(&user(u))).await.unwrap());
+    }
+    for c in conns {
+        s.connections.push(d.connection(&conn(c)).await.unwrap());
+    }
+    s
+}
+
+mod contract {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::time::{Duration, Instant};
+
+    pub async fn concurrent_appends_to_one_room_are_gap_free(store: &Store) {
+        const TASKS: usize = 50;
+        const EACH: usize = 20;
+        const N: u64 = (TASKS * EACH) as u64;
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut seqs = Vec::with_capacity(EACH);
+                    for i in 0..EACH {
+                        let appended =
+                            append(&store, say("busy", "ana", &format!("{t}/{i}"))).await;
+                        assert!(!appended.duplicate);
+                        seqs.push(appended.event.seq);
+                    }
+                    seqs
+                })
+            })
+            .collect();
+        let mut all = BTreeSet::new();
+        for task in tasks {
+            let seqs = task.await.unwrap();
+            assert!(
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "one task's appends are ordered: {seqs:?}"
+            );
+            for seq in seqs {
+                assert!(all.insert(seq), "seq {seq} handed out twice");
+            }
+        }
+        eprintln!(
+            "{N} concurrent appends ({TASKS} tasks x {EACH}) to one room took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            all,
+            (1..=N).collect::<BTreeSet<_>>(),
+            "no gap, no duplicate"
+        );
+
+        let stream = Stream::Room(room("busy"));
+        assert_eq!(store.log.head(&stream).await.unwrap(), N);
+        let events = store.log.read(&stream, 0, 5000).await.unwrap();
+        assert_eq!(seqs(&events), (1..=N).collect::<Vec<_>>());
+        let texts: BTreeSet<&str> = events.iter().map(text).collect();
+        assert_eq!(texts.len(), TASKS * EACH, "every append is there once");
+
+        if let Some(feed) = &store.feed {
+            let all = feed.read_all(0, 5000).await.unwrap();
+            assert_eq!(all.len(), events.len());
+            assert!(
+                all.windows(2).all(|w| w[0].0 < w[1].0),
+                "positions strictly increase"
+            );
+            let in_commit_order: Vec<Event> = all.into_iter().map(|(_, e)| e).collect();
+            assert_eq!(in_commit_order, events, "commit order is seq order");
+        }
+    }
+
+    pub async fn concurrent_appends_to_many_streams_are_gap_free_per_stream(store: &Store) {
+        let rooms = ["r0", "r1", "r2", "r3", "r4"];
+        let tasks: Vec<_> = (0..20)
+            .map(|t| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    for i in 0..10 {
+                        let r = rooms[(t + i) % rooms.len()];
+                        append(&store, say(r, "bo", &format!("{t}/{i}"))).await;
+                        let c = format!("c{t}-{i}");
+                        let opened = store
+                            .log
+                            .append(connected(&c, "bo"), Expect::Seq(1))
+                            .await
+                            .unwrap();
+                        assert_eq!(opened.event.seq, 1);
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        for r in rooms {
+            let events = store
+                .log
+                .read(&Stream::Room(room(r)), 0, 500)
+                .await
+                .unwrap();
+            assert_eq!(seqs(&events), (1..=40).collect::<Vec<_>>(), "{r}");
+        }
+        if let Some(feed) = &store.feed {
+            let all = feed.read_all(0, 1000).await.unwrap();
+            assert_eq!(all.len(), 400);
+            let positions: Vec<u64> = all.iter().map(|(p, _)| *p).collect();
+            assert!(positions.windows(2).all(|w| w[0] < w[1]));
+        }
+    }
+
+    pub async fn expect_seq_conflicts(store: &Store) {
+        let stream = Stream::Connection(conn("c1"));
+        let first = store
+            .log
+            .append(connected("c1", "ana"), Expect::Seq(1))
+            .await
+            .unwrap();
+        assert_eq!(first.event.seq, 1);
+        assert_eq!(first.event.stream, stream);
+
+        match store
+            .log
+            .append(connected("c1", "ana"), Expect::Seq(1))
+            .await
+        {
+            Err(StoreError::Conflict {
+                stream: s,
+                expected: 1,
+                next: 2,
+            }) => assert_eq!(s, stream.key()),
+            other => panic!("second seq 1 must conflict: {other:?}"),
+        }
+        assert_eq!(
+            store.log.head(&stream).await.unwrap(),
+            1,
+            "nothing appended"
+        );
+
+        let closed = store
+            .log
+            .append(disconnected("c1", "ana"), Expect::Seq(2))
+            .await
+            .unwrap();
+        assert_eq!(closed.event.seq, 2);
+        assert!(matches!(
+            store
+                .log
+                .append(disconnected("c1", "ana"), Expect::Seq(2))
+                .await,
+            Err(StoreError::Conflict { next: 3, .. })
+        ));
+        assert!(matches!(
+            store
+                .log
+                .append(connected("c2", "ana"), Expect::Seq(5))
+                .await,
+            Err(StoreError::Conflict {
+                expected: 5,
+                next: 1,
+                ..
+            })
+        ));
+        assert_eq!(
+            store
+                .log
+                .head(&Stream::Connection(conn("c2")))
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(seqs(&store.log.read(&stream, 0, 10).await.unwrap()), [1, 2]);
+    }
+
+    pub async fn racing_expect_seq_has_one_winner(store: &Store) {
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .log
+                        .append(connected("c1", "ana"), Expect::Seq(1))
+                        .await
+                })
+            })
+            .collect();
+        let mut won = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(appended) => {
+                    assert_eq!(appended.event.seq, 1);
+                    won += 1;
+                }
+                Err(StoreError::Conflict { next: 2, .. }) => {}
+                Err(e) => panic!("a loser gets a conflict, not {e}"),
+            }
+        }
+        assert_eq!(won, 1);
+        assert_eq!(
+            store
+                .log
+                .head(&Stream::Connection(conn("c1")))
+                .await
+                .unwrap(),
+            1
+        );
+    }
+
+    pub async fn client_msg_id_makes_sends_idempotent(store: &Store) {
+        let lobby = Stream::Room(room("lobby"));
+        append(store, say("lobby", "ana", "before")).await;
+        let first = append(store, say_once("lobby", "ana", "hello", "m1")).await;
+        assert!(!first.duplicate);
+        assert_eq!(first.event.seq, 2);
+
+        let again = append(store, say_once("lobby", "ana", "hello (resent)", "m1")).await;
+        assert!(again.duplicate);
+        assert_eq!(again.event, first.event, "the first event comes back");
+        assert_eq!(store.log.head(&lobby).await.unwrap(), 2, "head unchanged");
+
+        let other_user = append(store, say_once("lobby", "bo", "hello", "m1")).await;
+        assert!(!other_user.duplicate);
+        assert_eq!(other_user.event.seq, 3);
+
+        let other_room = append(store, say_once("garden", "ana", "hello", "m1")).await;
+        assert!(!other_room.duplicate);
+        assert_eq!(other_room.event.seq, 1);
+
+        let other_id = append(store, say_once("lobby", "ana", "hello", "m2")).await;
+        assert!(!other_id.duplicate);
+        assert_eq!(other_id.event.seq, 4);
+
+        let events = store.log.read(&lobby, 0, 10).await.unwrap();
+        assert_eq!(seqs(&events), [1, 2, 3, 4]);
+        assert_eq!(events[1], first.event);
+        if let Some(feed) = &store.feed {
+            assert_eq!(feed.read_all(0, 100).await.unwrap().len(), 5);
+        }
+    }
+
+    pub async fn concurrent_resends_append_once(store: &Store) {
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    append(&store, say_once("lobby", "ana", &format!("try {i}"), "m1")).await
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for task in tasks {
+            answers.push(task.await.unwrap());
+        }
+        assert_eq!(answers.iter().filter(|a| !a.duplicate).count(), 1);
+        assert!(answers.iter().all(|a| a.event == answers[0].event));
+        assert_eq!(
+            store.log.head(&Stream::Room(room("lobby"))).await.unwrap(),
+            1
+        );
+    }
+
+    pub async fn reads_page_in_order(store: &Store) {
+        let stream = Stream::Room(room("long"));
+        let mut appended = Vec::new();
+        for i in 0..250 {
+            appended.push(
+                append(store, say("long", "ana", &format!("m{i}")))
+                    .await
+                    .event,
+            );
+        }
+        assert_eq!(store.log.head(&stream).await.unwrap(), 250);
+
+        let mut paged = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = store.log.read(&stream, after, 100).await.unwrap();
+            if page.is_empty() {
+                break;
+            }
+            assert!(page.len() <= 100);
+            after = page.last().unwrap().seq;
+            paged.extend(page);
+        }
+        assert_eq!(
+            paged, appended,
+            "pages give every event, in order, as appended"
+        );
+        assert_eq!(
+            seqs(&store.log.read(&stream, 200, 100).await.unwrap()),
+            (201..=250).collect::<Vec<_>>()
+        );
+        assert!(store.log.read(&stream, 250, 100).await.unwrap().is_empty());
+        assert!(
+            store
+                .log
+                .read(&stream, u64::MAX, 100)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(store.log.read(&stream, 0, 0).await.unwrap().is_empty());
+
+        let unknown = Stream::Room(room("nowhere"));
+        assert!(store.log.read(&unknown, 0, 100).await.unwrap().is_empty());
+        assert_eq!(store.log.head(&unknown).await.unwrap(), 0);
+
+        if let Some(feed) = &store.feed {
+            let first = feed.read_all(0, 100).await.unwrap();
+            let rest = feed.read_all(first.last().unwrap().0, 1000).await.unwrap();
+            assert_eq!((first.len(), rest.len()), (100, 150));
+            let all: Vec<Event> = first.into_iter().chain(rest).map(|(_, e)| e).collect();
+            assert_eq!(all, appended);
+            assert!(feed.read_all(u64::MAX, 10).await.unwrap().is_empty());
+        }
+    }
+
+    pub async fn joins_and_leaves_project_membership(store: &Store) {
+        let d = &store.directory;
+        let (lobby, garden) = (room("lobby"), room("garden"));
+        let (ana, bo, cy) = (user("ana"), user("bo"), user("cy"));
+        append(store, connected("a1", "ana")).await;
+        append(store, connected("b1", "bo")).await;
+        assert!(
+            d.rooms().await.unwrap().is_empty(),
+            "connections make no room"
+        );
+
+        let ana_joined = append(store, joined("lobby", "ana")).await.event;
+        assert!(d.is_member(&lobby, &ana).await.unwrap());
+        assert!(!d.is_member(&lobby, &bo).await.unwrap());
+        assert_eq!(
+            d.members(&lobby).await.unwrap(),
+            [MemberRecord {
+                user: ana.clone(),
+                joined_at: ana_joined.at,
+                connections: 1,
+            }]
+        );
+        assert_eq!(d.rooms_of(&ana).await.unwrap(), [room("lobby")]);
+        assert_eq!(d.audience(&lobby).await.unwrap(), [conn("a1")]);
+
+        append(store, joined("lobby", "bo")).await;
+        append(store, joined("garden", "ana")).await;
+        append(store, connected("a2", "ana")).await;
+        append(store, joined("lobby", "cy")).await; // cy has no connection: member, not audience
+        assert_eq!(
+            d.rooms_of(&ana).await.unwrap(),
+            [garden.clone(), lobby.clone()]
+        );
+        assert_eq!(
+            d.audience(&lobby).await.unwrap(),
+            [conn("a1"), conn("a2"), conn("b1")]
+        );
+        assert_eq!(d.audience(&garden).await.unwrap(), [conn("a1"), conn("a2")]);
+
+        append(store, disconnected("b1", "bo")).await;
+        assert_eq!(d.audience(&lobby).await.unwrap(), [conn("a1"), conn("a2")]);
+        let members = d.members(&lobby).await.unwrap();
+        let summary: Vec<(&str, usize)> = members
+            .iter()
+            .map(|m| (m.user.as_str(), m.connections))
+            .collect();
+        assert_eq!(summary, [("ana", 2), ("bo", 0), ("cy", 0)]);
+
+        // Joining again while a member keeps the first join time.
+        append(store, joined("lobby", "ana")).await;
+        assert_eq!(d.members(&lobby).await.unwrap()[0].joined_at, ana_joined.at);
+
+        let said = append(store, say("lobby", "bo", "hi")).await.event;
+        assert_eq!(said.seq, 5);
+        append(store, left("lobby", "ana")).await;
+        assert!(!d.is_member(&lobby, &ana).await.unwrap());
+        assert_eq!(d.rooms_of(&ana).await.unwrap(), [room("garden")]);
+        assert!(d.audience(&lobby).await.unwrap().is_empty());
+        let names: Vec<UserId> = d
+            .members(&lobby)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.user)
+            .collect();
+        assert_eq!(names, [bo.clone(), cy.clone()]);
+        assert_eq!(d.rooms_of(&cy).await.unwrap(), [room("lobby")]);
+
+        assert_eq!(
+            d.rooms().await.unwrap(),
+            [
+                RoomRecord {
+                    room: garden.clone(),
+                    members: 1,
+                    online: 1,
+                    head: 1,
+                },
+                RoomRecord {
+                    room: lobby.clone(),
+                    members: 2,
+                    online: 0,
+                    head: 6,
+                },
+            ]
+        );
+
+        // Leaving and joining again starts a new membership.
+        let rejoined = append(store, joined("lobby", "ana")).await.event;
+        assert_eq!(d.members(&lobby).await.unwrap()[0].joined_at, rejoined.at);
+        assert_eq!(d.rooms().await.unwrap()[1].online, 1);
+    }
+
+    pub async fn connections_open_and_close(store: &Store) {
+        let d = &store.directory;
+        assert_eq!(d.connection(&conn("nope")).await.unwrap(), None);
+
+        // Opened in this order, with ids sorting the other way: oldest first means by time.
+        let z = append(store, connected("z-old", "ana")).await.event;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        append(store, connected("b-mid", "bo")).await;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        append(
+            store,
+            EventBody::Connected {
+                connection: conn("a-new"),
+                user: user("ana"),
+                source_ip: None,
+            },
+        )
+        .await;
+
+        let record = d.connection(&conn("z-old")).await.unwrap().unwrap();
+        assert_eq!(
+            record,
+            ConnectionRecord {
+                id: conn("z-old"),
+                user: user("ana"),
+                connected_at: z.at,
+                last_active_at: z.at,
+                source_ip: Some("192.0.2.7".to_owned()),
+                open: true,
+            }
+        );
+        assert_eq!(
+            d.connection(&conn("a-new"))
+                .await
+                .unwrap()
+                .unwrap()
+                .source_ip,
+            None
+        );
+        let ids = |records: Vec<ConnectionRecord>| -> Vec<ConnectionId> {
+            records.into_iter().map(|r| r.id).collect()
+        };
+        assert_eq!(
+            ids(d.open_connections(Some(&user("ana"))).await.unwrap()),
+            [conn("z-old"), conn("a-new")]
+        );
+        assert_eq!(
+            ids(d.open_connections(None).await.unwrap()),
+            [conn("z-old"), conn("b-mid"), conn("a-new")]
+        );
+        assert!(
+            d.open_connections(Some(&user("cy")))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        // A message sent from a connection makes it active; activity never moves backwards.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        append(store, joined("lobby", "ana")).await;
+        let said = append(store, say_from("lobby", "ana", "hi", "z-old"))
+            .await
+            .event;
+        let record = d.connection(&conn("z-old")).await.unwrap().unwrap();
+        assert_eq!(
+            (record.connected_at, record.last_active_at),
+            (z.at, said.at)
+        );
+        assert!(said.at > z.at);
+        d.apply(&Event::record(
+            say_from("lobby", "ana", "late", "z-old"),
+            1,
+            z.at,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            d.connection(&conn("z-old"))
+                .await
+                .unwrap()
+                .unwrap()
+                .last_active_at,
+            said.at
+        );
+
+        let closed = append(store, disconnected("z-old", "ana")).await.event;
+        assert_eq!(closed.seq, 2);
+        let record = d.connection(&conn("z-old")).await.unwrap().unwrap();
+        assert!(!record.open);
+        assert_eq!((record.connected_at, record.user), (z.at, user("ana")));
+        assert_eq!(
+            ids(d.open_connections(Some(&user("ana"))).await.unwrap()),
+            [conn("a-new")]
+        );
+        assert_eq!(
+            ids(d.open_connections(None).await.unwrap()),
+            [conn("b-mid"), conn("a-new")]
+        );
+        assert_eq!(d.audience(&room("lobby")).await.unwrap(), [conn("a-new")]);
+    }
+
+    /// A scenario that exercises every kind of change, including a leave and a re-join and a
+    /// closed connection. Returns its events in log order.
+    async fn scenario(store: &Store) -> Vec<Event> {
+        let mut events = Vec::new();
+        for body in [
+            connected("a1", "ana"),
+            connected("b1", "bo"),
+            joined("lobby", "ana"),
+            joined("lobby", "bo"),
+            say_from("lobby", "ana", "hi", "a1"),
+            joined("garden", "bo"),
+            left("lobby", "ana"),
+            disconnected("b1", "bo"),
+            connected("b2", "bo"),
+            joined("lobby", "cy"),
+            left("lobby", "cy"),
+            joined("lobby", "cy"),
+            say_from("garden", "bo", "anyone?", "b2"),
+            connected("c1", "cy"),
+        ] {
+            events.push(append(store, body).await.event);
+        }
+        events
+    }
+
+    const ROOMS: [&str; 3] = ["lobby", "garden", "nowhere"];
+    const USERS: [&str; 4] = ["ana", "bo", "cy", "dee"];
+    const CONNS: [&str; 5] = ["a1", "b1", "b2", "c1", "zz"];
+
+    pub async fn projection_ignores_redelivered_and_reordered_events(store: &Store) {
+        let events = scenario(store).await;
+        let expected = snapshot(store, &ROOMS, &USERS, &CONNS).await;
+        let d = &store.directory;
+
+        for event in &events {
+            d.apply(event).await.unwrap();
+        }
+        assert_eq!(
+            snapshot(store, &ROOMS, &USERS, &CONNS).await,
+            expected,
+            "again"
+        );
+
+        for event in events.iter().rev() {
+            d.apply(event).await.unwrap();
+        }
+        assert_eq!(
+            snapshot(store, &ROOMS, &USERS, &CONNS).await,
+            expected,
+            "reversed"
+        );
+
+        // The cases by name: an older join after the leave, a connect after its disconnect.
+        let ana_joined = &events[2];
+        let b1_connected = &events[1];
+        d.apply(ana_joined).await.unwrap();
+        d.apply(b1_connected).await.unwrap();
+        assert!(!d.is_member(&room("lobby"), &user("ana")).await.unwrap());
+        assert!(!d.connection(&conn("b1")).await.unwrap().unwrap().open);
+        assert_eq!(
+            snapshot(store, &ROOMS, &USERS, &CONNS).await,
+            expected,
+            "stale"
+        );
+
+        // The log itself did not grow.
+        assert_eq!(
+            store.log.head(&Stream::Room(room("lobby"))).await.unwrap(),
+            7
+        );
+        if let Some(feed) = &store.feed {
+            assert_eq!(feed.read_all(0, 100).await.unwrap().len(), events.len());
+        }
+    }
+
+    pub async fn disconnect_before_connect_leaves_a_closed_tombstone(store: &Store) {
+        let d = &store.directory;
+        let connect_at = now();
+        let disconnect_at = connect_at + chrono::Duration::milliseconds(5);
+        let connect = Event::record(connected("x1", "dee"), 1, connect_at);
+        let disconnect = Event::record(disconnected("x1", "dee"), 2, disconnect_at);
+
+        d.apply(&disconnect).await.unwrap();
+        let tombstone = ConnectionRecord {
+            id: conn("x1"),
+            user: user("dee"),
+            connected_at: disconnect_at,
+            last_active_at: disconnect_at,
+            source_ip: None,
+            open: false,
+        };
+        assert_eq!(
+            d.connection(&conn("x1")).await.unwrap(),
+            Some(tombstone.clone())
+        );
+
+        d.apply(&connect).await.unwrap();
+        d.apply(&disconnect).await.unwrap();
+        assert_eq!(d.connection(&conn("x1")).await.unwrap(), Some(tombstone));
+        assert!(
+            d.open_connections(Some(&user("dee")))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(d.open_connections(None).await.unwrap().is_empty());
+    }
+
+    pub async fn feed_wakes_watchers_after_an_append(store: &Store) {
+        // A store without a feed (DynamoDB) is tailed through its stream instead.
+        let Some(feed) = &store.feed else { return };
+        let mut watch = feed.watch();
+        assert_eq!(*watch.borrow_and_update(), 0);
+        let appended = append(store, say("lobby", "ana", "wake up")).await;
+        assert!(watch.has_changed().unwrap(), "the append woke the watcher");
+        let position = *watch.borrow_and_update();
+        assert_eq!(position, 1);
+        assert_eq!(feed.read_all(0, 10).await.unwrap(), [(1, appended.event)]);
+
+        // A rejected append and a duplicate commit nothing new.
+        let _ = store
+            .log
+            .append(joined("lobby", "ana"), Expect::Seq(7))
+            .await;
+        append(store, say_once("lobby", "ana", "once", "m1")).await;
+        append(store, say_once("lobby", "ana", "once", "m1")).await;
+        let woke = tokio::time::timeout(Duration::from_secs(1), watch.changed()).await;
+        assert!(woke.is_ok());
+        assert_eq!(*watch.borrow_and_update(), 2);
+        assert_eq!(feed.read_all(0, 10).await.unwrap().len(), 2);
+    }
+}
+
+mod sqlite_only {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn data_survives_reopening_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("palaver.db");
+        let store = open_sqlite(&path).await;
+        append(&store, connected("a1", "ana")).await;
+        append(&store, joined("lobby", "ana")).await;
+        for i in 0..5 {
+            append(
+                &store,
+                say_once("lobby", "ana", &format!("m{i}"), &format!("id{i}")),
+            )
+            .await;
+        }
+        let lobby = Stream::Room(room("lobby"));
+        let events = store.log.read(&lobby, 0, 100).await.unwrap();
+        let all = store.feed.as_ref().unwrap().read_all(0, 100).await.unwrap();
+        let before = snapshot(&store, &["lobby"], &["ana"], &["a1"]).await;
+        drop(store);
+
+        let store = open_sqlite(&path).await;
+        assert_eq!(store.log.read(&lobby, 0, 100).await.unwrap(), events);
+        assert_eq!(store.log.head(&lobby).await.unwrap(), 6);
+        let feed = store.feed.clone().unwrap();
+        assert_eq!(feed.read_all(0, 100).await.unwrap(), all);
+        assert_eq!(
+            snapshot(&store, &["lobby"], &["ana"], &["a1"]).await,
+            before
+        );
+        assert_eq!(
+            *feed.watch().borrow(),
+            7,
+            "the watch starts at the last position"
+        );
+
+        // The log goes on where it was: next seq, next position, old clientMsgIds remembered.
+        let resent = append(&store, say_once("lobby", "ana", "m0", "id0")).await;
+        assert!(resent.duplicate);
+        assert_eq!(resent.event, events[1]);
+        let next = append(&store, say("lobby", "ana", "after reopening"))
+            .await
+            .event;
+        assert_eq!(next.seq, 7);
+        assert_eq!(feed.read_all(7, 10).await.unwrap(), [(8, next)]);
+    }
+
+    /// A batch that fails rolls back whole: every append in it gets an error, none of them is in
+    /// the log or the projection, and the batches around it are unaffected and gap-free. One
+    /// append fails as its event is inserted, another after that, while projecting it — which
+    /// must not leave its event behind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_failed_batch_answers_everyone_and_leaves_no_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("palaver.db");
+        let store = open_sqlite(&path).await;
+        append(&store, connected("a1", "ana")).await;
+        append(&store, joined("r", "ana")).await;
+        outside(
+            &path,
+            "CREATE TRIGGER refuse_event BEFORE INSERT ON events \
+             WHEN NEW.body LIKE '%poison%' BEGIN SELECT RAISE(ABORT, 'injected'); END",
+        )
+        .await;
+        outside(
+            &path,
+            "CREATE TRIGGER refuse_activity BEFORE UPDATE OF last_active_at ON connections \
+             BEGIN SELECT RAISE(ABORT, 'injected'); END",
+        )
+        .await;
+
+        let tasks: Vec<_> = (0..40)
+            .map(|t| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut results = Vec::new();
+                    for i in 0..5 {
+                        let text = format!("{t}/{i}");
+                        let body = match (t, i) {
+                            (17, 2) => say("r", "ana", "poison"),
+                            (29, 3) => say_from("r", "ana", &text, "a1"),
+                            _ => say("r", "ana", &text),
+                        };
+                        let text = match &body {
+                            EventBody::MessagePosted { text, .. } => text.clone(),
+                            _ => unreachable!(),
+                        };
+                        results.push((text, store.log.append(body, Expect::Next).await));
+                    }
+                    results
+                })
+            })
+            .collect();
+        let mut ok = Vec::new();
+        let mut failed = Vec::new();
+        for task in tasks {
+            for (text, result) in task.await.unwrap() {
+                match result {
+                    Ok(appended) => ok.push((appended.event.seq, text)),
+                    Err(StoreError::Backend(e)) => failed.push((text, e.to_string())),
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            }
+        }
+        let failed_texts: Vec<&str> = failed.iter().map(|(t, _)| t.as_str()).collect();
+        assert!(failed_texts.contains(&"poison"), "{failed:?}");
+        assert!(failed_texts.contains(&"29/3"), "{failed:?}");
+        assert!(
+            failed.iter().all(|(_, e)| e.contains("injected")),
+            "{failed:?}"
+        );
+        eprintln!(
+            "{} appends failed with the two poisoned batches",
+            failed.len()
+        );
+        ok.sort();
+        let n = ok.len() as u64;
+        assert_eq!(n as usize + failed.len(), 200);
+        assert_eq!(
+            ok.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+            (2..=n + 1).collect::<Vec<_>>(),
+            "acknowledged seqs are gap-free"
+        );
+        let r = Stream::Room(room("r"));
+        let log: Vec<(u64, String)> = store
+            .log
+            .read(&r, 1, 1000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| (e.seq, text(e).to_owned()))
+            .collect();
+        assert_eq!(log, ok, "exactly the acknowledged appends are in the log");
+        assert_eq!(store.directory.rooms().await.unwrap()[0].head, n + 1);
+        let a1 = store
+            .directory
+            .connection(&conn("a1"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(a1.last_active_at, a1.connected_at, "no activity projected");
+        let next = append(&store, say("r", "ana", "after")).await.event;
+        assert_eq!(next.seq, n + 2);
+    }
+
+    #[tokio::test]
+    async fn unreadable_rows_are_corrupt_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("palaver.db");
+        let store = open_sqlite(&path).await;
+        append(&store, connected("a1", "ana")).await;
+        append(&store, say("lobby", "ana", "fine")).await;
+        append(&store, say("lobby", "ana", "broken")).await;
+        outside(
+            &path,
+            "UPDATE events SET body = '{\"kind\":' WHERE body LIKE '%broken%'",
+        )
+        .await;
+        outside(&path, "UPDATE connections SET user_id = 'not a name!'").await;
+
+        let lobby = Stream::Room(room("lobby"));
+        assert!(matches!(
+            store.log.read(&lobby, 0, 10).await,
+            Err(StoreError::Corrupt(_))
+        ));
+        assert_eq!(store.log.read(&lobby, 0, 1).await.unwrap().len(), 1);
+        assert!(matches!(
+            store.feed.as_ref().unwrap().read_all(0, 10).await,
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            store.directory.connection(&conn("a1")).await,
+            Err(StoreError::Corrupt(_))
+        ));
+        // The log still takes appends.
+        assert_eq!(
+            append(&store, say("lobby", "ana", "next")).await.event.seq,
+            3
+        );
+    }
+
+    /// Runs `sql` on the database file from a connection of its own, as another process would.
+    async fn outside(path: &Path, sql: &str) {
+        use sqlx::Connection;
+        let url = format!("sqlite://{}", path.display());
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+        conn.close().await.unwrap();
+    }
+}
