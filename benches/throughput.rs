@@ -59,6 +59,7 @@ async fn end_to_end(members: usize, messages_each: usize) -> (f64, f64) {
         store,
         identity: identity.clone(),
         admin_token: None,
+        changes: None,
     }));
 
     let mut clients = Vec::new();

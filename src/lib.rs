@@ -8,13 +8,16 @@
 //! - [`fanout`] — turns log events into frames for every connection that should see them.
 //! - [`gateway`] — the local API-Gateway-compatible WebSocket gateway and management API.
 //! - [`identity`] — JWTs.
+//! - [`lambda`] — the Lambda functions' configuration, wiring and handlers.
 //! - [`operator`] — what operators see: rooms, members, history, connections.
 
+pub mod aws;
 pub mod domain;
 pub mod fanout;
 pub mod gateway;
 pub mod handlers;
 pub mod identity;
+pub mod lambda;
 pub mod operator;
 pub mod ports;
 pub mod server;

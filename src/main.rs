@@ -6,6 +6,7 @@ use palaver::identity::{Identity, parse_ttl, random_secret};
 use palaver::operator::{self, table};
 use palaver::ports::Store;
 use palaver::server::{ServeConfig, serve};
+use palaver::store::dynamodb::changes::ChangeSource;
 use palaver::store::{self, DEFAULT_STORE, StoreUrl};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use std::time::Duration;
     about = "Event-sourced WebSocket chat: API Gateway on AWS, or one local binary"
 )]
 struct Cli {
-    /// Where the log lives: sqlite://PATH, memory://
+    /// Where the log lives: sqlite://PATH, memory://, dynamodb://TABLE_PREFIX
     #[arg(long, global = true, env = "PALAVER_STORE", default_value = DEFAULT_STORE)]
     store: StoreUrl,
     #[command(subcommand)]
@@ -32,6 +33,8 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
     },
+    /// Create the store's tables (DynamoDB; SQLite and memory need nothing)
+    Init,
     /// Print a token for USER, signed with PALAVER_JWT_SECRET
     Token {
         user: String,
@@ -93,6 +96,27 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Serve { listen } => run_serve(&cli.store, &listen).await,
+        Command::Init => match &cli.store {
+            StoreUrl::DynamoDb(prefix) => {
+                let tables = store::dynamodb::Tables::new(prefix);
+                let created = store::dynamodb::init(&store::aws_client().await, &tables).await?;
+                for table in [&tables.events, &tables.state] {
+                    let state = if created.contains(table) {
+                        "created"
+                    } else {
+                        "exists"
+                    };
+                    println!("{table}: {state}");
+                }
+                Ok(())
+            }
+            other => {
+                // Opening creates and migrates the file.
+                open(other).await?;
+                println!("{}: ready", describe(other));
+                Ok(())
+            }
+        },
         Command::Token { user, ttl } => {
             let secret = std::env::var("PALAVER_JWT_SECRET")
                 .map_err(|_| "set PALAVER_JWT_SECRET to the secret the server uses")?;
@@ -226,11 +250,16 @@ async fn run_serve(url: &StoreUrl, listen: &str) -> Result<(), Failure> {
         println!("Admin endpoints are off: set PALAVER_ADMIN_TOKEN to turn them on.");
     }
     println!();
+    let changes = match url {
+        StoreUrl::DynamoDb(prefix) => Some(ChangeSource::from_env(prefix).await),
+        _ => None,
+    };
     serve(ServeConfig {
         listener,
         store,
         identity,
         admin_token,
+        changes,
     })
     .await?;
     Ok(())
@@ -240,5 +269,6 @@ fn describe(url: &StoreUrl) -> String {
     match url {
         StoreUrl::Sqlite(path) => format!("sqlite://{path}"),
         StoreUrl::Memory => "memory://".to_owned(),
+        StoreUrl::DynamoDb(prefix) => format!("dynamodb://{prefix}"),
     }
 }

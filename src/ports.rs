@@ -1,9 +1,11 @@
 //! The ports: what handlers and the fan-out need from a store and from the connection gateway.
 //!
 //! Every store (memory, SQLite, DynamoDB) implements [`EventLog`] and [`Directory`]; stores that
-//! can be tailed in commit order (memory, SQLite) also implement [`LogFeed`]. The gateway that
-//! holds the WebSocket connections — API Gateway's management API on AWS, the local gateway in
-//! `palaver serve` — implements [`ConnectionGateway`].
+//! can be tailed in commit order (memory, SQLite) also implement [`LogFeed`]; stores whose
+//! fan-out is woken by a change stream that may repeat itself (DynamoDB) implement
+//! [`Checkpoints`]. The gateway that holds the WebSocket connections — API Gateway's management
+//! API on AWS, the local gateway in `palaver serve` — implements [`ConnectionGateway`]; a big
+//! room's deliveries can be handed to other workers through a [`DeliveryQueue`] (SQS on AWS).
 
 use crate::domain::{Appended, ConnectionId, Event, EventBody, Expect, RoomName, Stream, UserId};
 use async_trait::async_trait;
@@ -142,10 +144,53 @@ pub trait ConnectionGateway: Send + Sync {
     async fn post(&self, connection: &ConnectionId, frame: Bytes) -> Result<(), PostError>;
 }
 
-/// A store: its log, its projection, and its feed where it has one.
+/// How far the fan-out has delivered each stream.
+///
+/// A change stream (DynamoDB Streams) delivers every record at least once and a failed batch is
+/// retried whole, so the fan-out keeps, per log stream, the seq it has delivered up to: a record
+/// at or below it is a repeat and sends nothing.
+#[async_trait]
+pub trait Checkpoints: Send + Sync {
+    /// The seq delivered up to (0 when nothing was).
+    async fn delivered(&self, stream: &Stream) -> StoreResult<u64>;
+
+    /// Records delivery up to `seq`; never moves a checkpoint backwards.
+    async fn advance(&self, stream: &Stream, seq: u64) -> StoreResult<()>;
+}
+
+/// One frame for a set of connections, handed to a delivery worker.
+///
+/// Jobs of one `group` must be delivered in the order they were queued (an SQS FIFO message
+/// group): a connection always falls in the same group of its room, so it sees the room's frames
+/// in seq order however many workers run. `id` is unique per job and the same when a retried
+/// fan-out queues the job again, so the queue can drop the repeat (FIFO deduplication).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeliveryJob {
+    /// The frame exactly as it goes on the wire (serialised once by the fan-out).
+    pub frame: String,
+    pub connections: Vec<ConnectionId>,
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub id: String,
+}
+
+/// Why a job could not be queued.
+#[derive(Debug, thiserror::Error)]
+#[error("could not queue a delivery: {0}")]
+pub struct QueueError(pub String);
+
+/// Where a big room's deliveries go to be posted by other workers (SQS → the deliver function).
+#[async_trait]
+pub trait DeliveryQueue: Send + Sync {
+    async fn enqueue(&self, jobs: Vec<DeliveryJob>) -> Result<(), QueueError>;
+}
+
+/// A store: its log, its projection, and its feed or checkpoints where it has them.
 #[derive(Clone)]
 pub struct Store {
     pub log: Arc<dyn EventLog>,
     pub directory: Arc<dyn Directory>,
     pub feed: Option<Arc<dyn LogFeed>>,
+    pub checkpoints: Option<Arc<dyn Checkpoints>>,
 }

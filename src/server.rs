@@ -1,12 +1,19 @@
 //! `palaver serve`: the store, the route handlers, the log tail driving the fan-out, and the
 //! local gateway, wired together in one process.
+//!
+//! What drives the fan-out depends on the store: memory and SQLite are tailed in commit order
+//! ([`tail`]); DynamoDB's events table is followed through its change stream
+//! ([`crate::store::dynamodb::changes`]), which hands each batch to the same [`StreamFanOut`] the
+//! Lambda fan-out runs, posting to the local gateway instead of API Gateway.
 
+use crate::fanout::stream::StreamFanOut;
 use crate::fanout::{FanOut, tail};
 use crate::gateway::hub::{CloseReason, Hub};
 use crate::gateway::{GatewayState, router};
 use crate::handlers::Routes;
 use crate::identity::Identity;
 use crate::ports::Store;
+use crate::store::dynamodb::changes::ChangeSource;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -17,6 +24,8 @@ pub struct ServeConfig {
     pub store: Store,
     pub identity: Identity,
     pub admin_token: Option<String>,
+    /// The change stream that wakes the fan-out, for a store without a local feed (DynamoDB).
+    pub changes: Option<ChangeSource>,
 }
 
 /// Runs until ctrl-c or SIGTERM.
@@ -26,6 +35,7 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         store,
         identity,
         admin_token,
+        changes,
     } = config;
     let hub = Hub::new();
     let routes = Routes::new(&store, hub.clone(), identity);
@@ -35,6 +45,13 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         // Connections of an earlier run are gone with it; new ones replay with joinRoom{after}.
         let start = tail::current_position(feed.as_ref()).await;
         tokio::spawn(tail::run(feed, fanout, start));
+    } else if let (Some(source), Some(stream_fanout)) = (
+        changes,
+        StreamFanOut::new(&store, FanOut::new(&store, hub.clone())),
+    ) {
+        // Positioned before the gateway accepts anyone, so no append through it is missed.
+        let tail = source.start().await.map_err(std::io::Error::other)?;
+        tokio::spawn(tail.run(stream_fanout));
     } else {
         tracing::warn!("this store has no local feed: nothing will be broadcast");
     }

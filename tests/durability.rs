@@ -9,7 +9,7 @@ use std::time::Duration;
 
 #[tokio::test]
 async fn kill_9_loses_no_acknowledged_message_and_stale_connections_are_cleaned_up() {
-    let server = Server::start_sqlite();
+    let server = Server::start_readable();
     let mut ana = server.connect("ana").await;
     let mut bo = server.connect("bo").await;
     ana.join("ops").await;

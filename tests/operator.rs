@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 #[tokio::test]
 async fn operators_see_rooms_members_history_and_connections() {
-    let server = Server::start();
+    let server = Server::start_readable();
     let mut ana = server.connect("ana").await;
     let mut bo = server.connect("bo").await;
     ana.join("general").await;

@@ -5,13 +5,20 @@
 //! the gateway reports gone (410) is closed in the log — which in turn tells its rooms, through
 //! this same fan-out, that its user went offline if that was their last connection.
 
+pub mod stream;
 pub mod tail;
 
-use crate::domain::{ConnectionId, DisconnectReason, Event, EventBody, ServerFrame, UserId};
+use crate::domain::{
+    ConnectionId, DisconnectReason, Event, EventBody, RoomName, ServerFrame, UserId,
+};
 use crate::handlers::close_connection;
-use crate::ports::{ConnectionGateway, Directory, EventLog, PostError, Store, StoreResult};
+use crate::ports::{
+    ConnectionGateway, DeliveryJob, DeliveryQueue, Directory, EventLog, PostError, Store,
+    StoreError, StoreResult,
+};
 use bytes::Bytes;
 use futures_util::StreamExt;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// How many posts are in flight at once for one event.
@@ -26,6 +33,88 @@ pub struct Delivery {
     pub gone: Vec<ConnectionId>,
     /// Posts that failed for another reason (the connection may still be there).
     pub failed: usize,
+    /// Recipients handed to delivery workers instead of posted here.
+    pub queued: usize,
+}
+
+impl Delivery {
+    fn add(&mut self, other: Delivery) {
+        self.delivered += other.delivered;
+        self.gone.extend(other.gone);
+        self.failed += other.failed;
+        self.queued += other.queued;
+    }
+}
+
+/// Rooms' audiences looked up while delivering a run of events: read once per room, forgotten
+/// as soon as an event in the run changes who is listening.
+#[derive(Default)]
+pub struct Audiences {
+    rooms: HashMap<RoomName, Vec<ConnectionId>>,
+}
+
+impl Audiences {
+    /// Drops what `event` may have changed: its room's audience for a join or leave, every
+    /// audience for a connection opening or closing.
+    fn forget(&mut self, event: &Event) {
+        match &event.body {
+            EventBody::Joined { room, .. } | EventBody::Left { room, .. } => {
+                self.rooms.remove(room);
+            }
+            EventBody::Connected { .. } | EventBody::Disconnected { .. } => self.rooms.clear(),
+            EventBody::MessagePosted { .. } => {}
+        }
+    }
+}
+
+/// How many delivery groups a big room's recipients are spread over: this many workers can post
+/// one room's frames at once, each group in order.
+pub const RELAY_GROUPS: u64 = 16;
+
+/// The jobs for one frame: recipients spread over [`RELAY_GROUPS`] groups by a stable hash of
+/// their connection id — so a connection is in the same group for every frame of the room, and
+/// sees them in order — and each group cut into jobs of at most `shard` connections.
+fn relay_jobs(
+    recipients: Vec<ConnectionId>,
+    frame: &str,
+    room: &RoomName,
+    key: &str,
+    shard: usize,
+) -> Vec<DeliveryJob> {
+    let mut groups: Vec<Vec<ConnectionId>> = vec![Vec::new(); RELAY_GROUPS as usize];
+    for connection in recipients {
+        let group = fnv1a(connection.as_str().as_bytes()) % RELAY_GROUPS;
+        groups[group as usize].push(connection);
+    }
+    let mut jobs = Vec::new();
+    for (group, connections) in groups.into_iter().enumerate() {
+        for (part, chunk) in connections.chunks(shard).enumerate() {
+            jobs.push(DeliveryJob {
+                frame: frame.to_owned(),
+                connections: chunk.to_vec(),
+                group: format!("{room}#{group}"),
+                id: format!("{key}#{group}#{part}"),
+            });
+        }
+    }
+    jobs
+}
+
+/// FNV-1a: a hash that is the same in every process and every Rust release (std's is not
+/// promised to be), so every fan-out puts a connection in the same group.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Big rooms: above `threshold` recipients, the fan-out hands the recipients, `shard` at a time,
+/// to delivery workers instead of posting itself.
+#[derive(Clone)]
+struct Relay {
+    queue: Arc<dyn DeliveryQueue>,
+    threshold: usize,
+    shard: usize,
 }
 
 /// Computes recipients and posts frames.
@@ -34,6 +123,7 @@ pub struct FanOut {
     log: Arc<dyn EventLog>,
     directory: Arc<dyn Directory>,
     gateway: Arc<dyn ConnectionGateway>,
+    relay: Option<Relay>,
 }
 
 impl FanOut {
@@ -42,12 +132,38 @@ impl FanOut {
             log: store.log.clone(),
             directory: store.directory.clone(),
             gateway,
+            relay: None,
         }
+    }
+
+    /// Hands audiences larger than `threshold` to `queue`, in jobs of at most `shard` recipients.
+    pub fn with_relay(
+        mut self,
+        queue: Arc<dyn DeliveryQueue>,
+        threshold: usize,
+        shard: usize,
+    ) -> Self {
+        self.relay = Some(Relay {
+            queue,
+            threshold,
+            shard: shard.max(1),
+        });
+        self
     }
 
     /// Delivers one event. Room events go to the room's audience; a user's first connection
     /// opening or last one closing becomes a `presence` frame in each of their rooms.
     pub async fn deliver(&self, event: &Event) -> StoreResult<Delivery> {
+        self.deliver_in(event, &mut Audiences::default()).await
+    }
+
+    /// [`FanOut::deliver`], reusing audiences already looked up in this run of events.
+    pub async fn deliver_in(
+        &self,
+        event: &Event,
+        audiences: &mut Audiences,
+    ) -> StoreResult<Delivery> {
+        audiences.forget(event);
         match &event.body {
             EventBody::Joined { room, .. }
             | EventBody::Left { room, .. }
@@ -55,8 +171,9 @@ impl FanOut {
                 let Some(frame) = ServerFrame::of_event(event) else {
                     return Ok(Delivery::default());
                 };
-                let audience = self.directory.audience(room).await?;
-                Ok(self.post_all(audience, frame.to_bytes()).await)
+                let audience = self.audience(room, audiences).await?;
+                let key = format!("{}:{}", event.stream, event.seq);
+                self.send(audience, frame.to_bytes(), room, &key).await
             }
             EventBody::Connected {
                 connection, user, ..
@@ -68,7 +185,8 @@ impl FanOut {
                 if open.first().map(|c| &c.id) != Some(connection) {
                     return Ok(Delivery::default());
                 }
-                self.presence(user, true, Some(connection)).await
+                self.presence(event, user, true, Some(connection), audiences)
+                    .await
             }
             EventBody::Disconnected { user, .. } => {
                 if !self
@@ -79,16 +197,31 @@ impl FanOut {
                 {
                     return Ok(Delivery::default());
                 }
-                self.presence(user, false, None).await
+                self.presence(event, user, false, None, audiences).await
             }
         }
     }
 
+    async fn audience(
+        &self,
+        room: &RoomName,
+        audiences: &mut Audiences,
+    ) -> StoreResult<Vec<ConnectionId>> {
+        if let Some(audience) = audiences.rooms.get(room) {
+            return Ok(audience.clone());
+        }
+        let audience = self.directory.audience(room).await?;
+        audiences.rooms.insert(room.clone(), audience.clone());
+        Ok(audience)
+    }
+
     async fn presence(
         &self,
+        event: &Event,
         user: &UserId,
         online: bool,
         except: Option<&ConnectionId>,
+        audiences: &mut Audiences,
     ) -> StoreResult<Delivery> {
         let mut total = Delivery::default();
         for room in self.directory.rooms_of(user).await? {
@@ -98,23 +231,57 @@ impl FanOut {
                 online,
             };
             let audience: Vec<ConnectionId> = self
-                .directory
-                .audience(&room)
+                .audience(&room, audiences)
                 .await?
                 .into_iter()
                 // The new connection knows it is online; and on AWS it may not be open yet.
                 .filter(|c| Some(c) != except)
                 .collect();
-            let d = self.post_all(audience, frame.to_bytes()).await;
-            total.delivered += d.delivered;
-            total.failed += d.failed;
-            total.gone.extend(d.gone);
+            let key = format!("{}:{}:{room}", event.stream, event.seq);
+            total.add(self.send(audience, frame.to_bytes(), &room, &key).await?);
         }
         Ok(total)
     }
 
-    /// Posts the same bytes to every recipient; closes the ones found gone.
-    async fn post_all(&self, recipients: Vec<ConnectionId>, frame: Bytes) -> Delivery {
+    /// Posts `frame` to `recipients` here, or hands them to delivery workers when there are
+    /// more than the relay's threshold. `room` and `key` (what the frame is of: the event's
+    /// stream and seq) name the jobs.
+    async fn send(
+        &self,
+        recipients: Vec<ConnectionId>,
+        frame: Bytes,
+        room: &RoomName,
+        key: &str,
+    ) -> StoreResult<Delivery> {
+        let Some(relay) = self
+            .relay
+            .as_ref()
+            .filter(|r| recipients.len() > r.threshold)
+        else {
+            return Ok(self.post_to(recipients, frame).await);
+        };
+        let queued = recipients.len();
+        let jobs = relay_jobs(
+            recipients,
+            &String::from_utf8_lossy(&frame),
+            room,
+            key,
+            relay.shard,
+        );
+        relay
+            .queue
+            .enqueue(jobs)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(Delivery {
+            queued,
+            ..Delivery::default()
+        })
+    }
+
+    /// Posts the same bytes to every recipient; closes the ones found gone. Delivery workers
+    /// call this with the jobs the fan-out queued.
+    pub async fn post_to(&self, recipients: Vec<ConnectionId>, frame: Bytes) -> Delivery {
         let results: Vec<(ConnectionId, Result<(), PostError>)> =
             futures_util::stream::iter(recipients)
                 .map(|connection| {

@@ -7,8 +7,8 @@ use crate::domain::event::now;
 use crate::domain::projection::{Change, changes};
 use crate::domain::{Appended, ConnectionId, Event, EventBody, Expect, RoomName, Stream, UserId};
 use crate::ports::{
-    ConnectionRecord, Directory, EventLog, LogFeed, MemberRecord, RoomRecord, Store, StoreError,
-    StoreResult,
+    Checkpoints, ConnectionRecord, Directory, EventLog, LogFeed, MemberRecord, RoomRecord, Store,
+    StoreError, StoreResult,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -20,6 +20,8 @@ use tokio::sync::watch;
 pub struct MemoryStore {
     state: Mutex<State>,
     committed: watch::Sender<u64>,
+    /// The fan-out's checkpoints, for tests of the stream-driven fan-out.
+    delivered: Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Default)]
@@ -50,6 +52,7 @@ impl MemoryStore {
         Arc::new(MemoryStore {
             state: Mutex::new(State::default()),
             committed: watch::channel(0).0,
+            delivered: Mutex::new(HashMap::new()),
         })
     }
 
@@ -59,7 +62,8 @@ impl MemoryStore {
         Store {
             log: store.clone(),
             directory: store.clone(),
-            feed: Some(store),
+            feed: Some(store.clone()),
+            checkpoints: Some(store),
         }
     }
 
@@ -359,5 +363,20 @@ impl LogFeed for MemoryStore {
 
     fn watch(&self) -> watch::Receiver<u64> {
         self.committed.subscribe()
+    }
+}
+
+#[async_trait]
+impl Checkpoints for MemoryStore {
+    async fn delivered(&self, stream: &Stream) -> StoreResult<u64> {
+        let delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(delivered.get(&stream.key()).copied().unwrap_or(0))
+    }
+
+    async fn advance(&self, stream: &Stream, seq: u64) -> StoreResult<()> {
+        let mut delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
+        let at = delivered.entry(stream.key()).or_insert(0);
+        *at = (*at).max(seq);
+        Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! Store adapters, one module per technology, and the `--store` URL that picks one.
 
+pub mod dynamodb;
 pub mod memory;
 pub mod sqlite;
 
@@ -12,6 +13,9 @@ pub enum StoreUrl {
     Sqlite(String),
     /// `memory://`: nothing survives the process.
     Memory,
+    /// `dynamodb://TABLE_PREFIX`: tables `PREFIX-events` and `PREFIX-state`, reached through
+    /// the standard AWS configuration (`AWS_ENDPOINT_URL` included).
+    DynamoDb(String),
 }
 
 /// The default store: a SQLite file in the working directory.
@@ -31,6 +35,15 @@ impl std::str::FromStr for StoreUrl {
                 return Err(UnknownStore(url.to_owned()));
             }
             Ok(StoreUrl::Sqlite(path.to_owned()))
+        } else if let Some(prefix) = url.strip_prefix("dynamodb://") {
+            let valid = !prefix.is_empty()
+                && prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            if !valid {
+                return Err(UnknownStore(url.to_owned()));
+            }
+            Ok(StoreUrl::DynamoDb(prefix.to_owned()))
         } else if url == "memory://" || url == "memory" {
             Ok(StoreUrl::Memory)
         } else {
@@ -44,5 +57,16 @@ pub async fn open(url: &StoreUrl) -> Result<Store, Box<dyn std::error::Error + S
     match url {
         StoreUrl::Memory => Ok(memory::MemoryStore::store()),
         StoreUrl::Sqlite(path) => Ok(sqlite::SqliteStore::open(path).await?.store()),
+        StoreUrl::DynamoDb(prefix) => {
+            Ok(dynamodb::DynamoStore::new(aws_client().await, prefix).store())
+        }
     }
+}
+
+/// A DynamoDB client from the standard AWS configuration (environment, profile, IMDS;
+/// `AWS_ENDPOINT_URL` points it at a local emulator).
+pub async fn aws_client() -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::new(
+        &aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await,
+    )
 }

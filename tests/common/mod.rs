@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -26,17 +27,56 @@ pub struct Server {
     pub addr: String,
     pub store: String,
     pub dir: tempfile::TempDir,
-    pub stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pub stdout: Arc<Mutex<Vec<String>>>,
+    /// What the server logged (`RUST_LOG=palaver=debug`), shown when a test fails.
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+/// The stores a suite can run against, picked with `PALAVER_TEST_STORE`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestStore {
+    /// The default: a fresh SQLite file.
+    Sqlite,
+    /// `memory://`: nothing outside the server process can read it.
+    Memory,
+    /// Fresh tables under a new prefix on the DynamoDB that `AWS_ENDPOINT_URL` names (the moto
+    /// server `scripts/test` starts).
+    DynamoDb,
+}
+
+impl TestStore {
+    /// The store `PALAVER_TEST_STORE` names: `sqlite` (the default), `memory` or `dynamodb`.
+    pub fn from_env() -> TestStore {
+        match std::env::var("PALAVER_TEST_STORE").as_deref() {
+            Ok("sqlite") | Ok("") | Err(_) => TestStore::Sqlite,
+            Ok("memory") => TestStore::Memory,
+            Ok("dynamodb") => TestStore::DynamoDb,
+            Ok(other) => panic!(
+                "PALAVER_TEST_STORE={other} is not a store this suite knows (sqlite, memory, dynamodb)"
+            ),
+        }
+    }
 }
 
 impl Server {
     /// A server on the store the suite runs against: `PALAVER_TEST_STORE` (`sqlite`, the
-    /// default, or `memory`).
+    /// default, `memory`, or `dynamodb`).
     pub fn start() -> Server {
-        match std::env::var("PALAVER_TEST_STORE").as_deref() {
-            Ok("memory") => Server::start_on(tempfile::tempdir().expect("temp dir"), "memory://"),
-            Ok("sqlite") | Err(_) => Server::start_sqlite(),
-            Ok(other) => panic!("PALAVER_TEST_STORE={other} is not a store this suite knows"),
+        match TestStore::from_env() {
+            TestStore::Sqlite => Server::start_sqlite(),
+            TestStore::Memory => {
+                Server::start_on(tempfile::tempdir().expect("temp dir"), "memory://")
+            }
+            TestStore::DynamoDb => Server::start_dynamodb(),
+        }
+    }
+
+    /// A server on the suite's store if another process can read that store (SQLite,
+    /// DynamoDB), for tests that check it with the operator commands; on SQLite otherwise.
+    pub fn start_readable() -> Server {
+        match TestStore::from_env() {
+            TestStore::Memory => Server::start_sqlite(),
+            _ => Server::start(),
         }
     }
 
@@ -45,6 +85,28 @@ impl Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = format!("sqlite://{}", dir.path().join("palaver.db").display());
         Server::start_on(dir, &store)
+    }
+
+    /// A server on fresh DynamoDB tables: `palaver init`, then `palaver serve`, on a new
+    /// prefix, reached through the AWS environment of the test command (`AWS_ENDPOINT_URL`,
+    /// credentials, region). No endpoint is a failure, never a skip.
+    pub fn start_dynamodb() -> Server {
+        assert!(
+            std::env::var("AWS_ENDPOINT_URL").is_ok_and(|url| !url.is_empty()),
+            "PALAVER_TEST_STORE=dynamodb needs AWS_ENDPOINT_URL pointing at a DynamoDB (the moto \
+             server scripts/test starts): run scripts/test, or start `moto_server` and export \
+             AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION"
+        );
+        let prefix = format!("ws-{}", ulid::Ulid::new().to_string().to_lowercase());
+        let store = format!("dynamodb://{prefix}");
+        let init = cli(&store, &["init"]);
+        assert!(
+            init.status.success(),
+            "palaver init --store {store} failed: {}{}",
+            String::from_utf8_lossy(&init.stdout),
+            String::from_utf8_lossy(&init.stderr)
+        );
+        Server::start_on(tempfile::tempdir().expect("temp dir"), &store)
     }
 
     /// A server on `store`, keeping `dir` alive as long as the server.
@@ -59,33 +121,38 @@ impl Server {
             .env("PALAVER_JWT_SECRET", SECRET)
             .env("PALAVER_ADMIN_TOKEN", ADMIN)
             .env("RUST_LOG", "palaver=debug")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stderr(Stdio::piped());
         for (k, v) in env {
             command.env(k, v);
         }
         let mut child = command.spawn().expect("palaver serve starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = collect(child.stderr.take().expect("piped stderr"), |_| {});
         let (tx, rx) = std::sync::mpsc::channel();
-        let seen = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("palaver is listening on http://") {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
-                }
-                seen.lock().unwrap().push(line);
+        let stdout = collect(child.stdout.take().expect("piped stdout"), move |line| {
+            if let Some(rest) = line.strip_prefix("palaver is listening on http://") {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("palaver serve printed its address");
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "palaver serve --store {store} did not print its address:\n{}",
+                    last_lines(&stderr, 40)
+                );
+            }
+        };
         Server {
             child,
             addr,
             store: store.to_owned(),
             dir,
-            stdout: lines,
+            stdout,
+            stderr,
         }
     }
 
@@ -131,7 +198,36 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- palaver serve --store {} logged, last lines:\n{}",
+                self.store,
+                last_lines(&self.stderr, 60)
+            );
+        }
     }
+}
+
+/// Reads `pipe` line by line on a thread of its own, into the returned list, calling `each`
+/// with every line.
+fn collect(
+    pipe: impl std::io::Read + Send + 'static,
+    each: impl Fn(&str) + Send + 'static,
+) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let seen = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            each(&line);
+            seen.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+        }
+    });
+    lines
+}
+
+fn last_lines(lines: &Mutex<Vec<String>>, n: usize) -> String {
+    let lines = lines.lock().unwrap_or_else(|p| p.into_inner());
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 pub fn token(user: &str) -> String {

@@ -95,6 +95,7 @@ impl SqliteStore {
             log: self.clone(),
             directory: self.clone(),
             feed: Some(self.clone()),
+            checkpoints: None,
         }
     }
 

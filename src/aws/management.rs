@@ -1,0 +1,395 @@
+//! [`ConnectionGateway`] on API Gateway's management API (`postToConnection`), through
+//! aws-sdk-apigatewaymanagement.
+//!
+//! The endpoint comes from configuration (`PALAVER_MANAGEMENT_ENDPOINT`:
+//! `https://{apiId}.execute-api.{region}.amazonaws.com/{stage}`, or a custom domain's mapping),
+//! never from the request's `domainName`: behind a custom domain that name is the domain's, and
+//! posting there fails.
+//!
+//! What an answer means:
+//!
+//! - **gone**: `GoneException`, *or* a bare HTTP 410. The SDK picks the error kind from the
+//!   `x-amzn-ErrorType` header alone, so a 410 without it (a proxy, an emulator) would otherwise
+//!   look like an unknown error and the connection would never be cleaned up.
+//! - **throttled** (`LimitExceededException`, HTTP 429 — the account's rate, or the client's
+//!   buffer being full): retried here with exponential backoff and jitter. The fan-out posts to
+//!   many recipients at once, so one throttled recipient waits alone and holds up nobody else.
+//! - **server trouble** (HTTP 5xx, a connection that failed or timed out): retried the same way.
+//!   The SDK's own retries are switched off for this client so that this loop is the only one —
+//!   otherwise the two multiply (3 × 5 attempts) and the SDK's shared retry quota would let one
+//!   hot room starve every other recipient's retries.
+//! - anything else (forbidden, payload too large): [`PostError::Failed`], at once.
+
+use crate::domain::ConnectionId;
+use crate::ports::{ConnectionGateway, PostError};
+use async_trait::async_trait;
+use aws_sdk_apigatewaymanagement::Client;
+use aws_sdk_apigatewaymanagement::config::http::HttpResponse;
+use aws_sdk_apigatewaymanagement::config::retry::RetryConfig;
+use aws_sdk_apigatewaymanagement::config::timeout::TimeoutConfig;
+use aws_sdk_apigatewaymanagement::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_apigatewaymanagement::operation::post_to_connection::PostToConnectionError;
+use aws_sdk_apigatewaymanagement::primitives::Blob;
+use bytes::Bytes;
+use std::time::Duration;
+
+/// How often, and how patiently, a throttled post is tried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// Tries in all, the first included.
+    pub attempts: u32,
+    /// The pause before the second try; each later pause doubles (with jitter).
+    pub first: Duration,
+    /// No pause is longer than this.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    /// 5 tries from 50 ms: at most about 0.75 s of waiting, well inside a Lambda's timeout.
+    fn default() -> Self {
+        Backoff {
+            attempts: 5,
+            first: Duration::from_millis(50),
+            max: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Backoff {
+    /// The pause after failed try number `attempt` (0-based): half the doubled base plus a
+    /// random part of the other half, so that recipients throttled together do not all come
+    /// back at the same instant.
+    fn pause(&self, attempt: u32) -> Duration {
+        let base = self
+            .first
+            .saturating_mul(2u32.saturating_pow(attempt))
+            .min(self.max);
+        let half = base / 2;
+        let jitter = rand::random_range(0..=half.as_micros().max(1) as u64);
+        half + Duration::from_micros(jitter)
+    }
+}
+
+/// What one failed post means.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Gone,
+    /// Worth another try after a pause.
+    Retry(String),
+    Failed(String),
+}
+
+/// `postToConnection` on one API's stage.
+#[derive(Clone, Debug)]
+pub struct ManagementApi {
+    client: Client,
+    endpoint: String,
+    backoff: Backoff,
+}
+
+/// One attempt should answer within this; a stuck request must not hold its recipient for the
+/// function's whole timeout.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl ManagementApi {
+    /// A client for the management API at `endpoint` (the stage URL, with or without a trailing
+    /// slash), with credentials and region from `config`.
+    pub fn new(config: &aws_config::SdkConfig, endpoint: &str) -> ManagementApi {
+        let endpoint = endpoint.trim_end_matches('/').to_owned();
+        let service = aws_sdk_apigatewaymanagement::config::Builder::from(config)
+            .endpoint_url(&endpoint)
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                    .build(),
+            )
+            .build();
+        ManagementApi {
+            client: Client::from_conf(service),
+            endpoint,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// The same client with another retry policy.
+    pub fn with_backoff(mut self, backoff: Backoff) -> ManagementApi {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Where posts go.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    async fn post_once(&self, connection: &ConnectionId, frame: &Bytes) -> Result<(), Verdict> {
+        self.client
+            .post_to_connection()
+            .connection_id(connection.as_str())
+            .data(Blob::new(frame.to_vec()))
+            .send()
+            .await
+            .map(drop)
+            .map_err(|error| verdict(&error))
+    }
+}
+
+#[async_trait]
+impl ConnectionGateway for ManagementApi {
+    async fn post(&self, connection: &ConnectionId, frame: Bytes) -> Result<(), PostError> {
+        let attempts = self.backoff.attempts.max(1);
+        let mut attempt = 0;
+        loop {
+            match self.post_once(connection, &frame).await {
+                Ok(()) => return Ok(()),
+                Err(Verdict::Gone) => return Err(PostError::Gone),
+                Err(Verdict::Failed(why)) => return Err(PostError::Failed(why)),
+                Err(Verdict::Retry(why)) => {
+                    attempt += 1;
+                    if attempt >= attempts {
+                        return Err(PostError::Failed(format!(
+                            "{why} (gave up after {attempts} tries)"
+                        )));
+                    }
+                    tracing::debug!(%connection, %why, attempt, "post will be retried");
+                    tokio::time::sleep(self.backoff.pause(attempt - 1)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Sorts a failed `postToConnection` into gone, retry, or failed.
+fn verdict(error: &SdkError<PostToConnectionError, HttpResponse>) -> Verdict {
+    let status = error.raw_response().map(|r| r.status().as_u16());
+    if let Some(service) = error.as_service_error() {
+        let code = service.code().unwrap_or("an unknown error");
+        let message = service.message().unwrap_or("no message");
+        let described = match status {
+            Some(status) => format!("{code} (HTTP {status}): {message}"),
+            None => format!("{code}: {message}"),
+        };
+        return if service.is_gone_exception() || status == Some(410) {
+            Verdict::Gone
+        } else if service.is_limit_exceeded_exception() || status == Some(429) {
+            Verdict::Retry(format!("throttled: {described}"))
+        } else if status.is_some_and(|s| matches!(s, 500 | 502 | 503 | 504)) {
+            Verdict::Retry(format!("server error: {described}"))
+        } else {
+            Verdict::Failed(described)
+        };
+    }
+    match error {
+        // A response arrived but could not be parsed: its status still says what happened.
+        SdkError::ResponseError(_) if status == Some(410) => Verdict::Gone,
+        SdkError::ResponseError(_) if status == Some(429) => {
+            Verdict::Retry("throttled (HTTP 429)".to_owned())
+        }
+        SdkError::DispatchFailure(failure) if failure.is_io() || failure.is_timeout() => {
+            Verdict::Retry(format!(
+                "could not reach the management API: {}",
+                describe(error)
+            ))
+        }
+        SdkError::TimeoutError(_) => {
+            Verdict::Retry("the management API did not answer in time".to_owned())
+        }
+        _ => Verdict::Failed(describe(error)),
+    }
+}
+
+fn describe(error: &SdkError<PostToConnectionError, HttpResponse>) -> String {
+    DisplayErrorContext(error).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The verdicts against a real HTTP server that answers like API Gateway does — and like
+    //! things in front of it sometimes do (a 410 with no error header).
+
+    use super::*;
+    use aws_sdk_apigatewaymanagement::config::{Credentials, Region, SharedCredentialsProvider};
+    use axum::Router;
+    use axum::extract::{Path, State};
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::post;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    /// How many posts each connection id received.
+    type Calls = Arc<Mutex<HashMap<String, u32>>>;
+
+    /// Each connection id names its behaviour.
+    async fn answer(
+        State(calls): State<Calls>,
+        Path((_stage, id)): Path<(String, String)>,
+    ) -> Response {
+        let call = {
+            let mut calls = calls.lock().unwrap();
+            let n = calls.entry(id.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        let error = |status: StatusCode, kind: &'static str| {
+            (
+                status,
+                [
+                    ("x-amzn-ErrorType", kind),
+                    ("content-type", "application/json"),
+                ],
+                r#"{"message":"scripted"}"#,
+            )
+                .into_response()
+        };
+        match id.as_str() {
+            "ok" => StatusCode::OK.into_response(),
+            "gone" => error(StatusCode::GONE, "GoneException"),
+            "gone-bare" => (StatusCode::GONE, "").into_response(),
+            "throttled-twice" if call <= 2 => {
+                error(StatusCode::TOO_MANY_REQUESTS, "LimitExceededException")
+            }
+            "throttled-twice" => StatusCode::OK.into_response(),
+            "throttled" => error(StatusCode::TOO_MANY_REQUESTS, "LimitExceededException"),
+            "throttled-bare" => (StatusCode::TOO_MANY_REQUESTS, "").into_response(),
+            "unavailable-once" if call == 1 => {
+                (StatusCode::SERVICE_UNAVAILABLE, "").into_response()
+            }
+            "unavailable-once" => StatusCode::OK.into_response(),
+            "forbidden" => error(StatusCode::FORBIDDEN, "ForbiddenException"),
+            _ => error(StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLargeException"),
+        }
+    }
+
+    async fn fake_api() -> (ManagementApi, Calls) {
+        let calls = Calls::default();
+        let app = Router::new()
+            .route("/{stage}/@connections/{id}", post(answer))
+            .with_state(calls.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let config = aws_config::SdkConfig::builder()
+            .region(Region::new("us-east-1"))
+            .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
+                "test", "test", None, None, "test",
+            )))
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build();
+        let api =
+            ManagementApi::new(&config, &format!("http://{addr}/prod/")).with_backoff(Backoff {
+                attempts: 4,
+                first: Duration::from_millis(1),
+                max: Duration::from_millis(5),
+            });
+        (api, calls)
+    }
+
+    async fn post_to(api: &ManagementApi, id: &str) -> Result<(), PostError> {
+        api.post(&ConnectionId::new(id), Bytes::from_static(b"{}"))
+            .await
+    }
+
+    fn calls_of(calls: &Calls, id: &str) -> u32 {
+        calls.lock().unwrap().get(id).copied().unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn gone_is_the_exception_or_a_bare_410() {
+        let (api, calls) = fake_api().await;
+        assert!(post_to(&api, "ok").await.is_ok());
+        assert!(matches!(post_to(&api, "gone").await, Err(PostError::Gone)));
+        assert!(matches!(
+            post_to(&api, "gone-bare").await,
+            Err(PostError::Gone)
+        ));
+        assert_eq!(calls_of(&calls, "gone"), 1, "gone is never retried");
+        assert_eq!(calls_of(&calls, "gone-bare"), 1);
+    }
+
+    #[tokio::test]
+    async fn throttling_is_retried_until_it_passes_or_the_tries_run_out() {
+        let (api, calls) = fake_api().await;
+        assert!(post_to(&api, "throttled-twice").await.is_ok());
+        assert_eq!(calls_of(&calls, "throttled-twice"), 3);
+
+        let Err(PostError::Failed(why)) = post_to(&api, "throttled").await else {
+            panic!("a recipient that stays throttled fails");
+        };
+        assert!(
+            why.contains("LimitExceededException") && why.contains("4 tries"),
+            "{why}"
+        );
+        assert_eq!(calls_of(&calls, "throttled"), 4);
+
+        assert!(matches!(
+            post_to(&api, "throttled-bare").await,
+            Err(PostError::Failed(_))
+        ));
+        assert_eq!(
+            calls_of(&calls, "throttled-bare"),
+            4,
+            "a bare 429 is throttling too"
+        );
+
+        assert!(post_to(&api, "unavailable-once").await.is_ok());
+        assert_eq!(calls_of(&calls, "unavailable-once"), 2);
+    }
+
+    #[tokio::test]
+    async fn other_errors_fail_at_once_and_say_why() {
+        let (api, calls) = fake_api().await;
+        let Err(PostError::Failed(why)) = post_to(&api, "forbidden").await else {
+            panic!("forbidden is a failure");
+        };
+        assert!(
+            why.contains("ForbiddenException") && why.contains("403"),
+            "{why}"
+        );
+        assert_eq!(calls_of(&calls, "forbidden"), 1);
+        let Err(PostError::Failed(why)) = post_to(&api, "too-large").await else {
+            panic!("too large is a failure");
+        };
+        assert!(why.contains("PayloadTooLargeException"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_endpoint_is_a_failure_not_a_gone_connection() {
+        // Bind and drop a listener: nothing listens on that port any more.
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let config = aws_config::SdkConfig::builder()
+            .region(Region::new("us-east-1"))
+            .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
+                "test", "test", None, None, "test",
+            )))
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build();
+        let api = ManagementApi::new(&config, &format!("http://127.0.0.1:{port}/prod"))
+            .with_backoff(Backoff {
+                attempts: 2,
+                first: Duration::from_millis(1),
+                max: Duration::from_millis(1),
+            });
+        let Err(PostError::Failed(why)) = post_to(&api, "anyone").await else {
+            panic!("an unreachable endpoint is a failure");
+        };
+        assert!(why.contains("could not reach"), "{why}");
+    }
+
+    #[test]
+    fn pauses_grow_and_stay_under_the_cap() {
+        let backoff = Backoff::default();
+        for attempt in 0..10 {
+            let pause = backoff.pause(attempt);
+            let base = (backoff.first * 2u32.pow(attempt.min(20))).min(backoff.max);
+            assert!(
+                pause >= base / 2 && pause <= base,
+                "{attempt}: {pause:?} of {base:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! [`DeliveryQueue`] on SQS, and reading its messages back out of the deliver function's
+//! Lambda event.
+//!
+//! A message's body is one [`DeliveryJob`] as JSON: the frame exactly as the fan-out serialised
+//! it, and the connections to post it to. Jobs go out with `SendMessageBatch`, at most 10 entries
+//! and 256 KiB per call (a frame is up to 32 KiB, so ten big jobs would not fit in one call).
+//!
+//! The queue is FIFO (its URL ends in `.fifo`): each job goes out with its group as the message
+//! group — one worker at a time per group, in order, so every connection sees a room's frames in
+//! seq order — and its id as the deduplication id, so a job queued again by a retried stream
+//! batch within five minutes is dropped by SQS instead of posted twice. A standard queue works
+//! too, without those two promises.
+
+use crate::ports::{DeliveryJob, DeliveryQueue, QueueError};
+use async_trait::async_trait;
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::error::DisplayErrorContext;
+use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+
+/// Entries per `SendMessageBatch`: SQS's limit.
+const BATCH_ENTRIES: usize = 10;
+/// Bytes of message bodies per `SendMessageBatch`: SQS's limit for a batch's total payload.
+const BATCH_BYTES: usize = 256 * 1024;
+/// How many times entries SQS failed on its side (throttling, an internal error) are sent
+/// again before the enqueue fails.
+const ATTEMPTS: u32 = 3;
+
+/// The delivery queue: `PALAVER_DELIVERY_QUEUE_URL`.
+#[derive(Clone, Debug)]
+pub struct SqsDeliveryQueue {
+    client: Client,
+    queue_url: String,
+}
+
+impl SqsDeliveryQueue {
+    pub fn new(client: Client, queue_url: impl Into<String>) -> SqsDeliveryQueue {
+        SqsDeliveryQueue {
+            client,
+            queue_url: queue_url.into(),
+        }
+    }
+
+    pub fn queue_url(&self) -> &str {
+        &self.queue_url
+    }
+
+    /// Sends one batch, re-sending what failed on SQS's side. The error names every entry that
+    /// still failed, and why.
+    async fn send_batch(&self, mut entries: Vec<(String, Entry)>) -> Result<(), QueueError> {
+        let fifo = self.queue_url.ends_with(".fifo");
+        for attempt in 1..=ATTEMPTS {
+            let batch = entries
+                .iter()
+                .map(|(id, entry)| {
+                    let mut builder = SendMessageBatchRequestEntry::builder()
+                        .id(id)
+                        .message_body(&entry.body);
+                    if fifo {
+                        builder = builder
+                            .message_group_id(&entry.group)
+                            .message_deduplication_id(&entry.dedupe);
+                    }
+                    builder
+                        .build()
+                        .map_err(|e| QueueError(format!("entry {id}: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let out = self
+                .client
+                .send_message_batch()
+                .queue_url(&self.queue_url)
+                .set_entries(Some(batch))
+                .send()
+                .await
+                .map_err(|e| {
+                    QueueError(format!(
+                        "SendMessageBatch to {}: {}",
+                        self.queue_url,
+                        DisplayErrorContext(&e)
+                    ))
+                })?;
+            let failed = out.failed();
+            if failed.is_empty() {
+                return Ok(());
+            }
+            let permanent: Vec<String> = failed
+                .iter()
+                .filter(|f| f.sender_fault() || attempt == ATTEMPTS)
+                .map(|f| {
+                    format!(
+                        "entry {} failed: {} {}",
+                        f.id(),
+                        f.code(),
+                        f.message().unwrap_or("")
+                    )
+                })
+                .collect();
+            if !permanent.is_empty() {
+                return Err(QueueError(format!(
+                    "{}: {}",
+                    self.queue_url,
+                    permanent.join("; ")
+                )));
+            }
+            entries.retain(|(id, _)| failed.iter().any(|f| f.id() == id));
+            tracing::warn!(
+                entries = entries.len(),
+                attempt,
+                "SQS refused some entries; sending them again"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50 * u64::from(attempt))).await;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DeliveryQueue for SqsDeliveryQueue {
+    async fn enqueue(&self, jobs: Vec<DeliveryJob>) -> Result<(), QueueError> {
+        let entries = jobs
+            .iter()
+            .map(|job| {
+                Ok(Entry {
+                    body: serde_json::to_string(job)?,
+                    group: job.group.clone(),
+                    dedupe: job.id.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, serde_json::Error>>()
+            .map_err(|e| QueueError(format!("cannot encode a delivery job: {e}")))?;
+        for batch in batches(entries) {
+            self.send_batch(batch).await?;
+        }
+        Ok(())
+    }
+}
+
+/// One message to send: the job's JSON, its FIFO group and deduplication id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Entry {
+    body: String,
+    group: String,
+    dedupe: String,
+}
+
+/// Packs messages into batches SQS accepts: at most [`BATCH_ENTRIES`] entries and
+/// [`BATCH_BYTES`] in all, in order. Entry ids are the job's index in the call, so a failure
+/// names the job.
+fn batches(entries: Vec<Entry>) -> Vec<Vec<(String, Entry)>> {
+    let mut batches: Vec<Vec<(String, Entry)>> = Vec::new();
+    let mut size = 0;
+    for (index, body) in entries.into_iter().enumerate() {
+        let fits = batches
+            .last()
+            .is_some_and(|b| b.len() < BATCH_ENTRIES && size + body.body.len() <= BATCH_BYTES);
+        if !fits {
+            batches.push(Vec::new());
+            size = 0;
+        }
+        size += body.body.len();
+        batches
+            .last_mut()
+            .expect("a batch was just made")
+            .push((format!("job-{index}"), body));
+    }
+    batches
+}
+
+/// One record of the deliver function's SQS event: its message id (what a batch failure names)
+/// and its job, or why its body is not one.
+#[derive(Debug, PartialEq, Eq)]
+pub struct QueuedJob {
+    pub message_id: String,
+    pub job: Result<DeliveryJob, String>,
+}
+
+/// The jobs of an SQS event, in record order.
+pub fn jobs_of(event: SqsEvent) -> Vec<QueuedJob> {
+    event
+        .records
+        .into_iter()
+        .map(|record| {
+            let message_id = record.message_id.unwrap_or_default();
+            let job = match record.body.as_deref() {
+                None => Err("the message has no body".to_owned()),
+                Some(body) => serde_json::from_str::<DeliveryJob>(body)
+                    .map_err(|e| format!("the body is not a delivery job: {e}")),
+            };
+            QueuedJob { message_id, job }
+        })
+        .collect()
+}
+
+/// The deliver function's answer: the messages to be received again.
+pub fn sqs_response(failed: impl IntoIterator<Item = String>) -> SqsBatchResponse {
+    let mut response = SqsBatchResponse::default();
+    for message_id in failed {
+        response.add_failure(message_id);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ConnectionId;
+
+    #[test]
+    fn batches_keep_to_ten_entries_and_256_kib() {
+        let entry = |body: String| Entry {
+            body,
+            group: "g".to_owned(),
+            dedupe: "d".to_owned(),
+        };
+        let small: Vec<Entry> = (0..23).map(|i| entry(format!("{i}"))).collect();
+        let sizes: Vec<usize> = batches(small).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [10, 10, 3]);
+
+        let big = entry("x".repeat(100 * 1024));
+        let sizes: Vec<usize> = batches(vec![big.clone(); 5]).iter().map(Vec::len).collect();
+        assert_eq!(
+            sizes,
+            [2, 2, 1],
+            "three 100 KiB bodies do not fit in 256 KiB"
+        );
+
+        let ids: Vec<String> = batches(vec![big; 3])
+            .into_iter()
+            .flatten()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, ["job-0", "job-1", "job-2"]);
+    }
+
+    #[test]
+    fn records_decode_into_jobs_or_say_why_not() {
+        let job = DeliveryJob {
+            frame: r#"{"type":"message"}"#.to_owned(),
+            connections: vec![ConnectionId::new("a="), ConnectionId::new("b=")],
+            group: "lobby#3".to_owned(),
+            id: "r:lobby:7#3#0".to_owned(),
+        };
+        let event: SqsEvent = serde_json::from_value(serde_json::json!({
+            "Records": [
+                {"messageId": "m1", "body": serde_json::to_string(&job).unwrap()},
+                {"messageId": "m2", "body": "not json"},
+                {"messageId": "m3"},
+            ]
+        }))
+        .unwrap();
+        let jobs = jobs_of(event);
+        assert_eq!(jobs[0].job.as_ref(), Ok(&job));
+        assert!(
+            jobs[1]
+                .job
+                .as_ref()
+                .unwrap_err()
+                .contains("not a delivery job")
+        );
+        assert!(jobs[2].job.as_ref().unwrap_err().contains("no body"));
+        let response = sqs_response(["m2".to_owned()]);
+        assert_eq!(
+            serde_json::to_value(&response).unwrap(),
+            serde_json::json!({"batchItemFailures": [{"itemIdentifier": "m2"}]})
+        );
+    }
+}

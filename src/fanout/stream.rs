@@ -1,0 +1,179 @@
+//! The fan-out woken by a change stream (DynamoDB Streams, on AWS and in `palaver serve
+//! --store dynamodb://…`).
+//!
+//! A change stream is only a wake-up. Its records arrive at least once, a failed batch comes
+//! back whole, and order holds per item only. So the table stays the source of truth: for each
+//! log stream a batch mentions, the fan-out reads the log from its checkpoint with a consistent
+//! read, delivers every event in seq order — which backfills any gap in what the change stream
+//! showed — and moves the checkpoint. A record at or below the checkpoint is a repeat and sends
+//! nothing. A record that cannot be read, or a log stream whose delivery fails, is reported back
+//! so the caller can return it in `batchItemFailures`; the rest of the batch goes on.
+
+use super::{Audiences, Delivery, FanOut};
+use crate::domain::{ConnectionId, Event, EventBody, Stream};
+use crate::ports::{Checkpoints, Directory, EventLog, Store, StoreError, StoreResult};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// How many events one catch-up read takes.
+const PAGE: usize = 500;
+
+/// One change-stream record, reduced to what the fan-out needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wake {
+    /// The record's id in its change stream (DynamoDB: its sequence number), reported back when
+    /// the record fails.
+    pub record: String,
+    /// The log stream and seq the record announces, or why the record could not be read.
+    pub target: Result<(Stream, u64), String>,
+}
+
+/// What handling a batch did.
+#[derive(Debug, Default)]
+pub struct BatchReport {
+    /// Records to report as `batchItemFailures`, in batch order.
+    pub failed: Vec<String>,
+    /// Events delivered (repeats not counted).
+    pub events: usize,
+    pub delivery: Delivery,
+}
+
+/// Delivers what a batch of change-stream records announces, once.
+#[derive(Clone)]
+pub struct StreamFanOut {
+    fanout: FanOut,
+    log: Arc<dyn EventLog>,
+    directory: Arc<dyn Directory>,
+    checkpoints: Arc<dyn Checkpoints>,
+}
+
+/// A log stream's share of a batch.
+struct Mention {
+    stream: Stream,
+    /// Its first record in the batch: where a retry must start from.
+    first_record: String,
+    upto: u64,
+}
+
+impl StreamFanOut {
+    /// `None` for a store without checkpoints (memory and SQLite are tailed in commit order).
+    pub fn new(store: &Store, fanout: FanOut) -> Option<Self> {
+        Some(StreamFanOut {
+            fanout,
+            log: store.log.clone(),
+            directory: store.directory.clone(),
+            checkpoints: store.checkpoints.clone()?,
+        })
+    }
+
+    /// Handles one batch. Never fails as a whole: what could not be done is in
+    /// [`BatchReport::failed`].
+    pub async fn handle(&self, wakes: Vec<Wake>) -> BatchReport {
+        let mut report = BatchReport::default();
+        let mut mentions: Vec<Mention> = Vec::new();
+        for wake in wakes {
+            match wake.target {
+                Err(why) => {
+                    tracing::error!(record = %wake.record, %why, "unreadable change record");
+                    report.failed.push(wake.record);
+                }
+                Ok((stream, seq)) => match mentions.iter_mut().find(|m| m.stream == stream) {
+                    Some(mention) => mention.upto = mention.upto.max(seq),
+                    None => mentions.push(Mention {
+                        stream,
+                        first_record: wake.record,
+                        upto: seq,
+                    }),
+                },
+            }
+        }
+
+        let mut audiences = Audiences::default();
+        let mut activity: HashMap<ConnectionId, Event> = HashMap::new();
+        for mention in mentions {
+            match self
+                .catch_up(&mention, &mut audiences, &mut activity, &mut report)
+                .await
+            {
+                Ok(()) => {}
+                Err(error) => {
+                    tracing::error!(stream = %mention.stream, %error, "fan-out failed; will retry");
+                    report.failed.push(mention.first_record);
+                }
+            }
+        }
+        // "Last active" is kept per connection, not per message: one write per connection per
+        // batch, with its latest message.
+        for event in activity.values() {
+            if let Err(error) = self.directory.apply(event).await {
+                tracing::warn!(%error, "could not record connection activity");
+            }
+        }
+        report
+    }
+
+    /// Delivers `mention.stream` from its checkpoint up to at least `mention.upto`.
+    async fn catch_up(
+        &self,
+        mention: &Mention,
+        audiences: &mut Audiences,
+        activity: &mut HashMap<ConnectionId, Event>,
+        report: &mut BatchReport,
+    ) -> StoreResult<()> {
+        let stream = &mention.stream;
+        let start = self.checkpoints.delivered(stream).await?;
+        let mut done = start;
+        let outcome = async {
+            while done < mention.upto {
+                let page = self.log.read(stream, done, PAGE).await?;
+                if page.is_empty() {
+                    // Announced but not in the table: nothing to deliver yet, so try again later.
+                    return Err(StoreError::Corrupt(format!(
+                        "{stream}: seq {} was announced but the log ends at {done}",
+                        mention.upto
+                    )));
+                }
+                for event in page {
+                    let delivery = self.fanout.deliver_in(&event, audiences).await?;
+                    report.delivery.add(delivery);
+                    report.events += 1;
+                    done = event.seq;
+                    if let EventBody::MessagePosted {
+                        connection: Some(connection),
+                        ..
+                    } = &event.body
+                        && activity
+                            .get(connection)
+                            .is_none_or(|seen| seen.at < event.at)
+                    {
+                        activity.insert(connection.clone(), event);
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if done > start {
+            self.checkpoints.advance(stream, done).await?;
+        }
+        outcome
+    }
+}
+
+impl Wake {
+    /// A wake from a change record's keys as text: the log stream key (`r:ROOM`, `c:ID`) and
+    /// the seq. Missing or malformed keys make a record the fan-out reports as failed.
+    pub fn from_keys(record: impl Into<String>, stream: Option<&str>, seq: Option<&str>) -> Wake {
+        let target = match (stream, seq) {
+            (Some(key), Some(seq)) => match (Stream::from_key(key), seq.parse::<u64>()) {
+                (Some(stream), Ok(seq)) if seq >= 1 => Ok((stream, seq)),
+                _ => Err(format!("not a log key: stream {key:?}, seq {seq:?}")),
+            },
+            _ => Err("record has no stream/seq keys".to_owned()),
+        };
+        Wake {
+            record: record.into(),
+            target,
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! [`Directory`] and [`Checkpoints`] on the state table.
+//!
+//! Reads are strongly consistent: a handler must see the join it just made. Who hears a room is
+//! one Query for its members and one per member for their open connections; the fan-out reads
+//! it once per room per batch.
+
+use super::DynamoStore;
+use super::error::DynamoError;
+use super::items::{
+    Item, after, checkpoint_key, connection_key, expires, flag, member_key, n, number, s, string,
+    time,
+};
+use super::writes::writes;
+use crate::domain::event::now;
+use crate::domain::projection::changes;
+use crate::domain::{ConnectionId, Event, RoomName, Stream, UserId};
+use crate::ports::{
+    Checkpoints, ConnectionRecord, Directory, EventLog, MemberRecord, RoomRecord, StoreResult,
+};
+use async_trait::async_trait;
+use aws_sdk_dynamodb::types::Select;
+use futures_util::{StreamExt, TryStreamExt};
+
+/// How many per-member reads run at once.
+const READ_CONCURRENCY: usize = 16;
+
+impl DynamoStore {
+    async fn get(&self, key: Item) -> Result<Option<Item>, DynamoError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.tables.state)
+            .set_key(Some(key))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(DynamoError::sdk)?;
+        Ok(out.item)
+    }
+
+    /// Every item of partition `pk` whose sort key starts with `prefix` (any, if empty), all
+    /// pages.
+    async fn partition(&self, pk: String, prefix: &str) -> Result<Vec<Item>, DynamoError> {
+        let mut items = Vec::new();
+        let mut start = None;
+        loop {
+            let mut query = self
+                .client
+                .query()
+                .table_name(&self.tables.state)
+                .expression_attribute_values(":pk", s(&pk));
+            query = if prefix.is_empty() {
+                query.key_condition_expression("pk = :pk")
+            } else {
+                query
+                    .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+                    .expression_attribute_values(":prefix", s(prefix))
+            };
+            let out = query
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(DynamoError::sdk)?;
+            items.extend(out.items.unwrap_or_default());
+            match out.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => return Ok(items),
+            }
+        }
+    }
+
+    /// How many connections `user` has open.
+    async fn open_count(&self, user: &UserId) -> Result<usize, DynamoError> {
+        let mut count = 0;
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.tables.state)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+                .expression_attribute_values(":pk", s(format!("user#{user}")))
+                .expression_attribute_values(":prefix", s("conn#"))
+                .select(Select::Count)
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(DynamoError::sdk)?;
+            count += usize::try_from(out.count).unwrap_or(0);
+            match out.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => return Ok(count),
+            }
+        }
+    }
+
+    async fn open_ids(&self, user: &UserId) -> Result<Vec<ConnectionId>, DynamoError> {
+        self.partition(format!("user#{user}"), "conn#")
+            .await?
+            .iter()
+            .map(|item| after(item, "conn#").map(ConnectionId::new))
+            .collect()
+    }
+
+    /// Active members of `room` with the time they joined, by user id.
+    async fn active_members(
+        &self,
+        room: &RoomName,
+    ) -> Result<Vec<(UserId, chrono::DateTime<chrono::Utc>)>, DynamoError> {
+        let mut members = Vec::new();
+        for item in self.partition(format!("room#{room}"), "member#").await? {
+            if !flag(&item, "active") {
+                continue;
+            }
+            let user = UserId::parse(after(&item, "member#")?)
+                .map_err(|e| DynamoError::Corrupt(format!("member of {room}: {e}")))?;
+            members.push((user, time(&item, "joinedAt")?));
+        }
+        members.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(members)
+    }
+}
+
+fn connection_of(item: &Item) -> Result<ConnectionRecord, DynamoError> {
+    let id = string(item, "pk")?
+        .strip_prefix("conn#")
+        .ok_or_else(|| DynamoError::Corrupt("connection row without conn# key".to_owned()))?;
+    Ok(ConnectionRecord {
+        id: ConnectionId::new(id),
+        user: UserId::parse(string(item, "user")?)
+            .map_err(|e| DynamoError::Corrupt(format!("connection {id}: {e}")))?,
+        connected_at: time(item, "connectedAt")?,
+        last_active_at: time(item, "lastActiveAt")?,
+        source_ip: string(item, "sourceIp").ok().map(str::to_owned),
+        open: !item.contains_key("closedAt"),
+    })
+}
+
+fn oldest_first(records: &mut [ConnectionRecord]) {
+    records.sort_by(|a, b| (a.connected_at, &a.id).cmp(&(b.connected_at, &b.id)));
+}
+
+#[async_trait]
+impl Directory for DynamoStore {
+    async fn apply(&self, event: &Event) -> StoreResult<()> {
+        for change in changes(event) {
+            self.apply_writes(writes(&self.tables.state, &change)?)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn connection(&self, id: &ConnectionId) -> StoreResult<Option<ConnectionRecord>> {
+        match self.get(connection_key(id)).await? {
+            Some(item) => Ok(Some(connection_of(&item)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn open_connections(&self, user: Option<&UserId>) -> StoreResult<Vec<ConnectionRecord>> {
+        let mut records = Vec::new();
+        match user {
+            Some(user) => {
+                for id in self.open_ids(user).await? {
+                    if let Some(record) = self.connection(&id).await?
+                        && record.open
+                    {
+                        records.push(record);
+                    }
+                }
+            }
+            None => {
+                // Operators only: a scan of the registry rows, never on a message's path.
+                let mut start = None;
+                loop {
+                    let out = self
+                        .client
+                        .scan()
+                        .table_name(&self.tables.state)
+                        .filter_expression(
+                            "begins_with(pk, :conn) AND sk = :row AND attribute_not_exists(closedAt)",
+                        )
+                        .expression_attribute_values(":conn", s("conn#"))
+                        .expression_attribute_values(":row", s("conn"))
+                        .consistent_read(true)
+                        .set_exclusive_start_key(start)
+                        .send()
+                        .await
+                        .map_err(DynamoError::sdk)?;
+                    for item in out.items() {
+                        records.push(connection_of(item)?);
+                    }
+                    match out.last_evaluated_key {
+                        Some(key) if !key.is_empty() => start = Some(key),
+                        _ => break,
+                    }
+                }
+            }
+        }
+        oldest_first(&mut records);
+        Ok(records)
+    }
+
+    async fn is_member(&self, room: &RoomName, user: &UserId) -> StoreResult<bool> {
+        Ok(self
+            .get(member_key(room, user))
+            .await?
+            .is_some_and(|item| flag(&item, "active")))
+    }
+
+    async fn members(&self, room: &RoomName) -> StoreResult<Vec<MemberRecord>> {
+        let members = self.active_members(room).await?;
+        let records = futures_util::stream::iter(members)
+            .map(|(user, joined_at)| async move {
+                let connections = self.open_count(&user).await?;
+                Ok::<_, DynamoError>(MemberRecord {
+                    user,
+                    joined_at,
+                    connections,
+                })
+            })
+            .buffered(READ_CONCURRENCY)
+            .try_collect()
+            .await?;
+        Ok(records)
+    }
+
+    async fn rooms_of(&self, user: &UserId) -> StoreResult<Vec<RoomName>> {
+        let mut rooms = Vec::new();
+        for item in self.partition(format!("user#{user}"), "room#").await? {
+            if flag(&item, "active") {
+                let room = RoomName::parse(after(&item, "room#")?)
+                    .map_err(|e| DynamoError::Corrupt(format!("room of {user}: {e}")))?;
+                rooms.push(room);
+            }
+        }
+        rooms.sort();
+        Ok(rooms)
+    }
+
+    async fn rooms(&self) -> StoreResult<Vec<RoomRecord>> {
+        let mut rooms = Vec::new();
+        for item in self.partition("rooms".to_owned(), "").await? {
+            let room = RoomName::parse(string(&item, "sk")?)
+                .map_err(|e| DynamoError::Corrupt(format!("room registry: {e}")))?;
+            let members = self.members(&room).await?;
+            let head = self.head(&Stream::Room(room.clone())).await?;
+            rooms.push(RoomRecord {
+                members: members.len(),
+                online: members.iter().filter(|m| m.connections > 0).count(),
+                head,
+                room,
+            });
+        }
+        rooms.sort_by(|a, b| a.room.cmp(&b.room));
+        Ok(rooms)
+    }
+
+    async fn audience(&self, room: &RoomName) -> StoreResult<Vec<ConnectionId>> {
+        let members = self.active_members(room).await?;
+        let per_member: Vec<Vec<ConnectionId>> = futures_util::stream::iter(members)
+            .map(|(user, _)| async move { self.open_ids(&user).await })
+            .buffered(READ_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let mut audience: Vec<ConnectionId> = per_member.into_iter().flatten().collect();
+        audience.sort();
+        Ok(audience)
+    }
+}
+
+#[async_trait]
+impl Checkpoints for DynamoStore {
+    async fn delivered(&self, stream: &Stream) -> StoreResult<u64> {
+        match self.get(checkpoint_key(stream)).await? {
+            Some(item) => Ok(number(&item, "seq")?),
+            None => Ok(0),
+        }
+    }
+
+    async fn advance(&self, stream: &Stream, seq: u64) -> StoreResult<()> {
+        let mut update = self
+            .client
+            .update_item()
+            .table_name(&self.tables.state)
+            .set_key(Some(checkpoint_key(stream)))
+            .condition_expression("attribute_not_exists(#seq) OR #seq < :seq")
+            .expression_attribute_names("#seq", "seq")
+            .expression_attribute_values(":seq", n(seq));
+        update = if matches!(stream, Stream::Connection(_)) {
+            // A connection's checkpoint is useless once the connection is long gone.
+            update
+                .update_expression("SET #seq = :seq, #expires = :expires")
+                .expression_attribute_names("#expires", "expires")
+                .expression_attribute_values(":expires", expires(&now()))
+        } else {
+            update.update_expression("SET #seq = :seq")
+        };
+        match update.send().await {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(DynamoError::sdk(e).into()),
+        }
+    }
+}

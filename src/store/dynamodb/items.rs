@@ -1,0 +1,160 @@
+//! The two tables' items: keys, and encoding events and records to and from attribute maps.
+//!
+//! Events table (`PREFIX-events`): `stream` (S, partition) + `seq` (N, sort), then `id`, `at`
+//! (Unix ms), `kind`, `user` and `body` (the event as JSON). Its stream feeds the fan-out.
+//!
+//! State table (`PREFIX-state`), `pk` + `sk`, both S, one kind of item per key shape:
+//!
+//! | pk | sk | what |
+//! | --- | --- | --- |
+//! | `room#R` | `member#U` | U's membership of R: `active`, `seq`, `joinedAt` (while active) |
+//! | `user#U` | `room#R` | the same membership seen from the user: `active`, `seq` |
+//! | `user#U` | `conn#C` | C is one of U's open connections: `connectedAt`, `expires` |
+//! | `conn#C` | `conn` | the connection registry: `user`, `connectedAt`, `lastActiveAt`, `sourceIp`, `closedAt`, `expires` |
+//! | `rooms` | `R` | R has a log |
+//! | `msg#R` | `U#M` | U's message with clientMsgId M in R is `seq` |
+//! | `delivered#S` | `-` | the fan-out delivered log stream S up to `seq` |
+//!
+//! `expires` is the table's TTL attribute: rows of connections whose `$disconnect` never came
+//! disappear after [`CONNECTION_TTL_SECS`] even if no 410 finds them first.
+
+use super::error::DynamoError;
+use crate::domain::{ConnectionId, Event, EventBody, RoomName, Stream, UserId};
+use aws_sdk_dynamodb::types::AttributeValue;
+use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+use ulid::Ulid;
+
+pub type Item = HashMap<String, AttributeValue>;
+
+/// API Gateway closes every connection after 2 hours; a day is ample for a local gateway too.
+pub const CONNECTION_TTL_SECS: i64 = 24 * 60 * 60;
+
+pub fn s(value: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(value.into())
+}
+
+pub fn n(value: impl ToString) -> AttributeValue {
+    AttributeValue::N(value.to_string())
+}
+
+pub fn ms(at: &DateTime<Utc>) -> AttributeValue {
+    n(at.timestamp_millis())
+}
+
+/// The TTL (Unix seconds) of a connection seen at `at`.
+pub fn expires(at: &DateTime<Utc>) -> AttributeValue {
+    n(at.timestamp() + CONNECTION_TTL_SECS)
+}
+
+pub fn member_key(room: &RoomName, user: &UserId) -> Item {
+    key(format!("room#{room}"), format!("member#{user}"))
+}
+
+pub fn user_room_key(user: &UserId, room: &RoomName) -> Item {
+    key(format!("user#{user}"), format!("room#{room}"))
+}
+
+pub fn user_connection_key(user: &UserId, connection: &ConnectionId) -> Item {
+    key(format!("user#{user}"), format!("conn#{connection}"))
+}
+
+pub fn connection_key(connection: &ConnectionId) -> Item {
+    key(format!("conn#{connection}"), "conn".to_owned())
+}
+
+pub fn room_key(room: &RoomName) -> Item {
+    key("rooms".to_owned(), room.to_string())
+}
+
+pub fn dedupe_key(stream: &Stream, user: &UserId, client_msg_id: &str) -> Item {
+    key(format!("msg#{stream}"), format!("{user}#{client_msg_id}"))
+}
+
+pub fn checkpoint_key(stream: &Stream) -> Item {
+    key(format!("delivered#{stream}"), "-".to_owned())
+}
+
+fn key(pk: String, sk: String) -> Item {
+    HashMap::from([("pk".to_owned(), s(pk)), ("sk".to_owned(), s(sk))])
+}
+
+/// The events-table item of `event`.
+pub fn event_item(event: &Event) -> Result<Item, DynamoError> {
+    let body = serde_json::to_string(&event.body).map_err(DynamoError::Encode)?;
+    Ok(HashMap::from([
+        ("stream".to_owned(), s(event.stream.key())),
+        ("seq".to_owned(), n(event.seq)),
+        ("id".to_owned(), s(event.id.to_string())),
+        ("at".to_owned(), ms(&event.at)),
+        ("kind".to_owned(), s(event.body.kind())),
+        ("user".to_owned(), s(event.body.user().as_str())),
+        ("body".to_owned(), s(body)),
+    ]))
+}
+
+/// Reads an events-table item back.
+pub fn event_of(item: &Item) -> Result<Event, DynamoError> {
+    let stream_key = string(item, "stream")?;
+    let stream = Stream::from_key(stream_key)
+        .ok_or_else(|| DynamoError::Corrupt(format!("bad stream key {stream_key:?}")))?;
+    let seq = number(item, "seq")?;
+    let id: Ulid = string(item, "id")?
+        .parse()
+        .map_err(|e| DynamoError::Corrupt(format!("{stream}/{seq}: bad id: {e}")))?;
+    let at = time(item, "at")?;
+    let body: EventBody = serde_json::from_str(string(item, "body")?)
+        .map_err(|e| DynamoError::Corrupt(format!("{stream}/{seq}: bad body: {e}")))?;
+    if body.stream() != stream {
+        return Err(DynamoError::Corrupt(format!(
+            "{stream}/{seq}: body belongs to {}",
+            body.stream()
+        )));
+    }
+    Ok(Event {
+        stream,
+        seq,
+        id,
+        at,
+        body,
+    })
+}
+
+pub fn string<'a>(item: &'a Item, name: &str) -> Result<&'a str, DynamoError> {
+    match item.get(name) {
+        Some(AttributeValue::S(value)) => Ok(value),
+        other => Err(DynamoError::Corrupt(format!(
+            "attribute {name}: expected a string, found {other:?}"
+        ))),
+    }
+}
+
+pub fn number(item: &Item, name: &str) -> Result<u64, DynamoError> {
+    match item.get(name) {
+        Some(AttributeValue::N(value)) => value
+            .parse()
+            .map_err(|_| DynamoError::Corrupt(format!("attribute {name}: bad number {value}"))),
+        other => Err(DynamoError::Corrupt(format!(
+            "attribute {name}: expected a number, found {other:?}"
+        ))),
+    }
+}
+
+pub fn time(item: &Item, name: &str) -> Result<DateTime<Utc>, DynamoError> {
+    let millis = number(item, name)?;
+    i64::try_from(millis)
+        .ok()
+        .and_then(DateTime::from_timestamp_millis)
+        .ok_or_else(|| DynamoError::Corrupt(format!("attribute {name}: bad time {millis}")))
+}
+
+pub fn flag(item: &Item, name: &str) -> bool {
+    matches!(item.get(name), Some(AttributeValue::Bool(true)))
+}
+
+/// The part of a sort key after `prefix`.
+pub fn after<'a>(item: &'a Item, prefix: &str) -> Result<&'a str, DynamoError> {
+    let sk = string(item, "sk")?;
+    sk.strip_prefix(prefix)
+        .ok_or_else(|| DynamoError::Corrupt(format!("sort key {sk:?} lacks {prefix:?}")))
+}

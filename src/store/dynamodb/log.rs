@@ -1,0 +1,262 @@
+//! [`EventLog`] on the events table: conditional puts at head + 1, consistent queries.
+
+use super::error::DynamoError;
+use super::items::{dedupe_key, event_item, event_of, n, number, s};
+use super::writes::{put_new, writes};
+use super::{DynamoStore, cancellation};
+use crate::domain::event::now;
+use crate::domain::projection::changes;
+use crate::domain::{Appended, Event, EventBody, Expect, Stream};
+use crate::ports::{EventLog, StoreError, StoreResult};
+use async_trait::async_trait;
+use aws_sdk_dynamodb::types::TransactWriteItem;
+use std::time::Duration;
+
+/// How many times an append retries after losing a race for its seq.
+const MAX_ATTEMPTS: u32 = 64;
+
+/// Why one attempt at an append did not land.
+enum Missed {
+    /// Another writer took this seq.
+    SeqTaken,
+    /// The user already sent this `clientMsgId` to this room.
+    DuplicateMessage,
+    Failed(DynamoError),
+}
+
+impl DynamoStore {
+    /// The `seq` of the stream's last event (0 if none), by a consistent read.
+    async fn read_head(&self, stream: &Stream) -> Result<u64, DynamoError> {
+        let out = self
+            .client
+            .query()
+            .table_name(&self.tables.events)
+            .key_condition_expression("#s = :s")
+            .expression_attribute_names("#s", "stream")
+            .expression_attribute_values(":s", s(stream.key()))
+            .scan_index_forward(false)
+            .limit(1)
+            .consistent_read(true)
+            .projection_expression("#q")
+            .expression_attribute_names("#q", "seq")
+            .send()
+            .await
+            .map_err(DynamoError::sdk)?;
+        match out.items().first() {
+            Some(item) => number(item, "seq"),
+            None => Ok(0),
+        }
+    }
+
+    async fn read_at(&self, stream: &Stream, seq: u64) -> Result<Event, DynamoError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.tables.events)
+            .key("stream", s(stream.key()))
+            .key("seq", n(seq))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(DynamoError::sdk)?;
+        let item = out
+            .item()
+            .ok_or_else(|| DynamoError::Corrupt(format!("{stream}/{seq} is missing")))?;
+        event_of(item)
+    }
+
+    /// The first message this user sent to this room with this `clientMsgId`, if any.
+    async fn sent_before(&self, body: &EventBody) -> Result<Option<Event>, DynamoError> {
+        let Some(client_msg_id) = body.client_msg_id() else {
+            return Ok(None);
+        };
+        let stream = body.stream();
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.tables.state)
+            .set_key(Some(dedupe_key(&stream, body.user(), client_msg_id)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(DynamoError::sdk)?;
+        match out.item() {
+            Some(item) => Ok(Some(self.read_at(&stream, number(item, "seq")?).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes `event`: a single conditional put, or a transaction with its idempotency key or
+    /// projection changes.
+    async fn write(&self, event: &Event) -> Result<(), Missed> {
+        let item = event_item(event).map_err(Missed::Failed)?;
+        let mut extra: Vec<TransactWriteItem> = Vec::new();
+        if let Some(client_msg_id) = event.body.client_msg_id() {
+            let mut key = dedupe_key(&event.stream, event.body.user(), client_msg_id);
+            key.insert("seq".to_owned(), n(event.seq));
+            extra.push(put_new(&self.tables.state, key, "pk").map_err(Missed::Failed)?);
+        }
+        if !matches!(event.body, EventBody::MessagePosted { .. }) {
+            for change in changes(event) {
+                extra.extend(writes(&self.tables.state, &change).map_err(Missed::Failed)?);
+            }
+        }
+        if extra.is_empty() {
+            return match self
+                .client
+                .put_item()
+                .table_name(&self.tables.events)
+                .set_item(Some(item))
+                .condition_expression("attribute_not_exists(#q)")
+                .expression_attribute_names("#q", "seq")
+                .send()
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+                {
+                    Err(Missed::SeqTaken)
+                }
+                Err(e) => Err(Missed::Failed(DynamoError::sdk(e))),
+            };
+        }
+        let mut items = vec![put_new(&self.tables.events, item, "seq").map_err(Missed::Failed)?];
+        items.extend(extra);
+        let has_dedupe = event.body.client_msg_id().is_some();
+        match self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(error) => match cancellation(&error) {
+                Some(reasons)
+                    if reasons
+                        .first()
+                        .is_some_and(|r| r == "ConditionalCheckFailed") =>
+                {
+                    Err(Missed::SeqTaken)
+                }
+                Some(reasons)
+                    if has_dedupe
+                        && reasons
+                            .get(1)
+                            .is_some_and(|r| r == "ConditionalCheckFailed") =>
+                {
+                    Err(Missed::DuplicateMessage)
+                }
+                Some(reasons) => Err(Missed::Failed(DynamoError::Cancelled(reasons.join(", ")))),
+                None => Err(Missed::Failed(DynamoError::sdk(error))),
+            },
+        }
+    }
+}
+
+#[async_trait]
+impl EventLog for DynamoStore {
+    async fn append(&self, body: EventBody, expect: Expect) -> StoreResult<Appended> {
+        let stream = body.stream();
+        let key = stream.key();
+        let lock = self.stream_lock(&key);
+        let mut known_head = lock.lock().await;
+        if let Some(first) = self.sent_before(&body).await? {
+            return Ok(Appended {
+                event: first,
+                duplicate: true,
+            });
+        }
+        for attempt in 0..MAX_ATTEMPTS {
+            let head = match *known_head {
+                Some(head) => head,
+                None => self.read_head(&stream).await?,
+            };
+            if let Expect::Seq(expected) = expect
+                && expected != head + 1
+            {
+                if known_head.is_some() {
+                    // The remembered head may be stale: ask the table before refusing.
+                    *known_head = None;
+                    continue;
+                }
+                return Err(StoreError::Conflict {
+                    stream: key,
+                    expected,
+                    next: head + 1,
+                });
+            }
+            let event = Event::record(body.clone(), head + 1, now());
+            match self.write(&event).await {
+                Ok(()) => {
+                    *known_head = Some(event.seq);
+                    return Ok(Appended {
+                        event,
+                        duplicate: false,
+                    });
+                }
+                Err(Missed::SeqTaken) => {
+                    *known_head = None;
+                    if attempt > 2 {
+                        // Many writers on one room: back off a little, with jitter.
+                        let pause = rand::random_range(1..=(5 * u64::from(attempt.min(20))));
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                    }
+                }
+                Err(Missed::DuplicateMessage) => {
+                    let first = self.sent_before(&body).await?.ok_or_else(|| {
+                        DynamoError::Corrupt(format!("{key}: idempotency key without its message"))
+                    })?;
+                    return Ok(Appended {
+                        event: first,
+                        duplicate: true,
+                    });
+                }
+                Err(Missed::Failed(error)) => {
+                    *known_head = None;
+                    return Err(error.into());
+                }
+            }
+        }
+        Err(DynamoError::Contended(key).into())
+    }
+
+    async fn read(&self, stream: &Stream, after: u64, limit: usize) -> StoreResult<Vec<Event>> {
+        let mut events = Vec::new();
+        let mut start = None;
+        while events.len() < limit {
+            let want = i32::try_from(limit - events.len()).unwrap_or(i32::MAX);
+            let out = self
+                .client
+                .query()
+                .table_name(&self.tables.events)
+                .key_condition_expression("#s = :s AND #q > :after")
+                .expression_attribute_names("#s", "stream")
+                .expression_attribute_names("#q", "seq")
+                .expression_attribute_values(":s", s(stream.key()))
+                .expression_attribute_values(":after", n(after))
+                .consistent_read(true)
+                .limit(want)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(DynamoError::sdk)?;
+            for item in out.items() {
+                events.push(event_of(item)?);
+            }
+            // A page ends at 1 MB or at `limit`: follow the key, or events would be dropped.
+            match out.last_evaluated_key() {
+                Some(key) if !key.is_empty() => start = Some(key.clone()),
+                _ => break,
+            }
+        }
+        events.truncate(limit);
+        Ok(events)
+    }
+
+    async fn head(&self, stream: &Stream) -> StoreResult<u64> {
+        Ok(self.read_head(stream).await?)
+    }
+}

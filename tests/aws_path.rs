@@ -1,0 +1,358 @@
+//! The whole AWS data path, end to end, on this machine.
+//!
+//! Route handlers get API Gateway's WebSocket events as JSON and write to DynamoDB (moto); the
+//! events table's stream is read with aws-sdk-dynamodbstreams and turned into the exact event
+//! Lambda would hand the fan-out function; the fan-out posts with aws-sdk-apigatewaymanagement
+//! to a running `palaver serve`, which plays API Gateway and holds real WebSocket clients; big
+//! rooms go through SQS (moto) to the deliver function. What is asserted is what users notice:
+//! the frames their sockets receive, each once, in order.
+//!
+//! Needs a moto server: run `scripts/test` (a missing `AWS_ENDPOINT_URL` fails every test).
+
+mod aws_support;
+
+use aws_support::{Options, World, answer_of, failures, room_frames};
+use palaver::domain::{ConnectionId, RoomName, Stream, UserId};
+use palaver::ports::DeliveryJob;
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+
+fn member(frames: &[Value], seq: u64, user: &str) -> bool {
+    frames
+        .iter()
+        .any(|f| f["type"] == "member" && f["seq"] == seq && f["user"] == user)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_events_reach_every_member_once_in_seq_order() {
+    let mut world = World::new("order", Options::default()).await;
+    let mut ana = world.connect("ana").await;
+    let mut ben = world.connect("ben").await;
+    assert_eq!(world.join(&ana, "general").await["head"], 1);
+    assert_eq!(world.join(&ben, "general").await["head"], 2);
+    assert_eq!(world.say(&ana, "general", "hello").await, 3);
+
+    // Two connects, two joins, one message.
+    let batch = world.stream.next_event(5).await;
+    assert_eq!(failures(&world.fan_out(&batch).await), Vec::<String>::new());
+
+    for socket in [&mut ana, &mut ben] {
+        let frames = socket.until_message(3).await;
+        assert_eq!(
+            room_frames(&frames),
+            [
+                (1, "member".into()),
+                (2, "member".into()),
+                (3, "message".into())
+            ],
+            "{}: {frames:?}",
+            socket.user
+        );
+        assert!(member(&frames, 1, "ana") && member(&frames, 2, "ben"));
+        assert_eq!(frames.last().unwrap()["text"], "hello");
+        assert_eq!(frames.last().unwrap()["user"], "ana");
+    }
+
+    // Lambda hands the same batch over again (a retry, a redelivery): nothing changes and
+    // nothing is sent twice.
+    let general = RoomName::parse("general").unwrap();
+    let members_before = world.store.directory.members(&general).await.unwrap();
+    assert_eq!(failures(&world.fan_out(&batch).await), Vec::<String>::new());
+    assert_eq!(
+        world.store.directory.members(&general).await.unwrap(),
+        members_before
+    );
+    // The next message is the first thing either socket receives: nothing was repeated
+    // before it (the gateway delivers each socket's frames in the order they were posted).
+    assert_eq!(world.say(&ben, "general", "still one copy?").await, 4);
+    let batch = world.stream.next_event(1).await;
+    assert_eq!(failures(&world.fan_out(&batch).await), Vec::<String>::new());
+    for socket in [&mut ana, &mut ben] {
+        let frames = socket.until_message(4).await;
+        assert_eq!(
+            frames.len(),
+            1,
+            "{}: repeated frames {frames:?}",
+            socket.user
+        );
+    }
+
+    // A late joiner catching up with joinRoom{after}: the route function replays the room to
+    // its socket through the management API before answering.
+    let mut cy = world.connect("cy").await;
+    let joined = world
+        .send(
+            &cy,
+            json!({"action": "joinRoom", "room": "general", "after": 0}),
+        )
+        .await;
+    assert_eq!(joined["head"], 5);
+    let frames = cy.until(|f| f["type"] == "member" && f["seq"] == 5).await;
+    assert_eq!(
+        room_frames(&frames),
+        [
+            (1, "member".into()),
+            (2, "member".into()),
+            (3, "message".into()),
+            (4, "message".into()),
+            (5, "member".into())
+        ],
+        "{frames:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_behind_the_gateways_back_is_removed_on_410() {
+    let mut world = World::new("gone", Options::default()).await;
+    let mut ana = world.connect("ana").await;
+    let ben = world.connect("ben").await;
+    world.join(&ana, "general").await;
+    world.join(&ben, "general").await;
+    let batch = world.stream.next_event(4).await;
+    assert_eq!(failures(&world.fan_out(&batch).await), Vec::<String>::new());
+    ana.until(|f| member(std::slice::from_ref(f), 2, "ben"))
+        .await;
+
+    // Ben's socket goes away, and no $disconnect reaches the chat.
+    let ben_id = ben.id.clone();
+    ben.close().await;
+    world.gateway.wait_gone(&ben_id).await;
+    let directory = world.store.directory.clone();
+    assert!(directory.connection(&ben_id).await.unwrap().unwrap().open);
+
+    let seq = world.say(&ana, "general", "anyone there?").await;
+    let batch = world.stream.next_event(1).await;
+    assert_eq!(failures(&world.fan_out(&batch).await), Vec::<String>::new());
+    assert_eq!(ana.until_message(seq).await.len(), 1);
+
+    // The 410 closed ben's connection in the log and in the directory…
+    let record = directory.connection(&ben_id).await.unwrap().unwrap();
+    assert!(!record.open, "{record:?}");
+    let ben_user = UserId::parse("ben").unwrap();
+    assert!(
+        directory
+            .open_connections(Some(&ben_user))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let stream = Stream::Connection(ben_id.clone());
+    assert_eq!(world.store.log.head(&stream).await.unwrap(), 2);
+    let members = directory
+        .members(&RoomName::parse("general").unwrap())
+        .await
+        .unwrap();
+    let ben_member = members.iter().find(|m| m.user == ben_user).unwrap();
+    assert_eq!(ben_member.connections, 0, "ben stays a member, offline");
+
+    // …and that disconnect, coming back through the stream, tells the room ben went offline.
+    let batch = world.stream.next_event(1).await;
+    assert_eq!(failures(&world.fan_out(&batch).await), Vec::<String>::new());
+    let presence = ana.next().await;
+    assert_eq!(
+        presence,
+        json!({"type": "presence", "room": "general", "user": "ben", "online": false})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_record_is_reported_and_the_rest_of_the_batch_delivered() {
+    let mut world = World::new("poison", Options::default()).await;
+    let mut ana = world.connect("ana").await;
+    let mut ben = world.connect("ben").await;
+    world.join(&ana, "general").await;
+    world.join(&ben, "general").await;
+    let seq = world.say(&ben, "general", "through the poison").await;
+
+    let mut batch = world.stream.next_event(5).await;
+    let records = batch["Records"].as_array_mut().unwrap();
+    // A record whose keys are not a log key, and one announcing an event the log does not
+    // have, among the real ones.
+    let mut not_a_key = records[1].clone();
+    not_a_key["dynamodb"]["Keys"] = json!({"stream": {"S": "x:junk"}, "seq": {"N": "1"}});
+    not_a_key["dynamodb"]["SequenceNumber"] = json!("900000000000000000001");
+    let mut phantom = records[2].clone();
+    phantom["dynamodb"]["Keys"] = json!({"stream": {"S": "r:nowhere"}, "seq": {"N": "3"}});
+    phantom["dynamodb"]["SequenceNumber"] = json!("900000000000000000002");
+    records.insert(2, not_a_key);
+    records.insert(4, phantom);
+
+    let mut reported = failures(&world.fan_out(&batch).await);
+    reported.sort();
+    assert_eq!(reported, ["900000000000000000001", "900000000000000000002"]);
+    for socket in [&mut ana, &mut ben] {
+        let frames = socket.until_message(seq).await;
+        assert_eq!(
+            room_frames(&frames),
+            [
+                (1, "member".into()),
+                (2, "member".into()),
+                (3, "message".into())
+            ],
+            "{}: {frames:?}",
+            socket.user
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_room_is_delivered_through_the_queue() {
+    let mut world = World::new(
+        "relay",
+        Options {
+            relay: Some((1, 2)),
+        },
+    )
+    .await;
+    let mut sockets = Vec::new();
+    for user in ["ana", "ben", "cy"] {
+        let socket = world.connect(user).await;
+        world.join(&socket, "general").await;
+        sockets.push(socket);
+    }
+    let seq = world.say(&sockets[0], "general", "hello, everyone").await;
+    assert_eq!(seq, 4);
+
+    let batch = world.stream.next_event(7).await;
+    assert_eq!(failures(&world.fan_out(&batch).await), Vec::<String>::new());
+
+    // The fan-out posted nothing itself: the message went to the queue, two recipients a job.
+    let queue = world.queue.as_ref().unwrap();
+    let mut records = queue.receive_all().await;
+    let jobs: Vec<DeliveryJob> = records
+        .iter()
+        .map(|r| serde_json::from_str(r["body"].as_str().unwrap()).unwrap())
+        .collect();
+    let message_jobs: Vec<&DeliveryJob> = jobs
+        .iter()
+        .filter(|j| j.frame.contains("hello, everyone"))
+        .collect();
+    assert!(message_jobs.iter().all(|j| j.connections.len() <= 2));
+    let mut recipients: Vec<&ConnectionId> =
+        message_jobs.iter().flat_map(|j| &j.connections).collect();
+    recipients.sort();
+    let mut everyone: Vec<&ConnectionId> = sockets.iter().map(|s| &s.id).collect();
+    everyone.sort();
+    assert_eq!(recipients, everyone, "every member in exactly one job");
+    // A connection is in the same FIFO group for every frame of the room: its frames stay in
+    // order whichever worker posts them.
+    for socket in &sockets {
+        let groups: BTreeSet<&str> = jobs
+            .iter()
+            .filter(|j| j.connections.contains(&socket.id))
+            .map(|j| j.group.as_str())
+            .collect();
+        assert_eq!(groups.len(), 1, "{}: {groups:?}", socket.user);
+    }
+
+    // The deliver function gets them as Lambda's SQS event, with a message that is not a job
+    // at the end (on a FIFO queue, what follows a failed message is handed back unposted).
+    let mut poisoned = records[0].clone();
+    poisoned["messageId"] = json!("not-a-job");
+    poisoned["body"] = json!("{\"frame\": 42}");
+    records.push(poisoned);
+    let response = world.deliver(&json!({ "Records": records })).await;
+    assert_eq!(failures(&response), ["not-a-job"]);
+
+    // Every member gets every room event once, in seq order.
+    for socket in &mut sockets {
+        let mut frames = Vec::new();
+        let mut seqs = Vec::new();
+        while seqs.len() < 4 {
+            let frame = socket.next().await;
+            if let Some(seq) = frame["seq"].as_u64() {
+                seqs.push(seq);
+            }
+            frames.push(frame);
+        }
+        assert_eq!(seqs, [1, 2, 3, seq], "{}: {frames:?}", socket.user);
+        assert_eq!(
+            room_frames(&frames).len(),
+            4,
+            "{}: repeated {frames:?}",
+            socket.user
+        );
+    }
+}
+
+/// The three binaries themselves, each run as Lambda runs it — polling a Runtime API for
+/// events and posting back answers — on the same path: what `cargo lambda build` packages is
+/// what is tested here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_function_binaries_run_the_path_through_the_runtime_api() {
+    let mut world = World::new("binaries", Options::default()).await;
+    let mut route = world
+        .function("palaver-route", env!("CARGO_BIN_EXE_palaver-route"))
+        .await;
+    let mut fanout = world
+        .function("palaver-fanout", env!("CARGO_BIN_EXE_palaver-fanout"))
+        .await;
+    let mut deliver = world
+        .function("palaver-deliver", env!("CARGO_BIN_EXE_palaver-deliver"))
+        .await;
+
+    let mut ana = world.gateway.open("ana").await;
+    let mut ben = world.gateway.open("ben").await;
+    for socket in [&ana, &ben] {
+        let response = route.invoke(world.connect_event(socket)).await;
+        assert_eq!(response["statusCode"], 200, "{response}");
+        let join = json!({"action": "joinRoom", "room": "general"});
+        let answer = answer_of(&route.invoke(world.message_event(socket, &join)).await);
+        assert_eq!(answer["type"], "joined", "{answer}");
+    }
+    let say =
+        json!({"action": "sendMessage", "room": "general", "text": "hi", "clientMsgId": "m1"});
+    let sent = answer_of(&route.invoke(world.message_event(&ana, &say)).await);
+    assert_eq!(
+        (sent["type"].as_str(), sent["seq"].as_u64()),
+        (Some("sent"), Some(3))
+    );
+    let refused = json!({"action": "getHistory", "room": "elsewhere"});
+    let answer = answer_of(&route.invoke(world.message_event(&ana, &refused)).await);
+    assert_eq!(answer["code"], "not_member", "{answer}");
+
+    let batch = world.stream.next_event(5).await;
+    let response = fanout.invoke(batch).await;
+    assert_eq!(response, json!({"batchItemFailures": []}));
+    for socket in [&mut ana, &mut ben] {
+        let frames = socket.until_message(3).await;
+        assert_eq!(
+            room_frames(&frames),
+            [
+                (1, "member".into()),
+                (2, "member".into()),
+                (3, "message".into())
+            ],
+            "{}: {frames:?}",
+            socket.user
+        );
+    }
+
+    let job = DeliveryJob {
+        frame: json!({"type": "presence", "room": "general", "user": "zoe", "online": true})
+            .to_string(),
+        connections: vec![ana.id.clone(), ben.id.clone()],
+        group: "general#0".to_owned(),
+        id: "c:zoe:1:general#0#0".to_owned(),
+    };
+    let event = json!({"Records": [
+        {"messageId": "good", "receiptHandle": "r1", "body": serde_json::to_string(&job).unwrap(),
+         "attributes": {"ApproximateReceiveCount": "1"}, "messageAttributes": {},
+         "eventSource": "aws:sqs", "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:q",
+         "awsRegion": "us-east-1"},
+        {"messageId": "bad", "receiptHandle": "r2", "body": "[]",
+         "attributes": {"ApproximateReceiveCount": "1"}, "messageAttributes": {},
+         "eventSource": "aws:sqs", "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:q",
+         "awsRegion": "us-east-1"}
+    ]});
+    let response = deliver.invoke(event).await;
+    assert_eq!(
+        response,
+        json!({"batchItemFailures": [{"itemIdentifier": "bad"}]})
+    );
+    for socket in [&mut ana, &mut ben] {
+        // (Presence from the stream batch may still be ahead of it.)
+        let frames = socket.until(|f| f["user"] == "zoe").await;
+        assert_eq!(frames.last().unwrap()["type"], "presence");
+    }
+}

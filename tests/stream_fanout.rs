@@ -1,0 +1,351 @@
+//! The stream-driven fan-out's promises, on the memory store with a recording gateway: what a
+//! change stream delivers twice, out of order, with holes or with garbage still reaches every
+//! recipient exactly once and in seq order. (The same code against DynamoDB, its real stream and
+//! a real gateway is in `tests/aws_path.rs`.)
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use palaver::domain::{ConnectionId, EventBody, Expect, RoomName, Stream, UserId};
+use palaver::fanout::FanOut;
+use palaver::fanout::stream::{StreamFanOut, Wake};
+use palaver::ports::{ConnectionGateway, DeliveryJob, DeliveryQueue, PostError, QueueError, Store};
+use palaver::store::memory::MemoryStore;
+use serde_json::Value;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+/// A gateway that records every post, and answers 410 for connections in `gone`.
+#[derive(Default)]
+struct Recorder {
+    posts: Mutex<Vec<(ConnectionId, Value)>>,
+    gone: Mutex<HashSet<ConnectionId>>,
+}
+
+impl Recorder {
+    /// Frames posted to `connection`, in order.
+    fn frames(&self, connection: &str) -> Vec<Value> {
+        self.posts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(c, _)| c.as_str() == connection)
+            .map(|(_, f)| f.clone())
+            .collect()
+    }
+
+    fn total(&self) -> usize {
+        self.posts.lock().unwrap().len()
+    }
+}
+
+#[async_trait]
+impl ConnectionGateway for Recorder {
+    async fn post(&self, connection: &ConnectionId, frame: Bytes) -> Result<(), PostError> {
+        if self.gone.lock().unwrap().contains(connection) {
+            return Err(PostError::Gone);
+        }
+        let frame: Value = serde_json::from_slice(&frame).expect("frames are JSON");
+        self.posts.lock().unwrap().push((connection.clone(), frame));
+        Ok(())
+    }
+}
+
+/// A queue that keeps what it was given.
+#[derive(Default)]
+struct Jobs(Mutex<Vec<DeliveryJob>>);
+
+#[async_trait]
+impl DeliveryQueue for Jobs {
+    async fn enqueue(&self, jobs: Vec<DeliveryJob>) -> Result<(), QueueError> {
+        self.0.lock().unwrap().extend(jobs);
+        Ok(())
+    }
+}
+
+struct World {
+    store: Store,
+    gateway: Arc<Recorder>,
+    fanout: StreamFanOut,
+}
+
+fn world() -> World {
+    let store = MemoryStore::store();
+    let gateway = Arc::new(Recorder::default());
+    let fanout = StreamFanOut::new(&store, FanOut::new(&store, gateway.clone()))
+        .expect("the memory store keeps checkpoints");
+    World {
+        store,
+        gateway,
+        fanout,
+    }
+}
+
+fn room(name: &str) -> RoomName {
+    RoomName::parse(name).unwrap()
+}
+
+fn user(name: &str) -> UserId {
+    UserId::parse(name).unwrap()
+}
+
+async fn connect(store: &Store, id: &str, who: &str) {
+    let body = EventBody::Connected {
+        connection: ConnectionId::new(id),
+        user: user(who),
+        source_ip: None,
+    };
+    store.log.append(body, Expect::Seq(1)).await.unwrap();
+}
+
+async fn join(store: &Store, r: &str, who: &str) -> u64 {
+    let body = EventBody::Joined {
+        room: room(r),
+        user: user(who),
+    };
+    store
+        .log
+        .append(body, Expect::Next)
+        .await
+        .unwrap()
+        .event
+        .seq
+}
+
+async fn say(store: &Store, r: &str, who: &str, text: &str) -> u64 {
+    let body = EventBody::MessagePosted {
+        room: room(r),
+        user: user(who),
+        text: text.to_owned(),
+        client_msg_id: None,
+        connection: None,
+    };
+    store
+        .log
+        .append(body, Expect::Next)
+        .await
+        .unwrap()
+        .event
+        .seq
+}
+
+/// The change record for `seq` of room `r`, as a stream would announce it.
+fn wake(r: &str, seq: u64) -> Wake {
+    Wake::from_keys(
+        format!("rec-{r}-{seq}"),
+        Some(&Stream::Room(room(r)).key()),
+        Some(&seq.to_string()),
+    )
+}
+
+fn seqs_of(frames: &[Value], kind: &str) -> Vec<u64> {
+    frames
+        .iter()
+        .filter(|f| f["type"] == kind)
+        .map(|f| f["seq"].as_u64().unwrap())
+        .collect()
+}
+
+/// Ana and Bo in "lobby", each with one connection; the log holds their joins (seq 1, 2).
+async fn lobby(w: &World) {
+    connect(&w.store, "a1", "ana").await;
+    connect(&w.store, "b1", "bo").await;
+    join(&w.store, "lobby", "ana").await;
+    join(&w.store, "lobby", "bo").await;
+}
+
+#[tokio::test]
+async fn a_gap_in_the_stream_is_backfilled_from_the_log_in_order() {
+    let w = world();
+    lobby(&w).await;
+    for i in 3..=6 {
+        say(&w.store, "lobby", "ana", &format!("m{i}")).await;
+    }
+    // The stream showed only seq 6, and then seq 4 late.
+    let report = w.fanout.handle(vec![wake("lobby", 6)]).await;
+    assert!(report.failed.is_empty());
+    assert_eq!(report.events, 6);
+    let frames = w.gateway.frames("b1");
+    assert_eq!(seqs_of(&frames, "message"), [3, 4, 5, 6]);
+    assert_eq!(seqs_of(&frames, "member"), [1, 2]);
+
+    let late = w.fanout.handle(vec![wake("lobby", 4)]).await;
+    assert_eq!((late.events, late.failed.len()), (0, 0));
+    assert_eq!(
+        w.gateway.frames("b1"),
+        frames,
+        "a late record sends nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_delivered_twice_sends_nothing_the_second_time() {
+    let w = world();
+    lobby(&w).await;
+    say(&w.store, "lobby", "bo", "hello").await;
+    let batch: Vec<Wake> = (1..=3).map(|s| wake("lobby", s)).collect();
+
+    let first = w.fanout.handle(batch.clone()).await;
+    let posted = w.gateway.total();
+    assert_eq!(first.events, 3);
+    assert!(posted > 0);
+
+    let again = w.fanout.handle(batch).await;
+    assert_eq!((again.events, again.failed.len()), (0, 0));
+    assert_eq!(w.gateway.total(), posted, "nothing posted twice");
+    assert_eq!(seqs_of(&w.gateway.frames("a1"), "message"), [3]);
+}
+
+#[tokio::test]
+async fn a_poisoned_record_is_reported_and_the_rest_is_delivered() {
+    let w = world();
+    lobby(&w).await;
+    say(&w.store, "lobby", "ana", "still here").await;
+    let poisoned = Wake::from_keys("rec-poison", Some("x:not-a-stream"), Some("1"));
+    let keyless = Wake::from_keys("rec-keyless", None, Some("2"));
+    let report = w
+        .fanout
+        .handle(vec![wake("lobby", 1), poisoned, keyless, wake("lobby", 3)])
+        .await;
+    assert_eq!(report.failed, ["rec-poison", "rec-keyless"]);
+    assert_eq!(seqs_of(&w.gateway.frames("b1"), "message"), [3]);
+}
+
+#[tokio::test]
+async fn an_announced_event_missing_from_the_log_fails_that_stream_only() {
+    let w = world();
+    lobby(&w).await;
+    join(&w.store, "garden", "bo").await;
+    say(&w.store, "garden", "bo", "flowers").await;
+    // Lobby's log ends at 2: a record for seq 9 is not (yet) backed by the table.
+    let report = w
+        .fanout
+        .handle(vec![wake("lobby", 9), wake("garden", 2)])
+        .await;
+    assert_eq!(report.failed, ["rec-lobby-9"]);
+    assert_eq!(seqs_of(&w.gateway.frames("b1"), "message"), [2]);
+    // What could be delivered of lobby was, and is not sent again on the retry.
+    let lobby_frames = seqs_of(&w.gateway.frames("a1"), "member");
+    assert_eq!(lobby_frames, [1, 2]);
+    let retry = w.fanout.handle(vec![wake("lobby", 9)]).await;
+    assert_eq!(retry.failed, ["rec-lobby-9"]);
+    assert_eq!(seqs_of(&w.gateway.frames("a1"), "member"), [1, 2]);
+}
+
+#[tokio::test]
+async fn a_gone_connection_is_closed_and_its_user_shown_offline() {
+    let w = world();
+    lobby(&w).await;
+    w.fanout
+        .handle((1..=2).map(|s| wake("lobby", s)).collect())
+        .await;
+    w.gateway
+        .gone
+        .lock()
+        .unwrap()
+        .insert(ConnectionId::new("b1"));
+    say(&w.store, "lobby", "ana", "bo?").await;
+    let report = w.fanout.handle(vec![wake("lobby", 3)]).await;
+    assert_eq!(report.delivery.gone, [ConnectionId::new("b1")]);
+    let record = w
+        .store
+        .directory
+        .connection(&ConnectionId::new("b1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!record.open, "the gone connection is closed in the log");
+
+    // The close is itself a log event; its record tells the room bo went offline.
+    let closed = Wake::from_keys("rec-close", Some("c:b1"), Some("2"));
+    w.fanout.handle(vec![closed]).await;
+    let presence: Vec<Value> = w
+        .gateway
+        .frames("a1")
+        .into_iter()
+        .filter(|f| f["type"] == "presence")
+        .collect();
+    assert_eq!(presence.len(), 1);
+    assert_eq!(
+        (&presence[0]["user"], &presence[0]["online"]),
+        (&Value::from("bo"), &Value::from(false))
+    );
+}
+
+#[tokio::test]
+async fn a_big_room_is_handed_to_delivery_workers_in_shards() {
+    let store = MemoryStore::store();
+    let gateway = Arc::new(Recorder::default());
+    let queue = Arc::new(Jobs::default());
+    let fanout = FanOut::new(&store, gateway.clone()).with_relay(queue.clone(), 3, 2);
+    let fanout = StreamFanOut::new(&store, fanout).unwrap();
+    for i in 0..5 {
+        connect(&store, &format!("c{i}"), &format!("u{i}")).await;
+        join(&store, "hall", &format!("u{i}")).await;
+    }
+    // Deliver the joins first, so only the message is left.
+    fanout.handle(vec![wake("hall", 5)]).await;
+    queue.0.lock().unwrap().clear();
+    let seq = say(&store, "hall", "u0", "to everyone").await;
+    let before = gateway.total();
+
+    let report = fanout.handle(vec![wake("hall", seq)]).await;
+    assert_eq!(report.delivery.queued, 5);
+    assert_eq!(gateway.total(), before, "the fan-out posted nothing itself");
+    let jobs = queue.0.lock().unwrap().clone();
+    assert!(jobs.iter().all(|j| j.connections.len() <= 2), "{jobs:?}");
+    let mut recipients: Vec<&str> = jobs
+        .iter()
+        .flat_map(|j| j.connections.iter().map(ConnectionId::as_str))
+        .collect();
+    recipients.sort();
+    assert_eq!(recipients, ["c0", "c1", "c2", "c3", "c4"], "everyone, once");
+    let frame: Value = serde_json::from_str(&jobs[0].frame).unwrap();
+    assert_eq!(
+        (&frame["type"], &frame["seq"]),
+        (&Value::from("message"), &Value::from(seq))
+    );
+    assert!(
+        jobs.iter().all(|j| j.frame == jobs[0].frame),
+        "one frame, serialised once"
+    );
+    let ids: HashSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(
+        ids.len(),
+        jobs.len(),
+        "every job has its own deduplication id"
+    );
+
+    // The next message: each connection lands in the same ordered group as before, and a
+    // retried fan-out would queue jobs with the same ids (so a FIFO queue drops the repeats).
+    let group_of = |jobs: &[DeliveryJob], c: &str| -> String {
+        jobs.iter()
+            .find(|j| j.connections.iter().any(|x| x.as_str() == c))
+            .map(|j| j.group.clone())
+            .unwrap()
+    };
+    let next = say(&store, "hall", "u1", "again").await;
+    fanout.handle(vec![wake("hall", next)]).await;
+    let later: Vec<DeliveryJob> = queue.0.lock().unwrap()[jobs.len()..].to_vec();
+    for i in 0..5 {
+        let c = format!("c{i}");
+        assert_eq!(group_of(&jobs, &c), group_of(&later, &c));
+        assert!(group_of(&jobs, &c).starts_with("hall#"));
+    }
+    assert!(
+        later
+            .iter()
+            .all(|j| j.id.starts_with(&format!("r:hall:{next}#")))
+    );
+
+    // A worker posting a job reaches every connection in it.
+    let worker = FanOut::new(&store, gateway.clone());
+    for job in jobs {
+        let d = worker
+            .post_to(job.connections, Bytes::from(job.frame))
+            .await;
+        assert_eq!(d.failed, 0);
+    }
+    for i in 0..5 {
+        assert_eq!(seqs_of(&gateway.frames(&format!("c{i}")), "message"), [seq]);
+    }
+}
