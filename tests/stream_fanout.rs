@@ -5,10 +5,13 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use palaver::domain::{ConnectionId, EventBody, Expect, RoomName, Stream, UserId};
+use palaver::domain::{Appended, ConnectionId, Event, EventBody, Expect, RoomName, Stream, UserId};
 use palaver::fanout::FanOut;
 use palaver::fanout::stream::{StreamFanOut, Wake};
-use palaver::ports::{ConnectionGateway, DeliveryJob, DeliveryQueue, PostError, QueueError, Store};
+use palaver::ports::{
+    ConnectionGateway, DeliveryJob, DeliveryQueue, EventLog, PostError, QueueError, Store,
+    StoreError, StoreResult,
+};
 use palaver::store::memory::MemoryStore;
 use serde_json::Value;
 use std::collections::HashSet;
@@ -348,4 +351,60 @@ async fn a_big_room_is_handed_to_delivery_workers_in_shards() {
     for i in 0..5 {
         assert_eq!(seqs_of(&gateway.frames(&format!("c{i}")), "message"), [seq]);
     }
+}
+
+/// A log that cannot decode one event of one room, as if its stored row were damaged.
+struct Damaged {
+    inner: Arc<dyn EventLog>,
+    room: Stream,
+    seq: u64,
+}
+
+#[async_trait]
+impl EventLog for Damaged {
+    async fn append(&self, body: EventBody, expect: Expect) -> StoreResult<Appended> {
+        self.inner.append(body, expect).await
+    }
+
+    async fn read(&self, stream: &Stream, after: u64, limit: usize) -> StoreResult<Vec<Event>> {
+        let events = self.inner.read(stream, after, limit).await?;
+        if *stream == self.room && events.iter().any(|e| e.seq == self.seq) {
+            return Err(StoreError::Corrupt(format!(
+                "{stream}/{}: bad body",
+                self.seq
+            )));
+        }
+        Ok(events)
+    }
+
+    async fn head(&self, stream: &Stream) -> StoreResult<u64> {
+        self.inner.head(stream).await
+    }
+}
+
+#[tokio::test]
+async fn an_unreadable_event_is_passed_over_and_the_room_goes_on() {
+    let mut store = MemoryStore::store();
+    store.log = Arc::new(Damaged {
+        inner: store.log.clone(),
+        room: Stream::Room(room("lobby")),
+        seq: 4,
+    });
+    let gateway = Arc::new(Recorder::default());
+    let fanout = StreamFanOut::new(&store, FanOut::new(&store, gateway.clone())).unwrap();
+    connect(&store, "a1", "ana").await;
+    join(&store, "lobby", "ana").await;
+    for text in ["two", "three", "four", "five"] {
+        say(&store, "lobby", "ana", text).await;
+    }
+
+    let report = fanout.handle(vec![wake("lobby", 5)]).await;
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(report.skipped, [(Stream::Room(room("lobby")), 4)]);
+    assert_eq!(seqs_of(&gateway.frames("a1"), "message"), [2, 3, 5]);
+
+    // Later messages flow as usual.
+    say(&store, "lobby", "ana", "six").await;
+    fanout.handle(vec![wake("lobby", 6)]).await;
+    assert_eq!(seqs_of(&gateway.frames("a1"), "message"), [2, 3, 5, 6]);
 }

@@ -362,6 +362,43 @@ async fn a_store_failure_is_an_internal_error_and_nothing_is_lost() {
 }
 
 #[tokio::test]
+async fn a_damaged_event_is_skipped_and_the_room_goes_on() {
+    // SQLite on every run: the damage is done with a trigger in the file.
+    let server = Server::start_sqlite();
+    let mut ana = server.connect("ana").await;
+    let mut bo = server.connect("bo").await;
+    ana.join("r").await;
+    bo.join("r").await;
+
+    // Every event whose text says "garbled" is stored undecodable, as a damaged row would be.
+    let db = server.db_path();
+    let status = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); \
+             c.execute(\"CREATE TRIGGER garble AFTER INSERT ON events \
+             WHEN NEW.body LIKE '%garbled%' BEGIN \
+             UPDATE events SET body = '{\\\"kind\\\":' WHERE pos = NEW.pos; END\"); c.commit()",
+            db.to_str().unwrap(),
+        ])
+        .status()
+        .expect("python3 runs");
+    assert!(status.success());
+
+    let garbled = ana.say("r", "garbled").await;
+    let after = ana.say("r", "after").await;
+    // The fan-out cannot decode the damaged event; it logs it and goes on, instead of stopping
+    // every room to wait for it.
+    let message = bo.pushed_of("message").await;
+    assert_eq!(
+        (&message["seq"], &message["text"]),
+        (&after["seq"], &json!("after")),
+        "garbled was seq {}",
+        garbled["seq"]
+    );
+}
+
+#[tokio::test]
 async fn bad_tokens_fail_the_handshake_with_401_and_store_nothing() {
     use jsonwebtoken::{EncodingKey, Header, encode};
     // The CLI reads the registry from the server's store: not the memory store.

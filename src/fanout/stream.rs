@@ -7,7 +7,9 @@
 //! read, delivers every event in seq order — which backfills any gap in what the change stream
 //! showed — and moves the checkpoint. A record at or below the checkpoint is a repeat and sends
 //! nothing. A record that cannot be read, or a log stream whose delivery fails, is reported back
-//! so the caller can return it in `batchItemFailures`; the rest of the batch goes on.
+//! so the caller can return it in `batchItemFailures`; the rest of the batch goes on. An event in
+//! the log that cannot be decoded is passed over with an error in the log rather than retried
+//! forever: it would otherwise stop its room's fan-out for good.
 
 use super::{Audiences, Delivery, FanOut};
 use crate::domain::{ConnectionId, Event, EventBody, Stream};
@@ -35,6 +37,8 @@ pub struct BatchReport {
     pub failed: Vec<String>,
     /// Events delivered (repeats not counted).
     pub events: usize,
+    /// Events in the log that could not be decoded, and were passed over.
+    pub skipped: Vec<(Stream, u64)>,
     pub delivery: Delivery,
 }
 
@@ -125,7 +129,29 @@ impl StreamFanOut {
         let mut done = start;
         let outcome = async {
             while done < mention.upto {
-                let page = self.log.read(stream, done, PAGE).await?;
+                let page = match self.log.read(stream, done, PAGE).await {
+                    Ok(page) => page,
+                    Err(StoreError::Corrupt(_)) => match self.log.read(stream, done, 1).await {
+                        // Somewhere in the page: go one event at a time up to it.
+                        Ok(one) => one,
+                        Err(StoreError::Corrupt(why)) => {
+                            // The next event cannot be decoded, now or on any retry. Holding
+                            // the room's fan-out back for it would stop the room for good, and
+                            // no client could render it anyway: skip it, loudly.
+                            tracing::error!(
+                                %stream,
+                                seq = done + 1,
+                                %why,
+                                "skipping an unreadable event: it is not delivered"
+                            );
+                            report.skipped.push((stream.clone(), done + 1));
+                            done += 1;
+                            continue;
+                        }
+                        Err(error) => return Err(error),
+                    },
+                    Err(error) => return Err(error),
+                };
                 if page.is_empty() {
                     // Announced but not in the table: nothing to deliver yet, so try again later.
                     return Err(StoreError::Corrupt(format!(

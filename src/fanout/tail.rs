@@ -2,10 +2,12 @@
 //!
 //! Catch-up without gaps: subscribe to the wake-up first, then read from the checkpoint, and
 //! only then wait. The wake-up carries no events — only "something was committed" — so a tail
-//! that falls behind re-reads from its checkpoint instead of silently skipping.
+//! that falls behind re-reads from its checkpoint instead of silently skipping. The one thing it
+//! does pass over is an event the store cannot decode (a damaged row): that is logged as an
+//! error, because waiting for it would stop every room.
 
 use super::FanOut;
-use crate::ports::LogFeed;
+use crate::ports::{LogFeed, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +24,26 @@ pub async fn run(feed: Arc<dyn LogFeed>, fanout: FanOut, mut checkpoint: u64) {
         loop {
             let page = match feed.read_all(checkpoint, PAGE).await {
                 Ok(page) => page,
+                Err(StoreError::Corrupt(_)) => match feed.read_all(checkpoint, 1).await {
+                    // Somewhere in the page: go one event at a time up to it.
+                    Ok(one) => one,
+                    Err(StoreError::Corrupt(why)) => {
+                        // Positions have no gaps, so the next one is the unreadable event. No
+                        // retry can decode it; waiting for it would stop every room's fan-out.
+                        tracing::error!(
+                            position = checkpoint + 1,
+                            %why,
+                            "skipping an unreadable event: it is not delivered"
+                        );
+                        checkpoint += 1;
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, checkpoint, "log tail could not read; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                },
                 Err(error) => {
                     tracing::error!(%error, checkpoint, "log tail could not read; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
