@@ -10,12 +10,26 @@
 //! Needs a moto server: run `scripts/test` (a missing `AWS_ENDPOINT_URL` fails every test).
 
 mod aws_support;
+mod common;
 
 use aws_support::{Options, World, answer_of, failures, room_frames};
 use palaver::domain::{ConnectionId, RoomName, Stream, UserId};
 use palaver::ports::DeliveryJob;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
+
+/// Ana's and Ben's joins (seq 1, 2), then a message (seq 3): each once, in order.
+fn assert_two_joins_then_a_message(frames: &[Value], user: &str) {
+    assert_eq!(
+        room_frames(frames),
+        [
+            (1, "member".into()),
+            (2, "member".into()),
+            (3, "message".into())
+        ],
+        "{user}: {frames:?}"
+    );
+}
 
 fn member(frames: &[Value], seq: u64, user: &str) -> bool {
     frames
@@ -38,16 +52,7 @@ async fn stream_events_reach_every_member_once_in_seq_order() {
 
     for socket in [&mut ana, &mut ben] {
         let frames = socket.until_message(3).await;
-        assert_eq!(
-            room_frames(&frames),
-            [
-                (1, "member".into()),
-                (2, "member".into()),
-                (3, "message".into())
-            ],
-            "{}: {frames:?}",
-            socket.user
-        );
+        assert_two_joins_then_a_message(&frames, &socket.user);
         assert!(member(&frames, 1, "ana") && member(&frames, 2, "ben"));
         assert_eq!(frames.last().unwrap()["text"], "hello");
         assert_eq!(frames.last().unwrap()["user"], "ana");
@@ -182,16 +187,7 @@ async fn a_poisoned_record_is_reported_and_the_rest_of_the_batch_delivered() {
     assert_eq!(reported, ["900000000000000000001", "900000000000000000002"]);
     for socket in [&mut ana, &mut ben] {
         let frames = socket.until_message(seq).await;
-        assert_eq!(
-            room_frames(&frames),
-            [
-                (1, "member".into()),
-                (2, "member".into()),
-                (3, "message".into())
-            ],
-            "{}: {frames:?}",
-            socket.user
-        );
+        assert_two_joins_then_a_message(&frames, &socket.user);
     }
 }
 
@@ -316,16 +312,7 @@ async fn the_function_binaries_run_the_path_through_the_runtime_api() {
     assert_eq!(response, json!({"batchItemFailures": []}));
     for socket in [&mut ana, &mut ben] {
         let frames = socket.until_message(3).await;
-        assert_eq!(
-            room_frames(&frames),
-            [
-                (1, "member".into()),
-                (2, "member".into()),
-                (3, "message".into())
-            ],
-            "{}: {frames:?}",
-            socket.user
-        );
+        assert_two_joins_then_a_message(&frames, &socket.user);
     }
 
     let job = DeliveryJob {

@@ -12,6 +12,8 @@
 //! Tests of one backend's own promises (SQLite: the file survives reopening, bad rows are errors)
 //! follow the suite.
 
+mod common;
+
 use palaver::domain::event::now;
 use palaver::domain::{
     Appended, ConnectionId, DisconnectReason, Event, EventBody, Expect, RoomName, Stream, UserId,
@@ -1014,13 +1016,13 @@ mod sqlite_only {
         let store = open_sqlite(&path).await;
         append(&store, connected("a1", "ana")).await;
         append(&store, joined("r", "ana")).await;
-        outside(
+        common::sql_outside(
             &path,
             "CREATE TRIGGER refuse_event BEFORE INSERT ON events \
              WHEN NEW.body LIKE '%poison%' BEGIN SELECT RAISE(ABORT, 'injected'); END",
         )
         .await;
-        outside(
+        common::sql_outside(
             &path,
             "CREATE TRIGGER refuse_activity BEFORE UPDATE OF last_active_at ON connections \
              BEGIN SELECT RAISE(ABORT, 'injected'); END",
@@ -1109,12 +1111,12 @@ mod sqlite_only {
         append(&store, connected("a1", "ana")).await;
         append(&store, say("lobby", "ana", "fine")).await;
         append(&store, say("lobby", "ana", "broken")).await;
-        outside(
+        common::sql_outside(
             &path,
             "UPDATE events SET body = '{\"kind\":' WHERE body LIKE '%broken%'",
         )
         .await;
-        outside(&path, "UPDATE connections SET user_id = 'not a name!'").await;
+        common::sql_outside(&path, "UPDATE connections SET user_id = 'not a name!'").await;
 
         let lobby = Stream::Room(room("lobby"));
         assert!(matches!(
@@ -1135,14 +1137,5 @@ mod sqlite_only {
             append(&store, say("lobby", "ana", "next")).await.event.seq,
             3
         );
-    }
-
-    /// Runs `sql` on the database file from a connection of its own, as another process would.
-    async fn outside(path: &Path, sql: &str) {
-        use sqlx::Connection;
-        let url = format!("sqlite://{}", path.display());
-        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
-        sqlx::query(sql).execute(&mut conn).await.unwrap();
-        conn.close().await.unwrap();
     }
 }

@@ -334,18 +334,12 @@ async fn a_store_failure_is_an_internal_error_and_nothing_is_lost() {
 
     // Make the store refuse one kind of write, from outside the server, as a full disk or a
     // broken file would.
-    let db = server.db_path();
-    let status = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); \
-             c.execute(\"CREATE TRIGGER refuse BEFORE INSERT ON events \
-             WHEN NEW.body LIKE '%boom%' BEGIN SELECT RAISE(ABORT, 'injected'); END\"); c.commit()",
-            db.to_str().unwrap(),
-        ])
-        .status()
-        .expect("python3 runs");
-    assert!(status.success());
+    common::sql_outside(
+        &server.db_path(),
+        "CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.body LIKE '%boom%' \
+         BEGIN SELECT RAISE(ABORT, 'injected'); END",
+    )
+    .await;
 
     let answer = ana
         .request(json!({"action": "sendMessage", "room": "r", "text": "boom"}))
@@ -371,19 +365,12 @@ async fn a_damaged_event_is_skipped_and_the_room_goes_on() {
     bo.join("r").await;
 
     // Every event whose text says "garbled" is stored undecodable, as a damaged row would be.
-    let db = server.db_path();
-    let status = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); \
-             c.execute(\"CREATE TRIGGER garble AFTER INSERT ON events \
-             WHEN NEW.body LIKE '%garbled%' BEGIN \
-             UPDATE events SET body = '{\\\"kind\\\":' WHERE pos = NEW.pos; END\"); c.commit()",
-            db.to_str().unwrap(),
-        ])
-        .status()
-        .expect("python3 runs");
-    assert!(status.success());
+    common::sql_outside(
+        &server.db_path(),
+        "CREATE TRIGGER garble AFTER INSERT ON events WHEN NEW.body LIKE '%garbled%' \
+         BEGIN UPDATE events SET body = '{\"kind\":' WHERE pos = NEW.pos; END",
+    )
+    .await;
 
     let garbled = ana.say("r", "garbled").await;
     let after = ana.say("r", "after").await;

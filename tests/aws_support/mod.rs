@@ -5,22 +5,19 @@
 
 pub mod runtime;
 
+use crate::common::{SECRET, Server, token};
 use futures_util::StreamExt;
-use palaver::domain::{ConnectionId, UserId};
-use palaver::identity::Identity;
+use palaver::domain::ConnectionId;
 use palaver::lambda::{self, Aws, LambdaConfig};
 use palaver::ports::Store;
 use palaver::store::dynamodb::{DynamoStore, Tables, init};
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 
-pub const SECRET: &str = "aws-path-test-secret";
 /// How long anything the test waits for may take.
 pub const WAIT: Duration = Duration::from_secs(15);
 
@@ -51,68 +48,31 @@ pub fn fresh_prefix(test: &str) -> String {
 // The local gateway: `palaver serve` on SQLite, standing in for API Gateway.
 // ---------------------------------------------------------------------------------------------
 
-/// A running `palaver serve`. Its own store (SQLite) only knows which sockets it holds; the
-/// chat's state lives in DynamoDB, written by the Lambda handlers under test.
+/// A running `palaver serve` (the suites' own [`Server`], on SQLite). Its own store only knows
+/// which sockets it holds; the chat's state lives in DynamoDB, written by the Lambda handlers
+/// under test.
 pub struct Gateway {
-    child: Child,
-    pub addr: String,
-    store: String,
-    _dir: tempfile::TempDir,
+    server: Server,
 }
 
 impl Gateway {
     pub fn start() -> Gateway {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = format!("sqlite://{}", dir.path().join("gateway.db").display());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_palaver"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--store", &store])
-            .env("PALAVER_JWT_SECRET", SECRET)
-            .env("RUST_LOG", "palaver=info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("palaver serve starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("palaver is listening on http://") {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("palaver serve printed its address");
         Gateway {
-            child,
-            addr,
-            store,
-            _dir: dir,
+            server: Server::start_sqlite(),
         }
     }
 
     /// The management endpoint, with a stage as on AWS (`https://…/{stage}`).
     pub fn management_endpoint(&self) -> String {
-        format!("http://{}/prod", self.addr)
+        format!("http://{}/prod", self.server.addr)
     }
 
     /// Opens a WebSocket as `user`, and learns the connection id the gateway gave it (which is
     /// what API Gateway would put in every Lambda event for this connection).
     pub async fn open(&self, user: &str) -> Socket {
-        let url = format!("ws://{}/?token={}", self.addr, token(user));
+        let url = format!("ws://{}/?token={}", self.server.addr, token(user));
         let (ws, _) = connect_async(url).await.expect("handshake accepted");
-        let output = Command::new(env!("CARGO_BIN_EXE_palaver"))
-            .args([
-                "connections",
-                "--user",
-                user,
-                "--json",
-                "--store",
-                &self.store,
-            ])
-            .output()
-            .expect("palaver connections runs");
+        let output = self.server.cli(&["connections", "--user", user, "--json"]);
         assert!(output.status.success(), "{output:?}");
         let rows: Vec<Value> = serde_json::from_slice(&output.stdout).expect("JSON rows");
         assert_eq!(
@@ -138,20 +98,6 @@ impl Gateway {
         })
         .await;
     }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn token(user: &str) -> String {
-    Identity::new(SECRET.as_bytes()).issue(
-        &UserId::parse(user).expect("valid test user"),
-        Duration::from_secs(3600),
-    )
 }
 
 /// Polls `check` until it holds, failing the test after [`WAIT`].

@@ -383,3 +383,13 @@ impl Client {
         matches!(self.answer().await["code"].as_str(), Some("unknown_action"))
     }
 }
+
+/// Runs `sql` on a SQLite database file from a connection of its own, as another process (an
+/// operator's shell, a broken disk) would: how tests inject failures and damage.
+pub async fn sql_outside(path: &std::path::Path, sql: &str) {
+    use sqlx::Connection;
+    let url = format!("sqlite://{}", path.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query(sql).execute(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+}

@@ -4,13 +4,13 @@
 //! one Query for its members and one per member for their open connections; the fan-out reads
 //! it once per room per batch.
 
-use super::DynamoStore;
 use super::error::DynamoError;
 use super::items::{
     Item, after, checkpoint_key, connection_key, expires, flag, member_key, n, number, s, string,
     time,
 };
 use super::writes::writes;
+use super::{DynamoStore, condition_failed};
 use crate::domain::event::now;
 use crate::domain::projection::changes;
 use crate::domain::{ConnectionId, Event, RoomName, Stream, UserId};
@@ -18,7 +18,6 @@ use crate::ports::{
     Checkpoints, ConnectionRecord, Directory, EventLog, MemberRecord, RoomRecord, StoreResult,
 };
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::Select;
 use futures_util::{StreamExt, TryStreamExt};
 
 /// How many per-member reads run at once.
@@ -66,32 +65,6 @@ impl DynamoStore {
             match out.last_evaluated_key {
                 Some(key) if !key.is_empty() => start = Some(key),
                 _ => return Ok(items),
-            }
-        }
-    }
-
-    /// How many connections `user` has open.
-    async fn open_count(&self, user: &UserId) -> Result<usize, DynamoError> {
-        let mut count = 0;
-        let mut start = None;
-        loop {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.tables.state)
-                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
-                .expression_attribute_values(":pk", s(format!("user#{user}")))
-                .expression_attribute_values(":prefix", s("conn#"))
-                .select(Select::Count)
-                .consistent_read(true)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(DynamoError::sdk)?;
-            count += usize::try_from(out.count).unwrap_or(0);
-            match out.last_evaluated_key {
-                Some(key) if !key.is_empty() => start = Some(key),
-                _ => return Ok(count),
             }
         }
     }
@@ -214,7 +187,7 @@ impl Directory for DynamoStore {
         let members = self.active_members(room).await?;
         let records = futures_util::stream::iter(members)
             .map(|(user, joined_at)| async move {
-                let connections = self.open_count(&user).await?;
+                let connections = self.open_ids(&user).await?.len();
                 Ok::<_, DynamoError>(MemberRecord {
                     user,
                     joined_at,
@@ -300,12 +273,7 @@ impl Checkpoints for DynamoStore {
         };
         match update.send().await {
             Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(())
-            }
+            Err(e) if condition_failed(&e) => Ok(()),
             Err(e) => Err(DynamoError::sdk(e).into()),
         }
     }

@@ -3,7 +3,7 @@
 use super::error::DynamoError;
 use super::items::{dedupe_key, event_item, event_of, n, number, s};
 use super::writes::{put_new, writes};
-use super::{DynamoStore, cancellation};
+use super::{CONDITION_FAILED, DynamoStore, condition_failed};
 use crate::domain::event::now;
 use crate::domain::projection::changes;
 use crate::domain::{Appended, Event, EventBody, Expect, Stream};
@@ -113,45 +113,24 @@ impl DynamoStore {
                 .await
             {
                 Ok(_) => Ok(()),
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-                {
-                    Err(Missed::SeqTaken)
-                }
+                Err(e) if condition_failed(&e) => Err(Missed::SeqTaken),
                 Err(e) => Err(Missed::Failed(DynamoError::sdk(e))),
             };
         }
         let mut items = vec![put_new(&self.tables.events, item, "seq").map_err(Missed::Failed)?];
         items.extend(extra);
         let has_dedupe = event.body.client_msg_id().is_some();
-        match self
-            .client
-            .transact_write_items()
-            .set_transact_items(Some(items))
-            .send()
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(error) => match cancellation(&error) {
-                Some(reasons)
-                    if reasons
-                        .first()
-                        .is_some_and(|r| r == "ConditionalCheckFailed") =>
-                {
-                    Err(Missed::SeqTaken)
-                }
-                Some(reasons)
-                    if has_dedupe
-                        && reasons
-                            .get(1)
-                            .is_some_and(|r| r == "ConditionalCheckFailed") =>
-                {
-                    Err(Missed::DuplicateMessage)
-                }
-                Some(reasons) => Err(Missed::Failed(DynamoError::Cancelled(reasons.join(", ")))),
-                None => Err(Missed::Failed(DynamoError::sdk(error))),
-            },
+        let reasons = match self.transact(items).await.map_err(Missed::Failed)? {
+            Ok(()) => return Ok(()),
+            Err(reasons) => reasons,
+        };
+        let failed = |item: usize| reasons.get(item).is_some_and(|r| r == CONDITION_FAILED);
+        if failed(0) {
+            Err(Missed::SeqTaken)
+        } else if has_dedupe && failed(1) {
+            Err(Missed::DuplicateMessage)
+        } else {
+            Err(Missed::Failed(DynamoError::Cancelled(reasons.join(", "))))
         }
     }
 }

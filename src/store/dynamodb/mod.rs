@@ -24,7 +24,7 @@ pub use tables::{Tables, init};
 
 use crate::ports::Store;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::TransactWriteItem;
 use std::collections::HashMap;
@@ -76,102 +76,74 @@ impl DynamoStore {
         streams.entry(key.to_owned()).or_default().clone()
     }
 
-    /// Runs writes that belong together: one alone as itself, several as a transaction. A
-    /// failed condition means the state already holds this change or a newer one: not an error.
-    async fn apply_writes(&self, writes: Vec<TransactWriteItem>) -> Result<(), DynamoError> {
-        match writes.len() {
-            0 => Ok(()),
-            1 => {
-                let write = writes.into_iter().next().expect("one write");
-                self.write_one(write).await
-            }
-            _ => match self
+    /// Runs writes that belong together: a lone update as itself, anything else as a
+    /// transaction. A failed condition means the state already holds this change or a newer
+    /// one: not an error.
+    async fn apply_writes(&self, mut writes: Vec<TransactWriteItem>) -> Result<(), DynamoError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        if writes.len() == 1
+            && let Some(update) = writes[0].update.take()
+        {
+            return match self
                 .client
-                .transact_write_items()
-                .set_transact_items(Some(writes))
+                .update_item()
+                .table_name(update.table_name)
+                .set_key(Some(update.key))
+                .update_expression(update.update_expression)
+                .set_condition_expression(update.condition_expression)
+                .set_expression_attribute_names(update.expression_attribute_names)
+                .set_expression_attribute_values(update.expression_attribute_values)
                 .send()
                 .await
             {
                 Ok(_) => Ok(()),
-                Err(error) => match cancellation(&error) {
-                    Some(reasons)
-                        if reasons
-                            .iter()
-                            .all(|r| r == "ConditionalCheckFailed" || r == "None") =>
-                    {
-                        Ok(())
-                    }
-                    _ => Err(DynamoError::sdk(error)),
-                },
-            },
+                Err(e) if condition_failed(&e) => Ok(()),
+                Err(e) => Err(DynamoError::sdk(e)),
+            };
+        }
+        match self.transact(writes).await? {
+            Ok(()) => Ok(()),
+            Err(reasons) if reasons.iter().all(|r| r == CONDITION_FAILED || r == "None") => Ok(()),
+            Err(reasons) => Err(DynamoError::Cancelled(reasons.join(", "))),
         }
     }
 
-    async fn write_one(&self, write: TransactWriteItem) -> Result<(), DynamoError> {
-        let result = if let Some(u) = write.update {
-            self.client
-                .update_item()
-                .table_name(u.table_name)
-                .set_key(Some(u.key))
-                .update_expression(u.update_expression)
-                .set_condition_expression(u.condition_expression)
-                .set_expression_attribute_names(u.expression_attribute_names)
-                .set_expression_attribute_values(u.expression_attribute_values)
-                .send()
-                .await
-                .map(drop)
-                .map_err(|e| {
-                    let failed = e
-                        .as_service_error()
-                        .is_some_and(|e| e.is_conditional_check_failed_exception());
-                    (failed, DynamoError::sdk(e))
-                })
-        } else if let Some(p) = write.put {
-            self.client
-                .put_item()
-                .table_name(p.table_name)
-                .set_item(Some(p.item))
-                .set_condition_expression(p.condition_expression)
-                .set_expression_attribute_names(p.expression_attribute_names)
-                .set_expression_attribute_values(p.expression_attribute_values)
-                .send()
-                .await
-                .map(drop)
-                .map_err(|e| {
-                    let failed = e
-                        .as_service_error()
-                        .is_some_and(|e| e.is_conditional_check_failed_exception());
-                    (failed, DynamoError::sdk(e))
-                })
-        } else if let Some(d) = write.delete {
-            self.client
-                .delete_item()
-                .table_name(d.table_name)
-                .set_key(Some(d.key))
-                .send()
-                .await
-                .map(drop)
-                .map_err(|e| (false, DynamoError::sdk(e)))
-        } else {
-            Ok(())
-        };
-        match result {
-            Ok(()) | Err((true, _)) => Ok(()),
-            Err((false, error)) => Err(error),
+    /// Runs a transaction. A cancelled one answers `Ok(Err(reasons))`: the reason code of each
+    /// item, in item order (`"None"` for an item that was not at fault).
+    async fn transact(
+        &self,
+        items: Vec<TransactWriteItem>,
+    ) -> Result<Result<(), Vec<String>>, DynamoError> {
+        match self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(Ok(())),
+            Err(error) => match error.as_service_error() {
+                Some(TransactWriteItemsError::TransactionCanceledException(cancelled)) => {
+                    Ok(Err(cancelled
+                        .cancellation_reasons()
+                        .iter()
+                        .map(|r| r.code().unwrap_or("None").to_owned())
+                        .collect()))
+                }
+                _ => Err(DynamoError::sdk(error)),
+            },
         }
     }
 }
 
-/// The cancellation reason codes of a cancelled transaction, one per item, in item order.
-fn cancellation<R>(error: &SdkError<TransactWriteItemsError, R>) -> Option<Vec<String>> {
-    match error.as_service_error()? {
-        TransactWriteItemsError::TransactionCanceledException(cancelled) => Some(
-            cancelled
-                .cancellation_reasons()
-                .iter()
-                .map(|r| r.code().unwrap_or("None").to_owned())
-                .collect(),
-        ),
-        _ => None,
-    }
+/// A transaction item's reason code when its condition failed.
+const CONDITION_FAILED: &str = "ConditionalCheckFailed";
+
+/// Whether a single-item write failed only because its condition did not hold.
+fn condition_failed<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool {
+    error
+        .as_service_error()
+        .is_some_and(|e| e.code() == Some("ConditionalCheckFailedException"))
 }
