@@ -281,7 +281,7 @@ pub async fn deliver(fanout: &FanOut, event: SqsEvent) -> SqsBatchResponse {
         };
         let recipients = job.connections.len();
         let delivery = fanout
-            .post_to(job.connections, Bytes::from(job.frame))
+            .post_to(&job.connections, Bytes::from(job.frame))
             .await;
         tracing::info!(
             message = %queued.message_id,

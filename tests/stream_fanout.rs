@@ -344,7 +344,7 @@ async fn a_big_room_is_handed_to_delivery_workers_in_shards() {
     let worker = FanOut::new(&store, gateway.clone());
     for job in jobs {
         let d = worker
-            .post_to(job.connections, Bytes::from(job.frame))
+            .post_to(&job.connections, Bytes::from(job.frame))
             .await;
         assert_eq!(d.failed, 0);
     }

@@ -262,6 +262,17 @@ mod tests {
         }
     }
 
+    /// Static test credentials: the fake API does not check signatures.
+    fn test_config() -> aws_config::SdkConfig {
+        aws_config::SdkConfig::builder()
+            .region(Region::new("us-east-1"))
+            .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
+                "test", "test", None, None, "test",
+            )))
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build()
+    }
+
     async fn fake_api() -> (ManagementApi, Calls) {
         let calls = Calls::default();
         let app = Router::new()
@@ -270,13 +281,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let config = aws_config::SdkConfig::builder()
-            .region(Region::new("us-east-1"))
-            .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-                "test", "test", None, None, "test",
-            )))
-            .behavior_version(aws_config::BehaviorVersion::latest())
-            .build();
+        let config = test_config();
         let api =
             ManagementApi::new(&config, &format!("http://{addr}/prod/")).with_backoff(Backoff {
                 attempts: 4,
@@ -361,13 +366,7 @@ mod tests {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             listener.local_addr().unwrap().port()
         };
-        let config = aws_config::SdkConfig::builder()
-            .region(Region::new("us-east-1"))
-            .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-                "test", "test", None, None, "test",
-            )))
-            .behavior_version(aws_config::BehaviorVersion::latest())
-            .build();
+        let config = test_config();
         let api = ManagementApi::new(&config, &format!("http://127.0.0.1:{port}/prod"))
             .with_backoff(Backoff {
                 attempts: 2,

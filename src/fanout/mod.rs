@@ -50,7 +50,8 @@ impl Delivery {
 /// as soon as an event in the run changes who is listening.
 #[derive(Default)]
 pub struct Audiences {
-    rooms: HashMap<RoomName, Vec<ConnectionId>>,
+    /// Shared, so a run of events in a big room reuses one list instead of copying it.
+    rooms: HashMap<RoomName, Arc<[ConnectionId]>>,
 }
 
 impl Audiences {
@@ -75,7 +76,7 @@ pub const RELAY_GROUPS: u64 = 16;
 /// their connection id — so a connection is in the same group for every frame of the room, and
 /// sees them in order — and each group cut into jobs of at most `shard` connections.
 fn relay_jobs(
-    recipients: Vec<ConnectionId>,
+    recipients: &[ConnectionId],
     frame: &str,
     room: &RoomName,
     key: &str,
@@ -84,7 +85,7 @@ fn relay_jobs(
     let mut groups: Vec<Vec<ConnectionId>> = vec![Vec::new(); RELAY_GROUPS as usize];
     for connection in recipients {
         let group = fnv1a(connection.as_str().as_bytes()) % RELAY_GROUPS;
-        groups[group as usize].push(connection);
+        groups[group as usize].push(connection.clone());
     }
     let mut jobs = Vec::new();
     for (group, connections) in groups.into_iter().enumerate() {
@@ -173,7 +174,7 @@ impl FanOut {
                 };
                 let audience = self.audience(room, audiences).await?;
                 let key = format!("{}:{}", event.stream, event.seq);
-                self.send(audience, frame.to_bytes(), room, &key).await
+                self.send(&audience, frame.to_bytes(), room, &key).await
             }
             EventBody::Connected {
                 connection, user, ..
@@ -206,11 +207,11 @@ impl FanOut {
         &self,
         room: &RoomName,
         audiences: &mut Audiences,
-    ) -> StoreResult<Vec<ConnectionId>> {
+    ) -> StoreResult<Arc<[ConnectionId]>> {
         if let Some(audience) = audiences.rooms.get(room) {
             return Ok(audience.clone());
         }
-        let audience = self.directory.audience(room).await?;
+        let audience: Arc<[ConnectionId]> = self.directory.audience(room).await?.into();
         audiences.rooms.insert(room.clone(), audience.clone());
         Ok(audience)
     }
@@ -233,12 +234,13 @@ impl FanOut {
             let audience: Vec<ConnectionId> = self
                 .audience(&room, audiences)
                 .await?
-                .into_iter()
+                .iter()
                 // The new connection knows it is online; and on AWS it may not be open yet.
-                .filter(|c| Some(c) != except)
+                .filter(|c| Some(*c) != except)
+                .cloned()
                 .collect();
             let key = format!("{}:{}:{room}", event.stream, event.seq);
-            total.add(self.send(audience, frame.to_bytes(), &room, &key).await?);
+            total.add(self.send(&audience, frame.to_bytes(), &room, &key).await?);
         }
         Ok(total)
     }
@@ -248,7 +250,7 @@ impl FanOut {
     /// stream and seq) name the jobs.
     async fn send(
         &self,
-        recipients: Vec<ConnectionId>,
+        recipients: &[ConnectionId],
         frame: Bytes,
         room: &RoomName,
         key: &str,
@@ -281,35 +283,35 @@ impl FanOut {
 
     /// Posts the same bytes to every recipient; closes the ones found gone. Delivery workers
     /// call this with the jobs the fan-out queued.
-    pub async fn post_to(&self, recipients: Vec<ConnectionId>, frame: Bytes) -> Delivery {
-        let results: Vec<(ConnectionId, Result<(), PostError>)> =
-            futures_util::stream::iter(recipients)
-                .map(|connection| {
+    pub async fn post_to(&self, recipients: &[ConnectionId], frame: Bytes) -> Delivery {
+        // By index, not by item: a closure whose future borrows the item it is given defeats
+        // the compiler's lifetime inference once the fan-out runs in a spawned task.
+        let results: Vec<(usize, Result<(), PostError>)> =
+            futures_util::stream::iter(0..recipients.len())
+                .map(|i| {
                     let frame = frame.clone();
-                    async move {
-                        let result = self.gateway.post(&connection, frame).await;
-                        (connection, result)
-                    }
+                    async move { (i, self.gateway.post(&recipients[i], frame).await) }
                 })
                 .buffer_unordered(POST_CONCURRENCY)
                 .collect()
                 .await;
         let mut delivery = Delivery::default();
-        for (connection, result) in results {
+        for (i, result) in results {
+            let connection = &recipients[i];
             match result {
                 Ok(()) => delivery.delivered += 1,
                 Err(PostError::Gone) => {
                     if let Err(error) = close_connection(
                         self.log.as_ref(),
                         self.directory.as_ref(),
-                        &connection,
+                        connection,
                         DisconnectReason::Gone,
                     )
                     .await
                     {
                         tracing::warn!(%connection, %error, "could not close a gone connection");
                     }
-                    delivery.gone.push(connection);
+                    delivery.gone.push(connection.clone());
                 }
                 Err(error) => {
                     tracing::warn!(%connection, %error, "post failed");
