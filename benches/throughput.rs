@@ -60,6 +60,7 @@ async fn end_to_end(members: usize, messages_each: usize) -> (f64, f64) {
         identity: identity.clone(),
         admin_token: None,
         changes: None,
+        rate_limit: 0,
     }));
 
     let mut clients = Vec::new();

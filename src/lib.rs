@@ -3,15 +3,20 @@
 //!
 //! - [`domain`] — events, frames, requests, the projection fold. No I/O.
 //! - [`ports`] — what handlers and the fan-out need from a store and a connection gateway.
-//! - [`store`] — the memory and SQLite adapters.
+//! - [`store`] — the memory, SQLite and DynamoDB adapters.
+//! - [`connections`] — a connection's close, shared by `$disconnect` and the fan-out.
 //! - [`handlers`] — the WebSocket routes, taking and answering API Gateway's Lambda event shapes.
-//! - [`fanout`] — turns log events into frames for every connection that should see them.
+//! - [`fanout`] — turns log events into frames for every connection that should see it, driven
+//!   by the local tail or by the DynamoDB table's change stream.
 //! - [`gateway`] — the local API-Gateway-compatible WebSocket gateway and management API.
+//! - [`aws`] — the management API client, SQS delivery queue and Lambda event shapes.
 //! - [`identity`] — JWTs.
 //! - [`lambda`] — the Lambda functions' configuration, wiring and handlers.
 //! - [`operator`] — what operators see: rooms, members, history, connections.
+//! - [`server`] — `palaver serve`'s wiring.
 
 pub mod aws;
+pub mod connections;
 pub mod domain;
 pub mod fanout;
 pub mod gateway;

@@ -2,11 +2,11 @@
 
 use clap::{Parser, Subcommand};
 use palaver::domain::{RoomName, UserId};
+use palaver::fanout::change_stream::ChangeSource;
 use palaver::identity::{Identity, parse_ttl, random_secret};
 use palaver::operator::{self, table};
 use palaver::ports::Store;
 use palaver::server::{ServeConfig, serve};
-use palaver::store::dynamodb::changes::ChangeSource;
 use palaver::store::{self, DEFAULT_STORE, StoreUrl};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -32,6 +32,10 @@ enum Command {
         /// Address to listen on
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
+        /// Frames per second each connection may send, with bursts of twice that; 0 turns the
+        /// limit off (for load tests: people never type this fast)
+        #[arg(long, env = "PALAVER_RATE_LIMIT", default_value_t = palaver::gateway::rate::DEFAULT_PER_SECOND)]
+        rate_limit: u32,
     },
     /// Create the store's tables (DynamoDB; SQLite and memory need nothing)
     Init,
@@ -95,7 +99,7 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Serve { listen } => run_serve(&cli.store, &listen).await,
+        Command::Serve { listen, rate_limit } => run_serve(&cli.store, &listen, rate_limit).await,
         Command::Init => match &cli.store {
             StoreUrl::DynamoDb(prefix) => {
                 let tables = store::dynamodb::Tables::new(prefix);
@@ -206,7 +210,7 @@ fn print<T: serde::Serialize>(
     Ok(())
 }
 
-async fn run_serve(url: &StoreUrl, listen: &str) -> Result<(), Failure> {
+async fn run_serve(url: &StoreUrl, listen: &str, rate_limit: u32) -> Result<(), Failure> {
     let store = open(url).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -260,6 +264,7 @@ async fn run_serve(url: &StoreUrl, listen: &str) -> Result<(), Failure> {
         identity,
         admin_token,
         changes,
+        rate_limit,
     })
     .await?;
     Ok(())

@@ -40,6 +40,10 @@ impl StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// An append whose place in the log is fixed, resolving once it is durable.
+pub type PendingAppend =
+    std::pin::Pin<Box<dyn std::future::Future<Output = StoreResult<Appended>> + Send>>;
+
 /// The append-only log: gap-free per-stream seq, ULID ids.
 #[async_trait]
 pub trait EventLog: Send + Sync {
@@ -51,6 +55,16 @@ pub trait EventLog: Send + Sync {
     ///
     /// [`changes`]: crate::domain::projection::changes
     async fn append(&self, body: EventBody, expect: Expect) -> StoreResult<Appended>;
+
+    /// Starts an append: returns once its place in the log's order is fixed (relative to every
+    /// append submitted after it returns), with what resolves when it is durable. A store that
+    /// batches writes fixes the order when it queues the append, so one connection's pipelined
+    /// frames can share a commit and still land in the order they were sent. The default
+    /// appends and then returns the outcome.
+    async fn submit(&self, body: EventBody, expect: Expect) -> PendingAppend {
+        let outcome = self.append(body, expect).await;
+        Box::pin(std::future::ready(outcome))
+    }
 
     /// Events of `stream` with `seq > after`, in order, at most `limit`.
     async fn read(&self, stream: &Stream, after: u64, limit: usize) -> StoreResult<Vec<Event>>;
@@ -138,10 +152,36 @@ pub enum PostError {
     Failed(String),
 }
 
+/// How many posts [`ConnectionGateway::post_each`]'s default keeps in flight at once.
+pub const POST_CONCURRENCY: usize = 64;
+
 /// Delivers frames to connections: `postToConnection`.
 #[async_trait]
 pub trait ConnectionGateway: Send + Sync {
     async fn post(&self, connection: &ConnectionId, frame: Bytes) -> Result<(), PostError>;
+
+    /// Posts the same frame to every recipient and returns the failures, by index into
+    /// `recipients`. The default makes one [`post`](ConnectionGateway::post) each, up to
+    /// [`POST_CONCURRENCY`] at once (one HTTP request each on AWS); a gateway that holds its
+    /// connections in memory overrides it to queue the shared bytes to all of them in one pass.
+    async fn post_each(
+        &self,
+        recipients: &[ConnectionId],
+        frame: Bytes,
+    ) -> Vec<(usize, PostError)> {
+        use futures_util::StreamExt;
+        // By index, not by item: a closure whose future borrows the item it is given defeats
+        // the compiler's lifetime inference once the fan-out runs in a spawned task.
+        futures_util::stream::iter(0..recipients.len())
+            .map(|i| {
+                let frame = frame.clone();
+                async move { (i, self.post(&recipients[i], frame).await) }
+            })
+            .buffer_unordered(POST_CONCURRENCY)
+            .filter_map(|(i, result)| async move { result.err().map(|e| (i, e)) })
+            .collect()
+            .await
+    }
 }
 
 /// How far the fan-out has delivered each stream.

@@ -3,17 +3,17 @@
 //!
 //! What drives the fan-out depends on the store: memory and SQLite are tailed in commit order
 //! ([`tail`]); DynamoDB's events table is followed through its change stream
-//! ([`crate::store::dynamodb::changes`]), which hands each batch to the same [`StreamFanOut`] the
+//! ([`crate::fanout::change_stream`]), which hands each batch to the same [`StreamFanOut`] the
 //! Lambda fan-out runs, posting to the local gateway instead of API Gateway.
 
+use crate::fanout::change_stream::ChangeSource;
 use crate::fanout::stream::StreamFanOut;
-use crate::fanout::{FanOut, tail};
+use crate::fanout::{FanOut, Roster, tail};
 use crate::gateway::hub::{CloseReason, Hub};
 use crate::gateway::{GatewayState, router};
 use crate::handlers::Routes;
 use crate::identity::Identity;
 use crate::ports::Store;
-use crate::store::dynamodb::changes::ChangeSource;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -26,6 +26,8 @@ pub struct ServeConfig {
     pub admin_token: Option<String>,
     /// The change stream that wakes the fan-out, for a store without a local feed (DynamoDB).
     pub changes: Option<ChangeSource>,
+    /// Frames per second each connection may send (burst twice that); 0 = no limit.
+    pub rate_limit: u32,
 }
 
 /// Runs until ctrl-c or SIGTERM.
@@ -36,15 +38,19 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         identity,
         admin_token,
         changes,
+        rate_limit,
     } = config;
     let hub = Hub::new();
-    let routes = Routes::new(&store, hub.clone(), identity);
+    let routes = Routes::new(&store, hub.clone(), identity).remembering_callers();
 
     if let Some(feed) = store.feed.clone() {
         let fanout = FanOut::new(&store, hub.clone());
         // Connections of an earlier run are gone with it; new ones replay with joinRoom{after}.
         let start = tail::current_position(feed.as_ref()).await;
-        tokio::spawn(tail::run(feed, fanout, start));
+        let roster = Roster::load(store.directory.as_ref())
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(tail::run(feed, fanout, roster, start));
     } else if let (Some(source), Some(stream_fanout)) = (
         changes,
         StreamFanOut::new(&store, FanOut::new(&store, hub.clone())),
@@ -62,6 +68,7 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         store,
         admin_token,
         stage: "local".to_owned(),
+        rate_limit,
     });
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app)

@@ -437,3 +437,129 @@ async fn bad_tokens_fail_the_handshake_with_401_and_store_nothing() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["user"], "ana");
 }
+
+#[tokio::test]
+async fn pipelined_messages_are_appended_and_answered_in_the_order_sent() {
+    let server = Server::start_with(&[("PALAVER_RATE_LIMIT", "0")]);
+    let mut ana = server.connect("ana").await;
+    ana.join("r").await;
+    // 300 frames without waiting for any answer: more than fit in one flight (256), with a
+    // getHistory in the middle that must see every message sent before it.
+    for i in 0..150 {
+        ana.send(json!({"action": "sendMessage", "room": "r", "text": format!("m{i}"), "clientMsgId": format!("c{i}")}))
+            .await;
+    }
+    ana.send(json!({"action": "getHistory", "room": "r", "after": 1, "limit": 500}))
+        .await;
+    for i in 150..300 {
+        ana.send(json!({"action": "sendMessage", "room": "r", "text": format!("m{i}"), "clientMsgId": format!("c{i}")}))
+            .await;
+    }
+    let mut sent = Vec::new();
+    let mut history = None;
+    while sent.len() < 300 || history.is_none() {
+        let answer = ana.answer().await;
+        match answer["type"].as_str() {
+            Some("sent") => {
+                assert_eq!(
+                    history.is_some(),
+                    sent.len() >= 150,
+                    "answers in order: {answer}"
+                );
+                sent.push(answer);
+            }
+            Some("history") => {
+                assert_eq!(sent.len(), 150, "history answered in its place");
+                history = Some(answer);
+            }
+            _ => panic!("unexpected answer {answer}"),
+        }
+    }
+    // Answered in the order sent, and appended in that order: seq follows clientMsgId.
+    for (i, answer) in sent.iter().enumerate() {
+        assert_eq!(answer["clientMsgId"], format!("c{i}"), "{answer}");
+        assert_eq!(answer["seq"], 2 + i as u64, "{answer}");
+    }
+    let events = history.unwrap()["events"].as_array().unwrap().clone();
+    let texts: Vec<&str> = events.iter().map(|e| e["text"].as_str().unwrap()).collect();
+    let expected: Vec<String> = (0..150).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, expected);
+}
+
+#[tokio::test]
+async fn a_replay_is_one_page_and_history_pages_the_rest() {
+    let server = Server::start_with(&[("PALAVER_RATE_LIMIT", "0")]);
+    let mut ana = server.connect("ana").await;
+    ana.join("big").await;
+    let mut bo = server.connect("bo").await;
+    bo.join("big").await;
+    bo.close().await;
+    // 700 messages of about 300 bytes: more than one replay holds by count (500) and by bytes
+    // (96 KiB), so both limits are in play.
+    let text = "x".repeat(300);
+    for i in 0..700 {
+        ana.send(json!({"action": "sendMessage", "room": "big", "text": format!("{i} {text}")}))
+            .await;
+    }
+    for _ in 0..700 {
+        assert_eq!(ana.answer().await["type"], "sent");
+    }
+    // Once ana has seen her last message pushed, the fan-out is past all of them: what bo's new
+    // connection gets is the replay alone.
+    while ana.pushed_of("message").await["seq"] != 702 {}
+    let mut bo = server.connect("bo").await;
+    bo.send(json!({"action": "joinRoom", "room": "big", "after": 0}))
+        .await;
+    let mut got: Vec<Value> = Vec::new();
+    let joined = loop {
+        let frame = bo.recv().await;
+        match frame["type"].as_str() {
+            Some("joined") => break frame,
+            Some("message" | "member") => got.push(frame),
+            _ => {}
+        }
+    };
+    let replayed = got.len();
+    let bytes: usize = got.iter().map(|f| f.to_string().len() + 1).sum();
+    assert!(
+        replayed > 0 && replayed < 500,
+        "one page, cut by bytes: {replayed} events"
+    );
+    assert!(bytes <= 96 * 1024, "{bytes} bytes replayed");
+    let head = joined["head"].as_u64().unwrap();
+    assert_eq!(head, 702, "two joins and 700 messages");
+    // Page on with getHistory until head.
+    while got.last().unwrap()["seq"].as_u64().unwrap() < head {
+        let after = got.last().unwrap()["seq"].as_u64().unwrap();
+        let page = bo
+            .request(json!({"action": "getHistory", "room": "big", "after": after, "limit": 500}))
+            .await;
+        let events = page["events"].as_array().unwrap();
+        assert!(!events.is_empty(), "a page moves forward");
+        assert!(
+            page.to_string().len() <= 128 * 1024,
+            "fits an API Gateway message"
+        );
+        got.extend(events.iter().cloned());
+    }
+    assert_eq!(seqs(&got), (1..=head).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn the_rate_limit_is_a_setting() {
+    let server = Server::start_with(&[("PALAVER_RATE_LIMIT", "5")]);
+    let mut ana = server.connect("ana").await;
+    for _ in 0..30 {
+        ana.send(json!({"action": "nothing"})).await;
+    }
+    let mut codes = Vec::new();
+    for _ in 0..30 {
+        codes.push(ana.answer().await["code"].as_str().unwrap_or("").to_owned());
+    }
+    // A burst of twice the rate passes, then frames are refused.
+    assert!(
+        codes[..10].iter().all(|c| c == "unknown_action"),
+        "{codes:?}"
+    );
+    assert!(codes[10..].iter().any(|c| c == "rate_limited"), "{codes:?}");
+}

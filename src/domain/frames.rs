@@ -116,6 +116,32 @@ impl ServerFrame {
         })
     }
 
+    /// The live frames of `events`, in order, as many as fit in `max_bytes` of JSON: a page of
+    /// history or of a replay. Always at least one when there is one, so a client paging on from
+    /// the last seq it got always moves forward.
+    pub fn page_of(events: &[Event], max_bytes: usize) -> Vec<ServerFrame> {
+        let mut frames = Vec::new();
+        let mut bytes = 0;
+        for frame in events.iter().filter_map(ServerFrame::of_event) {
+            // Each frame, plus the comma between frames in a `history` answer.
+            let size = frame.to_json().len() + 1;
+            if !frames.is_empty() && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            frames.push(frame);
+        }
+        frames
+    }
+
+    /// The seq of a room event's frame.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            ServerFrame::Message { seq, .. } | ServerFrame::Member { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+
     pub fn error(code: ErrorCode, message: impl Into<String>, action: Option<&str>) -> ServerFrame {
         ServerFrame::Error {
             code,
@@ -163,6 +189,34 @@ mod tests {
         assert_eq!(json["text"], "hello");
         assert_eq!(json["at"], "2023-11-14T22:13:20.123Z");
         assert_eq!(json["id"].as_str().unwrap().len(), 26);
+    }
+
+    #[test]
+    fn a_page_stops_before_its_byte_limit_but_never_empty() {
+        let at = chrono::DateTime::from_timestamp_millis(1_700_000_000_123).unwrap();
+        let events: Vec<Event> = (1..=10)
+            .map(|seq| {
+                Event::record(
+                    EventBody::MessagePosted {
+                        room: RoomName::parse("general").unwrap(),
+                        user: UserId::parse("ana").unwrap(),
+                        text: "x".repeat(1000),
+                        client_msg_id: None,
+                        connection: None,
+                    },
+                    seq,
+                    at,
+                )
+            })
+            .collect();
+        let one = ServerFrame::of_event(&events[0]).unwrap().to_json().len() + 1;
+        let page = ServerFrame::page_of(&events, 3 * one + one / 2);
+        assert_eq!(
+            page.iter().filter_map(ServerFrame::seq).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert_eq!(ServerFrame::page_of(&events, 10).len(), 1);
+        assert_eq!(ServerFrame::page_of(&events, usize::MAX).len(), 10);
     }
 
     #[test]

@@ -6,8 +6,12 @@ pub const MAX_FRAME_BYTES: usize = 32 * 1024;
 pub const MAX_TEXT_BYTES: usize = 16 * 1024;
 /// `getHistory` answers this many events when no `limit` is given.
 pub const DEFAULT_HISTORY_LIMIT: usize = 100;
-/// `getHistory` never answers more than this many events at once.
+/// `getHistory` never answers more than this many events at once, and `joinRoom{after}` never
+/// replays more (CONTRACT §2): the client pages on with `getHistory`.
 pub const MAX_HISTORY_LIMIT: usize = 500;
+/// Nor more than this many bytes of events: a route's answer is one API Gateway message, at most
+/// 128 KB, and a replay of more would outlast a route's 29 s on AWS.
+pub const MAX_PAGE_BYTES: usize = 96 * 1024;
 /// A `clientMsgId` is an idempotency key, not a payload.
 pub const MAX_CLIENT_MSG_ID_LEN: usize = 128;
 /// `postToConnection` accepts at most this much (API Gateway's message limit, 128 KB).

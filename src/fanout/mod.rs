@@ -1,28 +1,36 @@
 //! The fan-out: from a log event to frames on every connection that should see it.
 //!
-//! Driven by the log, never by a handler: locally by [`tail`], on AWS by the table's stream.
+//! Driven by the log, never by a handler: locally by [`tail`]; on AWS by the events table's
+//! stream (Lambda's event source mapping, or [`change_stream`] in `palaver serve`), through
+//! [`stream::StreamFanOut`].
 //! Each frame is serialised once and the same bytes are posted to every recipient. A recipient
-//! the gateway reports gone (410) is closed in the log — which in turn tells its rooms, through
-//! this same fan-out, that its user went offline if that was their last connection.
+//! the gateway reports gone (410) is closed in the log ([`connections::close`]) — which in turn
+//! tells its rooms, through this same fan-out, that its user went offline if that was their last
+//! connection.
+//!
+//! Who hears an event comes from [`Listeners`]: locally an in-memory [`Roster`] the tail keeps
+//! by folding the events it delivers (no store query per event); on AWS the store's projection,
+//! read once per room per batch ([`StoreListeners`]).
 
+pub mod change_stream;
+pub mod roster;
 pub mod stream;
 pub mod tail;
 
+use crate::connections;
 use crate::domain::{
     ConnectionId, DisconnectReason, Event, EventBody, RoomName, ServerFrame, UserId,
 };
-use crate::handlers::close_connection;
 use crate::ports::{
     ConnectionGateway, DeliveryJob, DeliveryQueue, Directory, EventLog, PostError, Store,
     StoreError, StoreResult,
 };
+use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// How many posts are in flight at once for one event.
-const POST_CONCURRENCY: usize = 64;
+pub use roster::Roster;
 
 /// What delivering one event did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -46,18 +54,50 @@ impl Delivery {
     }
 }
 
-/// Rooms' audiences looked up while delivering a run of events: read once per room, forgotten
-/// as soon as an event in the run changes who is listening.
-#[derive(Default)]
-pub struct Audiences {
+/// Who listens: what the fan-out reads to turn an event into recipients.
+///
+/// [`Listeners::observe`] is called with every event before it is delivered, so that an answer
+/// reflects the event itself (a join's `member` frame reaches the new member too).
+#[async_trait]
+pub trait Listeners: Send {
+    /// Takes `event` into account.
+    fn observe(&mut self, event: &Event);
+
+    /// Every open connection of every member of `room`.
+    async fn audience(&mut self, room: &RoomName) -> StoreResult<Arc<[ConnectionId]>>;
+
+    /// The rooms `user` is a member of.
+    async fn rooms_of(&mut self, user: &UserId) -> StoreResult<Vec<RoomName>>;
+
+    /// `user`'s open connections, oldest first.
+    async fn connections_of(&mut self, user: &UserId) -> StoreResult<Vec<ConnectionId>>;
+
+    /// The gateway found `connection` gone; its `disconnected` event will follow.
+    fn gone(&mut self, connection: &ConnectionId);
+}
+
+/// The store's projection as the listeners, with each room's audience read once per run of
+/// events and forgotten as soon as an event in the run changes who is listening.
+pub struct StoreListeners {
+    directory: Arc<dyn Directory>,
     /// Shared, so a run of events in a big room reuses one list instead of copying it.
     rooms: HashMap<RoomName, Arc<[ConnectionId]>>,
 }
 
-impl Audiences {
+impl StoreListeners {
+    pub fn new(directory: Arc<dyn Directory>) -> Self {
+        StoreListeners {
+            directory,
+            rooms: HashMap::new(),
+        }
+    }
+}
+
+#[async_trait]
+impl Listeners for StoreListeners {
     /// Drops what `event` may have changed: its room's audience for a join or leave, every
-    /// audience for a connection opening or closing.
-    fn forget(&mut self, event: &Event) {
+    /// audience for a connection opening or closing. (The store applied the event already.)
+    fn observe(&mut self, event: &Event) {
         match &event.body {
             EventBody::Joined { room, .. } | EventBody::Left { room, .. } => {
                 self.rooms.remove(room);
@@ -65,6 +105,34 @@ impl Audiences {
             EventBody::Connected { .. } | EventBody::Disconnected { .. } => self.rooms.clear(),
             EventBody::MessagePosted { .. } => {}
         }
+    }
+
+    async fn audience(&mut self, room: &RoomName) -> StoreResult<Arc<[ConnectionId]>> {
+        if let Some(audience) = self.rooms.get(room) {
+            return Ok(audience.clone());
+        }
+        let audience: Arc<[ConnectionId]> = self.directory.audience(room).await?.into();
+        self.rooms.insert(room.clone(), audience.clone());
+        Ok(audience)
+    }
+
+    async fn rooms_of(&mut self, user: &UserId) -> StoreResult<Vec<RoomName>> {
+        self.directory.rooms_of(user).await
+    }
+
+    async fn connections_of(&mut self, user: &UserId) -> StoreResult<Vec<ConnectionId>> {
+        Ok(self
+            .directory
+            .open_connections(Some(user))
+            .await?
+            .into_iter()
+            .map(|c| c.id)
+            .collect())
+    }
+
+    fn gone(&mut self, _connection: &ConnectionId) {
+        // Its close is in the store already; the next audience read leaves it out.
+        self.rooms.clear();
     }
 }
 
@@ -152,68 +220,56 @@ impl FanOut {
         self
     }
 
-    /// Delivers one event. Room events go to the room's audience; a user's first connection
-    /// opening or last one closing becomes a `presence` frame in each of their rooms.
+    /// Delivers one event, reading its listeners from the store.
     pub async fn deliver(&self, event: &Event) -> StoreResult<Delivery> {
-        self.deliver_in(event, &mut Audiences::default()).await
+        let mut listeners = StoreListeners::new(self.directory.clone());
+        self.deliver_in(event, &mut listeners).await
     }
 
-    /// [`FanOut::deliver`], reusing audiences already looked up in this run of events.
+    /// Delivers one event to what `listeners` say. Room events go to the room's audience; a
+    /// user's first connection opening or last one closing becomes a `presence` frame in each of
+    /// their rooms.
     pub async fn deliver_in(
         &self,
         event: &Event,
-        audiences: &mut Audiences,
+        listeners: &mut dyn Listeners,
     ) -> StoreResult<Delivery> {
-        audiences.forget(event);
-        match &event.body {
+        listeners.observe(event);
+        let delivery = match &event.body {
             EventBody::Joined { room, .. }
             | EventBody::Left { room, .. }
             | EventBody::MessagePosted { room, .. } => {
                 let Some(frame) = ServerFrame::of_event(event) else {
                     return Ok(Delivery::default());
                 };
-                let audience = self.audience(room, audiences).await?;
+                let audience = listeners.audience(room).await?;
                 let key = format!("{}:{}", event.stream, event.seq);
-                self.send(&audience, frame.to_bytes(), room, &key).await
+                self.send(&audience, frame.to_bytes(), room, &key).await?
             }
             EventBody::Connected {
                 connection, user, ..
             } => {
-                // "First connection": this is the user's oldest open one. Judged on the current
-                // registry, so a burst of connects and disconnects can at worst repeat a
-                // presence frame, never leave a room believing the wrong final state.
-                let open = self.directory.open_connections(Some(user)).await?;
-                if open.first().map(|c| &c.id) != Some(connection) {
+                // "First connection": this is the user's oldest open one. A burst of connects
+                // and disconnects can at worst repeat a presence frame, never leave a room
+                // believing the wrong final state.
+                let open = listeners.connections_of(user).await?;
+                if open.first() != Some(connection) {
                     return Ok(Delivery::default());
                 }
-                self.presence(event, user, true, Some(connection), audiences)
-                    .await
+                self.presence(event, user, true, Some(connection), listeners)
+                    .await?
             }
             EventBody::Disconnected { user, .. } => {
-                if !self
-                    .directory
-                    .open_connections(Some(user))
-                    .await?
-                    .is_empty()
-                {
+                if !listeners.connections_of(user).await?.is_empty() {
                     return Ok(Delivery::default());
                 }
-                self.presence(event, user, false, None, audiences).await
+                self.presence(event, user, false, None, listeners).await?
             }
+        };
+        for connection in &delivery.gone {
+            listeners.gone(connection);
         }
-    }
-
-    async fn audience(
-        &self,
-        room: &RoomName,
-        audiences: &mut Audiences,
-    ) -> StoreResult<Arc<[ConnectionId]>> {
-        if let Some(audience) = audiences.rooms.get(room) {
-            return Ok(audience.clone());
-        }
-        let audience: Arc<[ConnectionId]> = self.directory.audience(room).await?.into();
-        audiences.rooms.insert(room.clone(), audience.clone());
-        Ok(audience)
+        Ok(delivery)
     }
 
     async fn presence(
@@ -222,17 +278,17 @@ impl FanOut {
         user: &UserId,
         online: bool,
         except: Option<&ConnectionId>,
-        audiences: &mut Audiences,
+        listeners: &mut dyn Listeners,
     ) -> StoreResult<Delivery> {
         let mut total = Delivery::default();
-        for room in self.directory.rooms_of(user).await? {
+        for room in listeners.rooms_of(user).await? {
             let frame = ServerFrame::Presence {
                 room: room.clone(),
                 user: user.clone(),
                 online,
             };
-            let audience: Vec<ConnectionId> = self
-                .audience(&room, audiences)
+            let audience: Vec<ConnectionId> = listeners
+                .audience(&room)
                 .await?
                 .iter()
                 // The new connection knows it is online; and on AWS it may not be open yet.
@@ -284,24 +340,16 @@ impl FanOut {
     /// Posts the same bytes to every recipient; closes the ones found gone. Delivery workers
     /// call this with the jobs the fan-out queued.
     pub async fn post_to(&self, recipients: &[ConnectionId], frame: Bytes) -> Delivery {
-        // By index, not by item: a closure whose future borrows the item it is given defeats
-        // the compiler's lifetime inference once the fan-out runs in a spawned task.
-        let results: Vec<(usize, Result<(), PostError>)> =
-            futures_util::stream::iter(0..recipients.len())
-                .map(|i| {
-                    let frame = frame.clone();
-                    async move { (i, self.gateway.post(&recipients[i], frame).await) }
-                })
-                .buffer_unordered(POST_CONCURRENCY)
-                .collect()
-                .await;
-        let mut delivery = Delivery::default();
-        for (i, result) in results {
+        let failures = self.gateway.post_each(recipients, frame).await;
+        let mut delivery = Delivery {
+            delivered: recipients.len() - failures.len(),
+            ..Delivery::default()
+        };
+        for (i, error) in failures {
             let connection = &recipients[i];
-            match result {
-                Ok(()) => delivery.delivered += 1,
-                Err(PostError::Gone) => {
-                    if let Err(error) = close_connection(
+            match error {
+                PostError::Gone => {
+                    if let Err(error) = connections::close(
                         self.log.as_ref(),
                         self.directory.as_ref(),
                         connection,
@@ -313,7 +361,7 @@ impl FanOut {
                     }
                     delivery.gone.push(connection.clone());
                 }
-                Err(error) => {
+                error => {
                     tracing::warn!(%connection, %error, "post failed");
                     delivery.failed += 1;
                 }

@@ -11,7 +11,7 @@
 //! the log that cannot be decoded is passed over with an error in the log rather than retried
 //! forever: it would otherwise stop its room's fan-out for good.
 
-use super::{Audiences, Delivery, FanOut};
+use super::{Delivery, FanOut, StoreListeners};
 use crate::domain::{ConnectionId, Event, EventBody, Stream};
 use crate::ports::{Checkpoints, Directory, EventLog, Store, StoreError, StoreResult};
 use std::collections::HashMap;
@@ -92,11 +92,11 @@ impl StreamFanOut {
             }
         }
 
-        let mut audiences = Audiences::default();
+        let mut listeners = StoreListeners::new(self.directory.clone());
         let mut activity: HashMap<ConnectionId, Event> = HashMap::new();
         for mention in mentions {
             match self
-                .catch_up(&mention, &mut audiences, &mut activity, &mut report)
+                .catch_up(&mention, &mut listeners, &mut activity, &mut report)
                 .await
             {
                 Ok(()) => {}
@@ -120,7 +120,7 @@ impl StreamFanOut {
     async fn catch_up(
         &self,
         mention: &Mention,
-        audiences: &mut Audiences,
+        listeners: &mut StoreListeners,
         activity: &mut HashMap<ConnectionId, Event>,
         report: &mut BatchReport,
     ) -> StoreResult<()> {
@@ -160,7 +160,7 @@ impl StreamFanOut {
                     )));
                 }
                 for event in page {
-                    let delivery = self.fanout.deliver_in(&event, audiences).await?;
+                    let delivery = self.fanout.deliver_in(&event, listeners).await?;
                     report.delivery.add(delivery);
                     report.events += 1;
                     done = event.seq;

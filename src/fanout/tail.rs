@@ -5,8 +5,11 @@
 //! that falls behind re-reads from its checkpoint instead of silently skipping. The one thing it
 //! does pass over is an event the store cannot decode (a damaged row): that is logged as an
 //! error, because waiting for it would stop every room.
+//!
+//! Who hears each event comes from the tail's own [`Roster`], folded from the same events in the
+//! same order, so delivering costs no store query.
 
-use super::FanOut;
+use super::{FanOut, Roster};
 use crate::ports::{LogFeed, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +19,9 @@ const PAGE: usize = 256;
 /// Re-read at least this often even without a wake-up (another process may write the file).
 const POLL: Duration = Duration::from_secs(1);
 
-/// Runs until the feed's store is dropped. Starts after `checkpoint`.
-pub async fn run(feed: Arc<dyn LogFeed>, fanout: FanOut, mut checkpoint: u64) {
+/// Runs until the feed's store is dropped. Starts after `checkpoint`, with `roster` as the
+/// projection stood there.
+pub async fn run(feed: Arc<dyn LogFeed>, fanout: FanOut, mut roster: Roster, mut checkpoint: u64) {
     let mut wake = feed.watch();
     loop {
         wake.borrow_and_update();
@@ -53,7 +57,7 @@ pub async fn run(feed: Arc<dyn LogFeed>, fanout: FanOut, mut checkpoint: u64) {
             let Some(&(last, _)) = page.last() else { break };
             for (position, event) in &page {
                 // A store error here (not a failed post) would skip recipients: retry the event.
-                while let Err(error) = fanout.deliver(event).await {
+                while let Err(error) = fanout.deliver_in(event, &mut roster).await {
                     tracing::error!(%error, position, "fan-out failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }

@@ -210,4 +210,26 @@ impl ConnectionGateway for Hub {
         let link = self.get(connection).ok_or(PostError::Gone)?;
         link.push(frame_of(frame))
     }
+
+    /// One pass under one read lock: the frame is checked for UTF-8 once, and every outbox gets
+    /// the same shared bytes (a reference count, not a copy). Nothing here waits.
+    async fn post_each(
+        &self,
+        recipients: &[ConnectionId],
+        frame: Bytes,
+    ) -> Vec<(usize, PostError)> {
+        let message = frame_of(frame);
+        let links = self.links.read().unwrap_or_else(|p| p.into_inner());
+        let mut failures = Vec::new();
+        for (i, connection) in recipients.iter().enumerate() {
+            let posted = match links.get(connection) {
+                Some(link) => link.push(message.clone()),
+                None => Err(PostError::Gone),
+            };
+            if let Err(error) = posted {
+                failures.push((i, error));
+            }
+        }
+        failures
+    }
 }

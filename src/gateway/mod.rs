@@ -27,6 +27,8 @@ pub struct GatewayState {
     pub admin_token: Option<String>,
     /// The stage name put in route requests (`requestContext.stage`).
     pub stage: String,
+    /// Frames per second each connection may send (burst twice that); 0 = no limit.
+    pub rate_limit: u32,
 }
 
 /// The gateway's routes.

@@ -1,13 +1,14 @@
 //! Per-connection rate limiting, as API Gateway's route throttling does for the local gateway.
 //!
-//! A token bucket: a burst of [`BURST`] frames, refilled at [`PER_SECOND`]. A refused frame gets
-//! `rate_limited` and the connection stays; a client that keeps going — [`FLOOD_STRIKES`]
+//! A token bucket: a burst of twice the rate, refilled at the rate (`--rate-limit`, frames per
+//! second per connection, [`DEFAULT_PER_SECOND`] unless set; 0 turns it off). A refused frame
+//! gets `rate_limited` and the connection stays; a client that keeps going — [`FLOOD_STRIKES`]
 //! refusals within [`FLOOD_WINDOW`] — is disconnected.
 
 use std::time::{Duration, Instant};
 
-pub const BURST: f64 = 60.0;
-pub const PER_SECOND: f64 = 30.0;
+/// A person types far slower than this; a script that sends faster is throttled.
+pub const DEFAULT_PER_SECOND: u32 = 30;
 pub const FLOOD_STRIKES: u32 = 300;
 pub const FLOOD_WINDOW: Duration = Duration::from_secs(10);
 
@@ -20,32 +21,39 @@ pub enum Verdict {
 }
 
 pub struct RateLimit {
+    per_second: f64,
+    burst: f64,
     tokens: f64,
     refilled: Instant,
     strikes: u32,
     window: Instant,
 }
 
-impl Default for RateLimit {
-    fn default() -> Self {
+impl RateLimit {
+    /// A limit of `per_second` frames per second with a burst of twice that; `None` for 0 (off).
+    pub fn new(per_second: u32) -> Option<RateLimit> {
+        if per_second == 0 {
+            return None;
+        }
         let now = Instant::now();
-        RateLimit {
-            tokens: BURST,
+        let per_second = f64::from(per_second);
+        Some(RateLimit {
+            per_second,
+            burst: 2.0 * per_second,
+            tokens: 2.0 * per_second,
             refilled: now,
             strikes: 0,
             window: now,
-        }
+        })
     }
-}
 
-impl RateLimit {
     pub fn admit(&mut self) -> Verdict {
         self.admit_at(Instant::now())
     }
 
     fn admit_at(&mut self, now: Instant) -> Verdict {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * PER_SECOND).min(BURST);
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
         self.refilled = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -70,9 +78,9 @@ mod tests {
 
     #[test]
     fn a_burst_passes_then_frames_are_refused_then_refilled() {
-        let mut limit = RateLimit::default();
+        let mut limit = RateLimit::new(DEFAULT_PER_SECOND).unwrap();
         let t0 = Instant::now();
-        for _ in 0..BURST as usize {
+        for _ in 0..2 * DEFAULT_PER_SECOND {
             assert_eq!(limit.admit_at(t0), Verdict::Admit);
         }
         assert_eq!(limit.admit_at(t0), Verdict::Refuse);
@@ -81,11 +89,22 @@ mod tests {
 
     #[test]
     fn a_flood_is_told_apart() {
-        let mut limit = RateLimit::default();
+        let mut limit = RateLimit::new(DEFAULT_PER_SECOND).unwrap();
         let t0 = Instant::now();
-        let verdicts: Vec<Verdict> = (0..BURST as u32 + FLOOD_STRIKES + 1)
+        let verdicts: Vec<Verdict> = (0..2 * DEFAULT_PER_SECOND + FLOOD_STRIKES + 1)
             .map(|_| limit.admit_at(t0))
             .collect();
         assert_eq!(verdicts.last(), Some(&Verdict::Flooding));
+    }
+
+    #[test]
+    fn the_rate_is_a_setting_and_zero_turns_it_off() {
+        assert!(RateLimit::new(0).is_none());
+        let mut limit = RateLimit::new(1000).unwrap();
+        let t0 = Instant::now();
+        for _ in 0..2000 {
+            assert_eq!(limit.admit_at(t0), Verdict::Admit);
+        }
+        assert_eq!(limit.admit_at(t0), Verdict::Refuse);
     }
 }

@@ -25,6 +25,9 @@ pub(super) async fn handle(
     };
     match routes.log.append(body, Expect::Seq(1)).await {
         Ok(_) => {
+            if let Some(callers) = &routes.callers {
+                callers.opened(&connection, &user);
+            }
             tracing::info!(%connection, %user, "connected");
             status(200, "Connected")
         }

@@ -1,6 +1,9 @@
-//! `getHistory`: a page of the room's events, in the live frames' shapes.
+//! `getHistory`: a page of the room's events, in the live frames' shapes: at most `limit` events
+//! and at most [`MAX_PAGE_BYTES`] of them, so possibly fewer than asked; the client pages on
+//! from the last seq until `head`.
 
 use super::{Caller, RouteError, Routes};
+use crate::domain::limits::MAX_PAGE_BYTES;
 use crate::domain::{RoomName, ServerFrame, Stream};
 
 pub(super) async fn handle(
@@ -18,7 +21,7 @@ pub(super) async fn handle(
     let head = routes.log.head(&stream).await?;
     Ok(ServerFrame::History {
         room,
-        events: events.iter().filter_map(ServerFrame::of_event).collect(),
+        events: ServerFrame::page_of(&events, MAX_PAGE_BYTES),
         head,
     })
 }

@@ -1,8 +1,13 @@
 //! `joinRoom`: become a member (once — joining again is a no-op, so reconnecting clients can
 //! always send it), replay what the caller missed after `after`, then answer `joined`.
+//!
+//! A replay is one page: at most [`MAX_HISTORY_LIMIT`] events and [`MAX_PAGE_BYTES`] of them. A
+//! client whose last seq is then below `head` pages the rest with `getHistory` — so a client
+//! that was away for long cannot drown its own connection (or, on AWS, outlast the route's
+//! 29 s) on reconnecting.
 
 use super::{Caller, RouteError, Routes};
-use crate::domain::limits::MAX_HISTORY_LIMIT;
+use crate::domain::limits::{MAX_HISTORY_LIMIT, MAX_PAGE_BYTES};
 use crate::domain::{EventBody, Expect, RoomName, ServerFrame, Stream};
 
 pub(super) async fn handle(
@@ -20,19 +25,16 @@ pub(super) async fn handle(
     }
     let stream = Stream::Room(room.clone());
     let mut head = routes.log.head(&stream).await?;
-    if let Some(mut cursor) = after {
-        // Replay page by page, straight to the caller's connection, before the answer.
-        loop {
-            let page = routes.log.read(&stream, cursor, MAX_HISTORY_LIMIT).await?;
-            let Some(last) = page.last() else { break };
-            cursor = last.seq;
-            for frame in page.iter().filter_map(ServerFrame::of_event) {
-                routes
-                    .gateway
-                    .post(&caller.connection, frame.to_bytes())
-                    .await?;
-            }
-            head = head.max(cursor);
+    if let Some(after) = after {
+        // Straight to the caller's connection, before the answer.
+        let page = routes.log.read(&stream, after, MAX_HISTORY_LIMIT).await?;
+        for frame in ServerFrame::page_of(&page, MAX_PAGE_BYTES) {
+            // Appended since the head was read: the answer must not say less than was sent.
+            head = head.max(frame.seq().unwrap_or(0));
+            routes
+                .gateway
+                .post(&caller.connection, frame.to_bytes())
+                .await?;
         }
     }
     Ok(ServerFrame::Joined { room, head })

@@ -6,14 +6,16 @@
 //! in `palaver serve`'s local gateway and on AWS. A route's answer is the response body, which
 //! API Gateway (and the local gateway) sends back to the caller.
 
+mod callers;
 mod connect;
 mod disconnect;
 mod history;
 mod join;
 mod leave;
 mod send;
+mod turn;
 
-pub use disconnect::close as close_connection;
+pub use turn::Turn;
 
 use crate::domain::requests::{self, Rejection, Request};
 use crate::domain::{ConnectionId, ErrorCode, ServerFrame, UserId};
@@ -30,6 +32,8 @@ pub struct Routes {
     directory: Arc<dyn Directory>,
     gateway: Arc<dyn ConnectionGateway>,
     identity: Identity,
+    /// Set when this process runs every `$connect` and `$disconnect` (the local gateway).
+    callers: Option<Arc<callers::KnownCallers>>,
 }
 
 /// Who sent a frame: the connection and the user it was opened by.
@@ -67,13 +71,32 @@ impl Routes {
             directory: store.directory.clone(),
             gateway,
             identity,
+            callers: None,
         }
+    }
+
+    /// For a gateway that runs every connection's `$connect` and `$disconnect` through these
+    /// routes in this process: callers are remembered from `$connect` to `$disconnect` instead
+    /// of read from the registry on every frame (see `callers.rs`). Not for Lambda.
+    pub fn remembering_callers(mut self) -> Self {
+        self.callers = Some(Arc::default());
+        self
     }
 
     /// Handles one API Gateway WebSocket event, whatever its route.
     pub async fn handle(
         &self,
         request: ApiGatewayWebsocketProxyRequest,
+    ) -> ApiGatewayProxyResponse {
+        self.handle_in_turn(request, Turn::alone()).await
+    }
+
+    /// [`Routes::handle`] for one of several frames of a connection handled at once: an append
+    /// waits for `turn` (see [`Turn`]).
+    pub async fn handle_in_turn(
+        &self,
+        request: ApiGatewayWebsocketProxyRequest,
+        turn: Turn,
     ) -> ApiGatewayProxyResponse {
         let context = &request.request_context;
         let route = context.route_key.as_deref().unwrap_or("$default");
@@ -95,17 +118,23 @@ impl Routes {
                     Ok(body) if route == "$default" => {
                         requests::default_route_rejection(body).frame(None)
                     }
-                    Ok(body) => self.route(route, connection, body).await,
+                    Ok(body) => self.route(route, connection, body, turn).await,
                 };
                 answer(&frame)
             }
         }
     }
 
-    async fn route(&self, route: &str, connection: ConnectionId, body: &str) -> ServerFrame {
+    async fn route(
+        &self,
+        route: &str,
+        connection: ConnectionId,
+        body: &str,
+        turn: Turn,
+    ) -> ServerFrame {
         let outcome = match requests::parse(route, body) {
             Err(rejection) => Err(RouteError::Rejected(rejection)),
-            Ok(request) => self.dispatch(connection, request).await,
+            Ok(request) => self.dispatch(connection, request, turn).await,
         };
         outcome.unwrap_or_else(|error| match error {
             RouteError::Rejected(rejection) => rejection.frame(Some(route)),
@@ -124,6 +153,7 @@ impl Routes {
         &self,
         connection: ConnectionId,
         request: Request,
+        turn: Turn,
     ) -> Result<ServerFrame, RouteError> {
         let caller = self.caller(connection).await?;
         match request {
@@ -133,7 +163,7 @@ impl Routes {
                 room,
                 text,
                 client_msg_id,
-            } => send::handle(self, &caller, room, text, client_msg_id).await,
+            } => send::handle(self, &caller, room, text, client_msg_id, turn).await,
             Request::GetHistory { room, after, limit } => {
                 history::handle(self, &caller, room, after, limit).await
             }
@@ -142,6 +172,9 @@ impl Routes {
 
     /// The user behind a connection, from the registry `$connect` wrote.
     async fn caller(&self, connection: ConnectionId) -> Result<Caller, RouteError> {
+        if let Some(user) = self.callers.as_ref().and_then(|c| c.user(&connection)) {
+            return Ok(Caller { connection, user });
+        }
         match self.directory.connection(&connection).await? {
             Some(record) if record.open => Ok(Caller {
                 connection,

@@ -1,7 +1,10 @@
 //! `sendMessage`: append the message; answer `sent` once it is durably in the log. The fan-out,
 //! not this handler, delivers it — to the sender's other connections too.
+//!
+//! A connection's messages are appended in the order it sent them, even when several are in
+//! flight at once ([`Turn`]).
 
-use super::{Caller, RouteError, Routes};
+use super::{Caller, RouteError, Routes, Turn};
 use crate::domain::{EventBody, Expect, RoomName, ServerFrame};
 
 pub(super) async fn handle(
@@ -10,6 +13,7 @@ pub(super) async fn handle(
     room: RoomName,
     text: String,
     client_msg_id: Option<String>,
+    mut turn: Turn,
 ) -> Result<ServerFrame, RouteError> {
     if !routes.directory.is_member(&room, &caller.user).await? {
         return Err(RouteError::not_member(&room));
@@ -21,7 +25,10 @@ pub(super) async fn handle(
         client_msg_id: client_msg_id.clone(),
         connection: Some(caller.connection.clone()),
     };
-    let appended = routes.log.append(body, Expect::Next).await?;
+    turn.wait().await;
+    let pending = routes.log.submit(body, Expect::Next).await;
+    turn.pass();
+    let appended = pending.await?;
     Ok(ServerFrame::Sent {
         room,
         seq: appended.event.seq,

@@ -20,6 +20,28 @@ pub const ADMIN: &str = "test-admin-token";
 /// How long a test waits for a frame it expects.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Fresh DynamoDB tables (`palaver init` on a new prefix) on the DynamoDB that the test
+/// command's AWS environment names (`AWS_ENDPOINT_URL`, credentials, region); their store URL.
+/// No endpoint is a failure, never a skip.
+fn dynamodb_store() -> String {
+    assert!(
+        std::env::var("AWS_ENDPOINT_URL").is_ok_and(|url| !url.is_empty()),
+        "PALAVER_TEST_STORE=dynamodb needs AWS_ENDPOINT_URL pointing at a DynamoDB (the moto \
+             server scripts/test starts): run scripts/test, or start `moto_server` and export \
+             AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION"
+    );
+    let prefix = format!("ws-{}", ulid::Ulid::new().to_string().to_lowercase());
+    let store = format!("dynamodb://{prefix}");
+    let init = cli(&store, &["init"]);
+    assert!(
+        init.status.success(),
+        "palaver init --store {store} failed: {}{}",
+        String::from_utf8_lossy(&init.stdout),
+        String::from_utf8_lossy(&init.stderr)
+    );
+    store
+}
+
 /// A running `palaver serve`.
 pub struct Server {
     child: Child,
@@ -62,12 +84,22 @@ impl Server {
     /// A server on the store the suite runs against: `PALAVER_TEST_STORE` (`sqlite`, the
     /// default, `memory`, or `dynamodb`).
     pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// [`Server::start`] with more environment for `palaver serve` (settings).
+    pub fn start_with(env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
         match TestStore::from_env() {
-            TestStore::Sqlite => Server::start_sqlite(),
-            TestStore::Memory => {
-                Server::start_on(tempfile::tempdir().expect("temp dir"), "memory://")
+            TestStore::Sqlite => {
+                let store = format!("sqlite://{}", dir.path().join("palaver.db").display());
+                Server::start_with_env(dir, &store, env)
             }
-            TestStore::DynamoDb => Server::start_dynamodb(),
+            TestStore::Memory => Server::start_with_env(dir, "memory://", env),
+            TestStore::DynamoDb => {
+                let store = dynamodb_store();
+                Server::start_with_env(dir, &store, env)
+            }
         }
     }
 
@@ -91,21 +123,7 @@ impl Server {
     /// prefix, reached through the AWS environment of the test command (`AWS_ENDPOINT_URL`,
     /// credentials, region). No endpoint is a failure, never a skip.
     pub fn start_dynamodb() -> Server {
-        assert!(
-            std::env::var("AWS_ENDPOINT_URL").is_ok_and(|url| !url.is_empty()),
-            "PALAVER_TEST_STORE=dynamodb needs AWS_ENDPOINT_URL pointing at a DynamoDB (the moto \
-             server scripts/test starts): run scripts/test, or start `moto_server` and export \
-             AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION"
-        );
-        let prefix = format!("ws-{}", ulid::Ulid::new().to_string().to_lowercase());
-        let store = format!("dynamodb://{prefix}");
-        let init = cli(&store, &["init"]);
-        assert!(
-            init.status.success(),
-            "palaver init --store {store} failed: {}{}",
-            String::from_utf8_lossy(&init.stdout),
-            String::from_utf8_lossy(&init.stderr)
-        );
+        let store = dynamodb_store();
         Server::start_on(tempfile::tempdir().expect("temp dir"), &store)
     }
 

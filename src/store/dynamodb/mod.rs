@@ -11,7 +11,6 @@
 //!
 //! See [`items`] for the tables' item shapes.
 
-pub mod changes;
 mod directory;
 mod error;
 mod items;

@@ -15,7 +15,8 @@ pub use error::SqliteError;
 
 use crate::domain::{Appended, ConnectionId, Event, EventBody, Expect, RoomName, Stream, UserId};
 use crate::ports::{
-    ConnectionRecord, Directory, EventLog, LogFeed, MemberRecord, RoomRecord, Store, StoreResult,
+    ConnectionRecord, Directory, EventLog, LogFeed, MemberRecord, PendingAppend, RoomRecord, Store,
+    StoreResult,
 };
 use async_trait::async_trait;
 use rows::{
@@ -111,6 +112,21 @@ impl SqliteStore {
             .await
             .map_err(|_| SqliteError::CommitterGone)?;
         answer.await.map_err(|_| SqliteError::CommitterGone)?
+    }
+
+    /// Queues the append for the committer and returns what answers it: the queue's order is
+    /// the log's order.
+    async fn submit(&self, body: EventBody, expect: Expect) -> PendingAppend {
+        let (reply, answer) = oneshot::channel();
+        let job = commit::Job {
+            body,
+            expect,
+            reply,
+        };
+        if self.jobs.send(job).await.is_err() {
+            return Box::pin(std::future::ready(Err(SqliteError::CommitterGone.into())));
+        }
+        Box::pin(async move { Ok(answer.await.map_err(|_| SqliteError::CommitterGone)??) })
     }
 
     async fn read(
@@ -295,6 +311,10 @@ impl SqliteStore {
 impl EventLog for SqliteStore {
     async fn append(&self, body: EventBody, expect: Expect) -> StoreResult<Appended> {
         Ok(SqliteStore::append(self, body, expect).await?)
+    }
+
+    async fn submit(&self, body: EventBody, expect: Expect) -> PendingAppend {
+        SqliteStore::submit(self, body, expect).await
     }
 
     async fn read(&self, stream: &Stream, after: u64, limit: usize) -> StoreResult<Vec<Event>> {

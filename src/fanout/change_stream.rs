@@ -36,7 +36,7 @@
 //!
 //! Errors are logged and retried with a backoff; the tail itself never stops and never panics.
 
-use crate::fanout::stream::{StreamFanOut, Wake};
+use super::stream::{StreamFanOut, Wake};
 use crate::store::dynamodb::Tables;
 use aws_sdk_dynamodbstreams::config::http::HttpResponse;
 use aws_sdk_dynamodbstreams::error::{ProvideErrorMetadata, SdkError};

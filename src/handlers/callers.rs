@@ -1,0 +1,40 @@
+//! Who is behind each connection this process opened, so a frame costs no registry read.
+//!
+//! Behind API Gateway a route learns its caller from the connection registry `$connect` wrote:
+//! a Lambda container may see a connection's frames without having seen its `$connect`, and
+//! another container may have closed it. The local gateway runs `$connect` and `$disconnect`
+//! for every connection in this same process, and a connection it still routes frames for is
+//! open by definition (a connection found gone is closed by its session, which runs
+//! `$disconnect`). So there, and only there, the handlers remember each caller from `$connect`
+//! until `$disconnect` — a store query per frame was a thread hand-off per frame.
+
+use crate::domain::{ConnectionId, UserId};
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+#[derive(Default)]
+pub(super) struct KnownCallers(RwLock<HashMap<ConnectionId, UserId>>);
+
+impl KnownCallers {
+    pub(super) fn opened(&self, connection: &ConnectionId, user: &UserId) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(connection.clone(), user.clone());
+    }
+
+    pub(super) fn closed(&self, connection: &ConnectionId) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(connection);
+    }
+
+    pub(super) fn user(&self, connection: &ConnectionId) -> Option<UserId> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(connection)
+            .cloned()
+    }
+}
