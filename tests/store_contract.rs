@@ -106,6 +106,7 @@ macro_rules! contract_suite {
                 connections_open_and_close,
                 projection_ignores_redelivered_and_reordered_events,
                 disconnect_before_connect_leaves_a_closed_tombstone,
+                audience_follows_joins_leaves_connects_and_disconnects_in_any_order,
                 feed_wakes_watchers_after_an_append,
             );
         }
@@ -880,6 +881,89 @@ mod contract {
         assert!(d.open_connections(None).await.unwrap().is_empty());
     }
 
+    /// Every order of one user's join, leave, connect and disconnect (each event applied twice
+    /// in a row, then the whole order again forwards and backwards), with a second connection
+    /// of the user open throughout: after each step the room's audience is exactly the user's
+    /// open connections while the user is a member — a repeated or older event never brings a
+    /// listener back.
+    pub async fn audience_follows_joins_leaves_connects_and_disconnects_in_any_order(
+        store: &Store,
+    ) {
+        let d = &store.directory;
+        let t0 = now();
+        let ms = chrono::Duration::milliseconds;
+        let mut orders = Vec::new();
+        for a in 0..4 {
+            for b in 0..4 {
+                for c in 0..4 {
+                    for e in 0..4 {
+                        let order = [a, b, c, e];
+                        if BTreeSet::from(order).len() == 4 {
+                            orders.push(order);
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(orders.len(), 24);
+        for (i, order) in orders.iter().enumerate() {
+            let (r, u) = (format!("p{i}"), format!("u{i}"));
+            let (steady, moving) = (format!("c{i}-0"), format!("c{i}-1"));
+            d.apply(&Event::record(connected(&steady, &u), 1, t0))
+                .await
+                .unwrap();
+            let events = [
+                Event::record(joined(&r, &u), 1, t0 + ms(1)),
+                Event::record(left(&r, &u), 2, t0 + ms(2)),
+                Event::record(connected(&moving, &u), 1, t0 + ms(1)),
+                Event::record(disconnected(&moving, &u), 2, t0 + ms(2)),
+            ];
+            let names = ["joined", "left", "connected", "disconnected"];
+            let mut applied = [false; 4];
+            let expected = |applied: &[bool; 4]| {
+                let member = applied[0] && !applied[1];
+                let open = applied[2] && !applied[3];
+                match (member, open) {
+                    (false, _) => vec![],
+                    (true, false) => vec![conn(&steady)],
+                    (true, true) => vec![conn(&steady), conn(&moving)],
+                }
+            };
+            let mut steps = Vec::new();
+            for &k in order {
+                steps.push(names[k]);
+                for time in ["", " (again)"] {
+                    d.apply(&events[k]).await.unwrap();
+                    applied[k] = true;
+                    assert_eq!(
+                        d.audience(&room(&r)).await.unwrap(),
+                        expected(&applied),
+                        "after {}{time}",
+                        steps.join(", ")
+                    );
+                }
+            }
+            for &k in order.iter().chain(order.iter().rev()) {
+                d.apply(&events[k]).await.unwrap();
+            }
+            assert_eq!(
+                d.audience(&room(&r)).await.unwrap(),
+                Vec::<ConnectionId>::new(),
+                "{}, then everything again",
+                steps.join(", ")
+            );
+            assert_eq!(
+                ids_of(d.open_connections(Some(&user(&u))).await.unwrap()),
+                [conn(&steady)]
+            );
+            assert!(!d.is_member(&room(&r), &user(&u)).await.unwrap());
+        }
+    }
+
+    fn ids_of(records: Vec<ConnectionRecord>) -> Vec<ConnectionId> {
+        records.into_iter().map(|r| r.id).collect()
+    }
+
     pub async fn feed_wakes_watchers_after_an_append(store: &Store) {
         // A store without a feed (DynamoDB) is tailed through its stream instead.
         let Some(feed) = &store.feed else { return };
@@ -953,6 +1037,55 @@ mod dynamodb_only {
         assert_eq!(seqs(&events), (1..=120).collect::<Vec<u64>>());
         let texts: BTreeSet<&str> = events.iter().map(text).collect();
         assert_eq!(texts.len(), 120, "every message is in the log once");
+    }
+
+    /// More listener rows than one transaction holds. A user in 120 rooms connects while
+    /// leaving one room and joining another: the connection ends up in the audience of exactly
+    /// the rooms the user is then a member of (what did not fit in the connect's transaction is
+    /// written after it, under the user's version), and disconnecting takes it out of all of
+    /// them. Then a user with 105 connections joins and leaves a room.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn listeners_past_a_transactions_hundred_items() {
+        let fixture = dynamodb_store().await;
+        let store = &fixture.store;
+        let d = &store.directory;
+        let rooms: Vec<String> = (0..120).map(|i| format!("r{i:03}")).collect();
+        for r in &rooms {
+            append(store, joined(r, "ana")).await;
+        }
+        let (connect, leave, join) = tokio::join!(
+            store.log.append(connected("a1", "ana"), Expect::Seq(1)),
+            store.log.append(left("r000", "ana"), Expect::Next),
+            store.log.append(joined("extra", "ana"), Expect::Next),
+        );
+        connect.unwrap();
+        leave.unwrap();
+        join.unwrap();
+        let mut rooms_now: Vec<String> = rooms[1..].to_vec();
+        rooms_now.push("extra".to_owned());
+        for r in &rooms_now {
+            assert_eq!(d.audience(&room(r)).await.unwrap(), [conn("a1")], "{r}");
+        }
+        assert!(d.audience(&room("r000")).await.unwrap().is_empty());
+
+        append(store, disconnected("a1", "ana")).await;
+        for r in rooms.iter().chain(&rooms_now) {
+            assert!(d.audience(&room(r)).await.unwrap().is_empty(), "{r}");
+        }
+
+        let conns: Vec<String> = (0..105).map(|i| format!("b{i:03}")).collect();
+        for c in &conns {
+            store
+                .log
+                .append(connected(c, "bo"), Expect::Seq(1))
+                .await
+                .unwrap();
+        }
+        append(store, joined("hall", "bo")).await;
+        let everyone: Vec<ConnectionId> = conns.iter().map(|c| conn(c)).collect();
+        assert_eq!(d.audience(&room("hall")).await.unwrap(), everyone);
+        append(store, left("hall", "bo")).await;
+        assert!(d.audience(&room("hall")).await.unwrap().is_empty());
     }
 }
 

@@ -1,14 +1,14 @@
 //! [`Directory`] and [`Checkpoints`] on the state table.
 //!
 //! Reads are strongly consistent: a handler must see the join it just made. Who hears a room is
-//! one Query for its members and one per member for their open connections; the fan-out reads
-//! it once per room per batch.
+//! one paged Query of its `listener#` rows; the fan-out reads it once per room per batch.
 
 use super::error::DynamoError;
 use super::items::{
     Item, after, checkpoint_key, connection_key, expires, flag, member_key, n, number, s, string,
     time,
 };
+use super::listeners::Scope;
 use super::writes::writes;
 use super::{DynamoStore, condition_failed};
 use crate::domain::event::now;
@@ -39,7 +39,11 @@ impl DynamoStore {
 
     /// Every item of partition `pk` whose sort key starts with `prefix` (any, if empty), all
     /// pages.
-    async fn partition(&self, pk: String, prefix: &str) -> Result<Vec<Item>, DynamoError> {
+    pub(super) async fn partition(
+        &self,
+        pk: String,
+        prefix: &str,
+    ) -> Result<Vec<Item>, DynamoError> {
         let mut items = Vec::new();
         let mut start = None;
         loop {
@@ -119,8 +123,13 @@ fn oldest_first(records: &mut [ConnectionRecord]) {
 impl Directory for DynamoStore {
     async fn apply(&self, event: &Event) -> StoreResult<()> {
         for change in changes(event) {
-            self.apply_writes(writes(&self.tables.state, &change)?)
-                .await?;
+            match Scope::of(&change) {
+                Some(scope) => self.apply_with_listeners(scope, &change).await?,
+                None => {
+                    self.apply_writes(writes(&self.tables.state, &change)?)
+                        .await?
+                }
+            }
         }
         Ok(())
     }
@@ -231,14 +240,15 @@ impl Directory for DynamoStore {
         Ok(rooms)
     }
 
+    /// One consistent Query of the room's listener rows, all pages: the membership and
+    /// connection events keep them (see [`super::listeners`]).
     async fn audience(&self, room: &RoomName) -> StoreResult<Vec<ConnectionId>> {
-        let members = self.active_members(room).await?;
-        let per_member: Vec<Vec<ConnectionId>> = futures_util::stream::iter(members)
-            .map(|(user, _)| async move { self.open_ids(&user).await })
-            .buffered(READ_CONCURRENCY)
-            .try_collect()
-            .await?;
-        let mut audience: Vec<ConnectionId> = per_member.into_iter().flatten().collect();
+        let mut audience: Vec<ConnectionId> = self
+            .partition(format!("room#{room}"), "listener#")
+            .await?
+            .iter()
+            .map(|item| after(item, "listener#").map(ConnectionId::new))
+            .collect::<Result<_, _>>()?;
         audience.sort();
         Ok(audience)
     }

@@ -8,15 +8,24 @@
 //! | pk | sk | what |
 //! | --- | --- | --- |
 //! | `room#R` | `member#U` | U's membership of R: `active`, `seq`, `joinedAt` (while active) |
+//! | `room#R` | `listener#C` | C, a connection of member U, hears R: `user` (U), `expires` (C's) |
 //! | `user#U` | `room#R` | the same membership seen from the user: `active`, `seq` |
 //! | `user#U` | `conn#C` | C is one of U's open connections: `connectedAt`, `expires` |
+//! | `user#U` | `version` | `v`, bumped by every change to U's memberships or connections |
 //! | `conn#C` | `conn` | the connection registry: `user`, `connectedAt`, `lastActiveAt`, `sourceIp`, `closedAt`, `expires` |
 //! | `rooms` | `R` | R has a log |
 //! | `msg#R` | `U#M` | U's message with clientMsgId M in R is `seq` |
 //! | `delivered#S` | `-` | the fan-out delivered log stream S up to `seq` |
 //!
 //! `expires` is the table's TTL attribute: rows of connections whose `$disconnect` never came
-//! disappear after [`CONNECTION_TTL_SECS`] even if no 410 finds them first.
+//! disappear after [`CONNECTION_TTL_SECS`] even if no 410 finds them first. A listener row
+//! carries its connection's `expires`, so it goes with the connection's other rows.
+//!
+//! `room#R`/`listener#C` is the room's audience, kept so the fan-out reads who hears a room with
+//! one Query (`begins_with(sk, "listener#")`); a row exists exactly while U is a member of R and
+//! C is open. How the rows are kept right — in the membership or connection event's own
+//! transaction, under the user's `version` guard, and what happens past DynamoDB's 100 items per
+//! transaction — is in [`super::listeners`].
 
 use super::error::DynamoError;
 use crate::domain::{ConnectionId, Event, EventBody, RoomName, Stream, UserId};
@@ -57,6 +66,14 @@ pub fn user_room_key(user: &UserId, room: &RoomName) -> Item {
 
 pub fn user_connection_key(user: &UserId, connection: &ConnectionId) -> Item {
     key(format!("user#{user}"), format!("conn#{connection}"))
+}
+
+pub fn listener_key(room: &RoomName, connection: &ConnectionId) -> Item {
+    key(format!("room#{room}"), format!("listener#{connection}"))
+}
+
+pub fn user_version_key(user: &UserId) -> Item {
+    key(format!("user#{user}"), "version".to_owned())
 }
 
 pub fn connection_key(connection: &ConnectionId) -> Item {

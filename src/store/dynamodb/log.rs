@@ -2,8 +2,9 @@
 
 use super::error::DynamoError;
 use super::items::{dedupe_key, event_item, event_of, n, number, s};
+use super::listeners::{Cancelled, Plan, Scope};
 use super::writes::{put_new, writes};
-use super::{CONDITION_FAILED, DynamoStore, condition_failed};
+use super::{CONDITION_FAILED, DynamoStore, TRANSACTION_CONFLICT, condition_failed};
 use crate::domain::event::now;
 use crate::domain::projection::changes;
 use crate::domain::{Appended, Event, EventBody, Expect, Stream};
@@ -21,6 +22,9 @@ enum Missed {
     SeqTaken,
     /// The user already sent this `clientMsgId` to this room.
     DuplicateMessage,
+    /// Another change of the same user (or another transaction on the same items) committed
+    /// between the read and the write: read again and retry.
+    Raced,
     Failed(DynamoError),
 }
 
@@ -87,19 +91,40 @@ impl DynamoStore {
     }
 
     /// Writes `event`: a single conditional put, or a transaction with its idempotency key or
-    /// projection changes.
+    /// projection changes. A membership or connection event reads its user's rooms and
+    /// connections first, and its transaction carries the user's version guard and the room
+    /// listener rows it moves (those that do not fit are written after it: see [`listeners`]).
+    ///
+    /// [`listeners`]: super::listeners
     async fn write(&self, event: &Event) -> Result<(), Missed> {
+        let table = &self.tables.state;
         let item = event_item(event).map_err(Missed::Failed)?;
         let mut extra: Vec<TransactWriteItem> = Vec::new();
         if let Some(client_msg_id) = event.body.client_msg_id() {
             let mut key = dedupe_key(&event.stream, event.body.user(), client_msg_id);
             key.insert("seq".to_owned(), n(event.seq));
-            extra.push(put_new(&self.tables.state, key, "pk").map_err(Missed::Failed)?);
+            extra.push(put_new(table, key, "pk").map_err(Missed::Failed)?);
         }
-        if !matches!(event.body, EventBody::MessagePosted { .. }) {
-            for change in changes(event) {
-                extra.extend(writes(&self.tables.state, &change).map_err(Missed::Failed)?);
-            }
+        let changes = if matches!(event.body, EventBody::MessagePosted { .. }) {
+            Vec::new()
+        } else {
+            changes(event)
+        };
+        for change in &changes {
+            extra.extend(writes(table, change).map_err(Missed::Failed)?);
+        }
+        let mut plan = None;
+        if let Some((scope, change)) = changes
+            .iter()
+            .find_map(|change| Scope::of(change).map(|scope| (scope, change)))
+        {
+            let state = self
+                .user_state(scope.user())
+                .await
+                .map_err(Missed::Failed)?;
+            let core = 1 + extra.len();
+            let planned = Plan::new(table, scope, change, state, core).map_err(Missed::Failed)?;
+            plan = Some((scope, planned));
         }
         if extra.is_empty() {
             return match self
@@ -118,10 +143,35 @@ impl DynamoStore {
             };
         }
         let mut items = vec![put_new(&self.tables.events, item, "seq").map_err(Missed::Failed)?];
+        // The version guard is item 1 (such events have no idempotency key).
+        if let Some((_, plan)) = &mut plan {
+            items.push(plan.guard.clone());
+        }
         items.extend(extra);
+        if let Some((_, plan)) = &mut plan {
+            items.append(&mut plan.inside);
+        }
         let has_dedupe = event.body.client_msg_id().is_some();
         let reasons = match self.transact(items).await.map_err(Missed::Failed)? {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                if let Some((scope, plan)) = plan
+                    && !plan.after.is_empty()
+                    && let Err(error) = self
+                        .finish_listeners(scope, Some(plan.version), plan.after)
+                        .await
+                {
+                    // The event is in the log: the append succeeded. What is missing is some of
+                    // the rows of a user in very many rooms (or with very many connections);
+                    // applying the event again writes them.
+                    tracing::error!(
+                        stream = %event.stream,
+                        seq = event.seq,
+                        %error,
+                        "appended, but not all room listener rows could be written"
+                    );
+                }
+                return Ok(());
+            }
             Err(reasons) => reasons,
         };
         let failed = |item: usize| reasons.get(item).is_some_and(|r| r == CONDITION_FAILED);
@@ -129,6 +179,15 @@ impl DynamoStore {
             Err(Missed::SeqTaken)
         } else if has_dedupe && failed(1) {
             Err(Missed::DuplicateMessage)
+        } else if plan.is_some() {
+            match Cancelled::of(&reasons, 1) {
+                Cancelled::Raced => Err(Missed::Raced),
+                Cancelled::Stale | Cancelled::Failed(_) => {
+                    Err(Missed::Failed(DynamoError::Cancelled(reasons.join(", "))))
+                }
+            }
+        } else if reasons.iter().any(|r| r == TRANSACTION_CONFLICT) {
+            Err(Missed::Raced)
         } else {
             Err(Missed::Failed(DynamoError::Cancelled(reasons.join(", "))))
         }
@@ -180,6 +239,12 @@ impl EventLog for DynamoStore {
                     *known_head = None;
                     if attempt > 2 {
                         // Many writers on one room: back off a little, with jitter.
+                        let pause = rand::random_range(1..=(5 * u64::from(attempt.min(20))));
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                    }
+                }
+                Err(Missed::Raced) => {
+                    if attempt > 2 {
                         let pause = rand::random_range(1..=(5 * u64::from(attempt.min(20))));
                         tokio::time::sleep(Duration::from_millis(pause)).await;
                     }

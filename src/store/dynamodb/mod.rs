@@ -9,11 +9,16 @@
 //! take turns behind a lock and remember the stream's head, so the common case costs one write
 //! and no read.
 //!
+//! Who hears a room is kept as `room#R`/`listener#C` rows, written by the membership and
+//! connection events' own transactions: the fan-out reads a room's audience with one Query (see
+//! [`listeners`]).
+//!
 //! See [`items`] for the tables' item shapes.
 
 mod directory;
 mod error;
 mod items;
+mod listeners;
 mod log;
 mod tables;
 mod writes;
@@ -139,6 +144,8 @@ impl DynamoStore {
 
 /// A transaction item's reason code when its condition failed.
 const CONDITION_FAILED: &str = "ConditionalCheckFailed";
+/// A transaction item's reason code when another transaction was writing the same item.
+const TRANSACTION_CONFLICT: &str = "TransactionConflict";
 
 /// Whether a single-item write failed only because its condition did not hold.
 fn condition_failed<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool {

@@ -4,6 +4,11 @@
 //! ignores anything not newer, a closed connection stays closed, activity only moves forward —
 //! so the same writes serve both an append (in the append's transaction, so a handler sees its
 //! own join at once) and a re-application by the fan-out.
+//!
+//! The room listener rows a membership or connection change moves are not here: they depend on
+//! the user's other rooms and connections, read before the transaction (see `listeners.rs`),
+//! and ride in the same transaction as these writes — so the seq and tombstone conditions here
+//! also keep a stale event from writing them.
 
 use super::error::DynamoError;
 use super::items::{
