@@ -101,6 +101,7 @@ macro_rules! contract_suite {
                 racing_expect_seq_has_one_winner,
                 client_msg_id_makes_sends_idempotent,
                 concurrent_resends_append_once,
+                concurrent_closes_and_resends_across_streams,
                 reads_page_in_order,
                 joins_and_leaves_project_membership,
                 connections_open_and_close,
@@ -513,6 +514,85 @@ mod contract {
             store.log.head(&Stream::Room(room("lobby"))).await.unwrap(),
             1
         );
+    }
+
+    /// Many streams at once, as a busy server sees them (and as SQLite's committer batches
+    /// them): each connection is closed twice concurrently with `Expect::Seq(2)`, each room gets
+    /// the same `clientMsgId` several times concurrently, between plain messages. One close and
+    /// one send per key win; every room stays gap-free.
+    pub async fn concurrent_closes_and_resends_across_streams(store: &Store) {
+        const CONNS: usize = 12;
+        const ROOMS: usize = 6;
+        for c in 0..CONNS {
+            append(store, connected(&format!("c{c}"), "ana")).await;
+        }
+        let closes = (0..2 * CONNS).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let c = format!("c{}", i % CONNS);
+                let closed = store
+                    .log
+                    .append(disconnected(&c, "ana"), Expect::Seq(2))
+                    .await;
+                (c, closed.map(|a| a.event.seq))
+            })
+        });
+        let sends = (0..4 * ROOMS).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let r = format!("r{}", i % ROOMS);
+                append(&store, say(&r, "bo", &format!("plain {i}"))).await;
+                let once = append(&store, say_once(&r, "bo", &format!("try {i}"), "m1")).await;
+                (r, once)
+            })
+        });
+        let closes: Vec<_> = closes.collect();
+        let sends: Vec<_> = sends.collect();
+
+        let mut closed = BTreeSet::new();
+        for task in closes {
+            match task.await.unwrap() {
+                (c, Ok(2)) => assert!(closed.insert(c.clone()), "{c} closed twice"),
+                (_, Err(StoreError::Conflict { next: 3, .. })) => {}
+                (c, other) => panic!("{c}: a close wins at seq 2 or conflicts: {other:?}"),
+            }
+        }
+        assert_eq!(closed.len(), CONNS, "every connection closed once");
+        let mut answers = Vec::new();
+        for task in sends {
+            answers.push(task.await.unwrap());
+        }
+        let mut firsts = std::collections::BTreeMap::new();
+        for (r, once) in answers.iter().filter(|(_, once)| !once.duplicate) {
+            assert!(
+                firsts.insert(r.clone(), once.event.clone()).is_none(),
+                "{r}: m1 appended twice"
+            );
+        }
+        assert_eq!(firsts.len(), ROOMS, "m1 appended once per room");
+        for (r, once) in &answers {
+            assert_eq!(
+                once.event, firsts[r],
+                "{r}: every try answers with the first"
+            );
+        }
+        for (r, first) in &firsts {
+            let events = store
+                .log
+                .read(&Stream::Room(room(r)), 0, 100)
+                .await
+                .unwrap();
+            assert_eq!(seqs(&events), (1..=5).collect::<Vec<_>>(), "{r}");
+            assert_eq!(events.iter().filter(|e| e == &first).count(), 1, "{r}");
+        }
+        for c in 0..CONNS {
+            let record = store
+                .directory
+                .connection(&conn(&format!("c{c}")))
+                .await
+                .unwrap();
+            assert!(!record.expect("registered").open);
+        }
     }
 
     pub async fn reads_page_in_order(store: &Store) {

@@ -7,24 +7,29 @@
 //! [`MAX_BATCH`]), and writes them all in one `BEGIN IMMEDIATE` transaction: one fsync for the
 //! whole batch. Under no load a batch is one append, so latency does not suffer.
 //!
-//! Within the batch every job is checked on its own — a `clientMsgId` repeat answers with the
-//! first event, an `Expect::Seq` mismatch fails that job alone — and the others go on. Nobody is
-//! answered before COMMIT succeeds, so an acknowledged append is durable; if the transaction
-//! fails, every job of the batch gets the error and none of them is in the log.
+//! The transaction is set-based, because every statement is a round trip to sqlx's worker thread
+//! and those, not the disk, used to bound a batch: two reads decide every job in memory
+//! ([`batch`](super::batch)), a few multi-row INSERTs write the events
+//! ([`insert`](super::insert)), and the projection is aggregated over the batch
+//! ([`project::apply_batch`]). That is a handful of statements per batch whatever its size.
+//!
+//! Within the batch every job is still settled on its own — a `clientMsgId` repeat answers with
+//! the first event, an `Expect::Seq` mismatch fails that job alone — and the others go on.
+//! Nobody is answered before COMMIT succeeds, so an acknowledged append is durable; if the
+//! transaction fails, every job of the batch gets the error and none of them is in the log.
 //!
 //! Taking the write lock up front (IMMEDIATE) means nothing read inside the transaction (heads,
-//! the last position) can go stale before the writes, even if another process writes the same
-//! file; and commit order equals seq order, which is what the feed relies on.
+//! the last position, used `clientMsgId`s) can go stale before the writes, even if another
+//! process writes the same file; and commit order equals seq order, which is what the feed
+//! relies on.
 //!
 //! [`EventLog::append`]: crate::ports::EventLog::append
 
-use super::SqliteError;
-use super::project;
-use super::rows::{self, EventRow, event_columns, int, millis};
-use crate::domain::event::now;
-use crate::domain::{Appended, Event, EventBody, Expect};
-use sqlx::{Connection, SqliteConnection, SqlitePool};
-use std::collections::HashMap;
+use super::batch::Plan;
+use super::{SqliteError, insert, project};
+use crate::domain::{Appended, EventBody, Expect};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, Sqlite, SqlitePool};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -39,33 +44,48 @@ pub(super) struct Job {
 }
 
 /// The committer task: runs until every sender is dropped (the store is gone).
+///
+/// It keeps one pooled connection for as long as that connection is sound, rather than taking
+/// one from the pool per batch: that saves the pool's liveness check (a round trip) per batch,
+/// and keeps the batch's prepared statements cached on the connection that runs them.
 pub(super) async fn committer(
     pool: SqlitePool,
     mut jobs: mpsc::Receiver<Job>,
     committed: watch::Sender<u64>,
 ) {
+    let mut conn = None;
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        commit(&pool, std::mem::take(&mut batch), &committed).await;
+        commit(&pool, &mut conn, std::mem::take(&mut batch), &committed).await;
+        // The answers just woke their appenders, and busy ones append again at once: let them
+        // run before draining the queue, so that the next batch takes them all instead of the
+        // first few (with the rest waiting a whole fsync for the batch after).
+        tokio::task::yield_now().await;
     }
 }
 
 /// Writes one batch and answers every job in it.
-async fn commit(pool: &SqlitePool, jobs: Vec<Job>, committed: &watch::Sender<u64>) {
+async fn commit(
+    pool: &SqlitePool,
+    conn: &mut Option<PoolConnection<Sqlite>>,
+    jobs: Vec<Job>,
+    committed: &watch::Sender<u64>,
+) {
     let size = jobs.len();
     let (requests, replies): (Vec<_>, Vec<_>) = jobs
         .into_iter()
         .map(|job| ((job.body, job.expect), job.reply))
         .unzip();
-    match write(pool, requests).await {
-        Ok((answers, last)) => {
+    match write(pool, conn, requests).await {
+        Ok(plan) => {
+            let last = plan.last();
             tracing::debug!(batch = size, position = last, "committed");
             // Wake the tails before answering, so that whoever sees the answer also finds the
             // feed already moved.
             if let Some(last) = last {
                 committed.send_replace(last);
             }
-            for (reply, answer) in replies.into_iter().zip(answers) {
+            for (reply, answer) in replies.into_iter().zip(plan.answers()) {
                 // The appender may have given up waiting; the event is in the log regardless.
                 let _ = reply.send(answer);
             }
@@ -80,152 +100,352 @@ async fn commit(pool: &SqlitePool, jobs: Vec<Job>, committed: &watch::Sender<u64
     }
 }
 
-/// One transaction for the whole batch. The outer error rolls the batch back; the inner results
-/// are the answers of the single jobs, in order. Also returns the last position written.
+/// One transaction for the whole batch; returns the committed plan, which holds the answers.
+/// An error rolls the whole batch back.
 async fn write(
     pool: &SqlitePool,
+    held: &mut Option<PoolConnection<Sqlite>>,
     requests: Vec<(EventBody, Expect)>,
-) -> Result<(Vec<Result<Appended, SqliteError>>, Option<u64>), SqliteError> {
-    let mut conn = pool.acquire().await?;
+) -> Result<Plan, SqliteError> {
+    let conn = match held {
+        Some(conn) => conn,
+        None => held.insert(pool.acquire().await?),
+    };
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
     let result = async {
-        let mut batch = Batch::start(&mut tx).await?;
-        let mut answers = Vec::with_capacity(requests.len());
-        for (body, expect) in requests {
-            answers.push(batch.append(&mut tx, body, expect).await?);
-        }
-        Ok::<_, SqliteError>((answers, batch.last))
+        let plan = Plan::decide(&mut tx, requests).await?;
+        insert::events(&mut tx, plan.events()).await?;
+        project::apply_batch(&mut tx, plan.events().map(|new| &new.event)).await?;
+        Ok::<_, SqliteError>(plan)
     }
     .await;
-    match result {
-        Ok(done) => match tx.commit().await {
-            Ok(()) => Ok(done),
-            Err(e) => {
-                // Nothing of the batch is committed. SQLite may have rolled back on its own, and
-                // sqlx would then still count the connection as inside a transaction: do not
-                // hand it back to the pool.
-                conn.close_on_drop();
-                Err(e.into())
+    // Whether the connection is still fit for the next batch after a failure.
+    let (error, reusable) = match result {
+        Ok(plan) => match tx.commit().await {
+            Ok(()) => return Ok(plan),
+            // Nothing of the batch is committed. SQLite may have rolled back on its own, and
+            // sqlx would then still count the connection as inside a transaction.
+            Err(e) => (e.into(), false),
+        },
+        Err(e) => match tx.rollback().await {
+            Ok(()) => (e, true),
+            Err(rollback) => {
+                // The connection may still hold the transaction and the write lock.
+                tracing::warn!(error = %rollback, "rollback failed; discarding the connection");
+                (e, false)
             }
         },
-        Err(e) => {
-            if let Err(rollback) = tx.rollback().await {
-                // Same here: the connection may still hold the transaction and the write lock.
-                tracing::warn!(error = %rollback, "rollback failed; discarding the connection");
-                conn.close_on_drop();
-            }
-            Err(e)
-        }
+    };
+    if !reusable && let Some(mut conn) = held.take() {
+        // Do not hand it back to the pool either.
+        conn.close_on_drop();
     }
+    Err(error)
 }
 
-/// What one transaction knows beyond the database: positions and heads it already assigned.
-struct Batch {
-    /// The next global position.
-    next_pos: u64,
-    /// The last position written, if any.
-    last: Option<u64>,
-    /// Per stream key, the seq of its last event, including this batch's own. The transaction
-    /// sees its own inserts, so `MAX(seq)` would be right too; this saves the query for the
-    /// second and later appends to a busy room.
-    heads: HashMap<String, u64>,
-}
+#[cfg(test)]
+mod tests {
+    //! Batches built by hand and written with [`write`], so that what shares a transaction is
+    //! certain rather than up to the scheduler.
 
-impl Batch {
-    async fn start(conn: &mut SqliteConnection) -> Result<Batch, SqliteError> {
-        let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(pos), 0) FROM events")
-            .fetch_one(&mut *conn)
-            .await?;
-        Ok(Batch {
-            next_pos: rows::uint(last, "position")? + 1,
-            last: None,
-            heads: HashMap::new(),
-        })
+    use super::*;
+    use crate::domain::{ConnectionId, DisconnectReason, Event, RoomName, Stream, UserId};
+    use crate::store::sqlite::SqliteStore;
+
+    async fn open() -> (Arc<SqliteStore>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("palaver.db");
+        let store = SqliteStore::open(path.to_str().expect("utf-8 path"))
+            .await
+            .expect("open");
+        (store, dir)
     }
 
-    /// Appends one event. `Ok(Err(..))` is this job's own failure (conflict, bad data) and leaves
-    /// the transaction untouched; `Err(..)` means the transaction can no longer be trusted.
-    async fn append(
-        &mut self,
-        conn: &mut SqliteConnection,
-        body: EventBody,
-        expect: Expect,
-    ) -> Result<Result<Appended, SqliteError>, SqliteError> {
-        let key = body.stream().key();
-        if let Some(client_msg_id) = body.client_msg_id() {
-            let first: Option<EventRow> = sqlx::query_as(concat!(
-                "SELECT ",
-                event_columns!(),
-                " FROM events WHERE stream = ?1 AND user_id = ?2 AND client_msg_id = ?3"
-            ))
-            .bind(&key)
-            .bind(body.user().as_str())
-            .bind(client_msg_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-            if let Some(row) = first {
-                return Ok(rows::event(row).map(|(_, event)| Appended {
-                    event,
-                    duplicate: true,
-                }));
-            }
-        }
+    /// Writes `requests` as one batch and returns the answers.
+    async fn batch(
+        store: &SqliteStore,
+        requests: Vec<(EventBody, Expect)>,
+    ) -> Vec<Result<Appended, SqliteError>> {
+        write(&store.pool, &mut None, requests)
+            .await
+            .expect("batch commits")
+            .answers()
+    }
 
-        let head = match self.heads.get(&key) {
-            Some(head) => *head,
-            None => {
-                let head: i64 = sqlx::query_scalar(
-                    "SELECT COALESCE(MAX(seq), 0) FROM events WHERE stream = ?1",
-                )
-                .bind(&key)
-                .fetch_one(&mut *conn)
-                .await?;
-                rows::uint(head, "seq")?
-            }
-        };
-        let next = head + 1;
-        if let Expect::Seq(expected) = expect
-            && expected != next
-        {
-            return Ok(Err(SqliteError::Conflict {
-                stream: key,
-                expected,
-                next,
-            }));
+    fn say(room: &str, user: &str, text: &str, id: Option<&str>, from: Option<&str>) -> EventBody {
+        EventBody::MessagePosted {
+            room: RoomName::parse(room).unwrap(),
+            user: UserId::parse(user).unwrap(),
+            text: text.into(),
+            client_msg_id: id.map(Into::into),
+            connection: from.map(ConnectionId::new),
         }
+    }
 
-        let event = Event::record(body, next, now());
-        let (seq, pos) = match (int(next), int(self.next_pos)) {
-            (Ok(seq), Ok(pos)) => (seq, pos),
-            (Err(e), _) | (_, Err(e)) => return Ok(Err(e)),
-        };
-        let json = match serde_json::to_string(&event.body) {
-            Ok(json) => json,
-            Err(e) => return Ok(Err(SqliteError::Encode(e))),
-        };
-        sqlx::query(
-            "INSERT INTO events (stream, seq, pos, id, at, kind, user_id, client_msg_id, body) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    fn connected(c: &str, user: &str) -> EventBody {
+        EventBody::Connected {
+            connection: ConnectionId::new(c),
+            user: UserId::parse(user).unwrap(),
+            source_ip: Some("192.0.2.1".into()),
+        }
+    }
+
+    fn disconnected(c: &str, user: &str) -> EventBody {
+        EventBody::Disconnected {
+            connection: ConnectionId::new(c),
+            user: UserId::parse(user).unwrap(),
+            reason: DisconnectReason::Closed,
+        }
+    }
+
+    fn joined(room: &str, user: &str) -> EventBody {
+        EventBody::Joined {
+            room: RoomName::parse(room).unwrap(),
+            user: UserId::parse(user).unwrap(),
+        }
+    }
+
+    fn left(room: &str, user: &str) -> EventBody {
+        EventBody::Left {
+            room: RoomName::parse(room).unwrap(),
+            user: UserId::parse(user).unwrap(),
+        }
+    }
+
+    fn ok(answer: &Result<Appended, SqliteError>) -> &Appended {
+        answer.as_ref().expect("append succeeds")
+    }
+
+    #[tokio::test]
+    async fn a_client_msg_id_repeated_within_a_batch_answers_with_the_first() {
+        let (store, _dir) = open().await;
+        let before = batch(
+            &store,
+            vec![(say("r", "ana", "old", Some("m0"), None), Expect::Next)],
         )
-        .bind(&key)
-        .bind(seq)
-        .bind(pos)
-        .bind(event.id.to_string())
-        .bind(millis(&event.at))
-        .bind(event.body.kind())
-        .bind(event.body.user().as_str())
-        .bind(event.body.client_msg_id())
-        .bind(json)
-        .execute(&mut *conn)
-        .await?;
-        project::apply(conn, &event).await?;
+        .await;
+        let answers = batch(
+            &store,
+            vec![
+                (say("r", "ana", "first", Some("m1"), None), Expect::Next),
+                (say("r", "ana", "again", Some("m1"), None), Expect::Next),
+                (say("r", "bo", "other user", Some("m1"), None), Expect::Next),
+                (say("r", "ana", "old again", Some("m0"), None), Expect::Next),
+                (
+                    say("r", "ana", "third time", Some("m1"), None),
+                    Expect::Seq(9),
+                ),
+                (say("r", "ana", "plain", None, None), Expect::Next),
+            ],
+        )
+        .await;
+        let first = ok(&answers[0]);
+        assert!(!first.duplicate);
+        assert_eq!(first.event.seq, 2);
+        for repeat in [&answers[1], &answers[4]] {
+            let repeat = ok(repeat);
+            assert!(repeat.duplicate);
+            assert_eq!(repeat.event, first.event, "the first event comes back");
+        }
+        assert_eq!(
+            (ok(&answers[2]).duplicate, ok(&answers[2]).event.seq),
+            (false, 3)
+        );
+        let old = ok(&answers[3]);
+        assert!(old.duplicate);
+        assert_eq!(old.event, ok(&before[0]).event);
+        assert_eq!(
+            (ok(&answers[5]).duplicate, ok(&answers[5]).event.seq),
+            (false, 4)
+        );
 
-        self.heads.insert(key, next);
-        self.last = Some(self.next_pos);
-        self.next_pos += 1;
-        Ok(Ok(Appended {
-            event,
-            duplicate: false,
-        }))
+        let room = Stream::Room(RoomName::parse("r").unwrap());
+        let log = store.read(&room, 0, 10).await.unwrap();
+        let expected: Vec<Event> = [&before[0], &answers[0], &answers[2], &answers[5]]
+            .into_iter()
+            .map(|a| ok(a).event.clone())
+            .collect();
+        assert_eq!(log, expected, "each clientMsgId is in the log once");
+    }
+
+    #[tokio::test]
+    async fn an_earlier_job_of_the_batch_can_make_an_expected_seq_stale() {
+        let (store, _dir) = open().await;
+        let answers = batch(
+            &store,
+            vec![
+                (connected("c1", "ana"), Expect::Seq(1)),
+                (connected("c1", "ana"), Expect::Seq(1)),
+                (disconnected("c1", "ana"), Expect::Seq(2)),
+                (disconnected("c1", "ana"), Expect::Seq(2)),
+                (connected("c2", "bo"), Expect::Seq(1)),
+            ],
+        )
+        .await;
+        assert_eq!(ok(&answers[0]).event.seq, 1);
+        assert!(matches!(
+            answers[1],
+            Err(SqliteError::Conflict {
+                expected: 1,
+                next: 2,
+                ..
+            })
+        ));
+        assert_eq!(ok(&answers[2]).event.seq, 2);
+        assert!(matches!(
+            answers[3],
+            Err(SqliteError::Conflict {
+                expected: 2,
+                next: 3,
+                ..
+            })
+        ));
+        assert_eq!(ok(&answers[4]).event.seq, 1, "other streams go on");
+
+        // And across batches: the next one reads the head this one left.
+        let answers = batch(
+            &store,
+            vec![
+                (disconnected("c1", "ana"), Expect::Seq(2)),
+                (disconnected("c2", "bo"), Expect::Seq(2)),
+                (disconnected("c2", "bo"), Expect::Seq(2)),
+            ],
+        )
+        .await;
+        assert!(matches!(
+            answers[0],
+            Err(SqliteError::Conflict {
+                expected: 2,
+                next: 3,
+                ..
+            })
+        ));
+        assert_eq!(ok(&answers[1]).event.seq, 2);
+        assert!(answers[2].is_err());
+        let c1 = Stream::Connection(ConnectionId::new("c1"));
+        assert_eq!(store.head(&c1).await.unwrap(), 2);
+        let closed = store.connection(&ConnectionId::new("c1")).await.unwrap();
+        assert!(!closed.expect("c1 is registered").open);
+    }
+
+    /// More events than the largest multi-row INSERT, over many streams: every stream's seqs are
+    /// gap-free, positions run on across chunks, and the log holds exactly what was answered.
+    #[tokio::test]
+    async fn a_big_batch_over_many_streams_stays_gap_free() {
+        let (store, _dir) = open().await;
+        let first = batch(
+            &store,
+            vec![(say("r3", "ana", "seed", None, None), Expect::Next)],
+        )
+        .await;
+        assert_eq!(ok(&first[0]).event.seq, 1);
+        let requests: Vec<_> = (0..601)
+            .map(|i| match i % 4 {
+                3 => (connected(&format!("c{i}"), "bo"), Expect::Seq(1)),
+                _ => (
+                    say(&format!("r{}", i % 7), "ana", &format!("{i}"), None, None),
+                    Expect::Next,
+                ),
+            })
+            .collect();
+        let answers = batch(&store, requests).await;
+        let events: Vec<Event> = answers.iter().map(|a| ok(a).event.clone()).collect();
+        for r in 0..7 {
+            let room = Stream::Room(RoomName::parse(&format!("r{r}")).unwrap());
+            let seqs: Vec<u64> = events
+                .iter()
+                .filter(|e| e.stream == room)
+                .map(|e| e.seq)
+                .collect();
+            let from = if r == 3 { 2 } else { 1 };
+            assert_eq!(
+                seqs,
+                (from..from + seqs.len() as u64).collect::<Vec<_>>(),
+                "{room}"
+            );
+            let log = store.read(&room, from - 1, 1000).await.unwrap();
+            let answered: Vec<Event> = events
+                .iter()
+                .filter(|e| e.stream == room)
+                .cloned()
+                .collect();
+            assert_eq!(log, answered, "{room}");
+        }
+        let all = store.read_all(1, 1000).await.unwrap();
+        assert_eq!(all.len(), 601);
+        let positions: Vec<u64> = all.iter().map(|(pos, _)| *pos).collect();
+        assert_eq!(positions, (2..=602).collect::<Vec<_>>());
+        let in_log: Vec<Event> = all.into_iter().map(|(_, e)| e).collect();
+        assert_eq!(in_log, events, "log order is job order");
+        let rooms = store.rooms().await.unwrap();
+        assert_eq!(rooms.len(), 7);
+        for room in rooms {
+            let head = store.head(&Stream::Room(room.room.clone())).await.unwrap();
+            assert_eq!(room.head, head, "{}", room.room);
+        }
+    }
+
+    /// The projection tables, for comparing two stores.
+    async fn projection(store: &SqliteStore) -> String {
+        let members: Vec<(String, String, i64, i64, i64)> =
+            sqlx::query_as("SELECT * FROM members ORDER BY room, user_id")
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+        let connections: Vec<(String, String, i64, i64, Option<String>, Option<i64>)> =
+            sqlx::query_as("SELECT * FROM connections ORDER BY id")
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+        let rooms: Vec<(String, i64)> = sqlx::query_as("SELECT * FROM rooms ORDER BY room")
+            .fetch_all(&store.pool)
+            .await
+            .unwrap();
+        format!("{members:?}\n{connections:?}\n{rooms:?}")
+    }
+
+    /// A batch's aggregated projection equals applying every event on its own, in order.
+    #[tokio::test]
+    async fn a_batch_projects_like_its_events_one_by_one() {
+        let (batched, _a) = open().await;
+        let (one_by_one, _b) = open().await;
+        let earlier = batch(
+            &batched,
+            vec![
+                (connected("c1", "ana"), Expect::Seq(1)),
+                (connected("c3", "cy"), Expect::Seq(1)),
+                (joined("r", "cy"), Expect::Next),
+            ],
+        )
+        .await;
+        let answers = batch(
+            &batched,
+            vec![
+                (joined("r", "ana"), Expect::Next),
+                (say("r", "ana", "hi", None, Some("c1")), Expect::Next),
+                (connected("c2", "bo"), Expect::Seq(1)),
+                (say("r", "bo", "early", None, Some("c2")), Expect::Next),
+                (joined("r", "bo"), Expect::Next),
+                (left("r", "ana"), Expect::Next),
+                (joined("r", "ana"), Expect::Next),
+                (say("s", "bo", "elsewhere", None, Some("c2")), Expect::Next),
+                (disconnected("c4", "dee"), Expect::Next),
+                (say("r", "dee", "ghost", None, Some("c4")), Expect::Next),
+                (connected("c4", "dee"), Expect::Next),
+                (disconnected("c3", "cy"), Expect::Seq(2)),
+                (say("r", "cy", "late", None, Some("c3")), Expect::Next),
+                (left("r", "cy"), Expect::Next),
+                (say("r", "ana", "bye", None, Some("c1")), Expect::Next),
+            ],
+        )
+        .await;
+        for answer in earlier.iter().chain(&answers) {
+            one_by_one.apply(&ok(answer).event).await.unwrap();
+        }
+        assert_eq!(projection(&batched).await, projection(&one_by_one).await);
+        assert_eq!(
+            batched.rooms().await.unwrap(),
+            one_by_one.rooms().await.unwrap()
+        );
     }
 }

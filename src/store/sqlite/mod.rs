@@ -6,8 +6,10 @@
 //! transaction as the event that changes them ([`project`]), so a handler always reads its own
 //! writes. The schema is in `migrations/`, applied at [`SqliteStore::open`].
 
+mod batch;
 mod commit;
 mod error;
+mod insert;
 mod project;
 mod rows;
 
@@ -36,7 +38,7 @@ static MIGRATOR: Migrator = sqlx::migrate!();
 /// file, or [`Directory::apply`] racing the committer) before failing with SQLITE_BUSY.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Pool size: readers run in parallel under WAL; the committer takes one connection per batch.
+/// Pool size: readers run in parallel under WAL; the committer keeps one connection for itself.
 const MAX_CONNECTIONS: u32 = 8;
 
 /// Appends queued for the committer before `append` waits for room (backpressure).

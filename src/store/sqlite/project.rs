@@ -10,12 +10,18 @@
 //! - connections: `connected` inserts or does nothing, so it cannot reopen a tombstone;
 //!   `disconnected` closes the row, creating a closed tombstone if the connect was never seen;
 //! - activity and room heads only move forward.
+//!
+//! The committer applies a whole batch at once ([`apply_batch`]): room heads and activity, the
+//! changes nearly every message makes, become one set-based statement each per batch; the rare
+//! membership and connection changes run one statement each, in log order.
 
 use super::SqliteError;
 use super::rows::{int, millis};
-use crate::domain::Event;
 use crate::domain::projection::{Change, changes};
+use crate::domain::{ConnectionId, Event, RoomName};
+use chrono::{DateTime, Utc};
 use sqlx::SqliteConnection;
+use std::collections::HashMap;
 
 const MEMBERSHIP: &str = "\
     INSERT INTO members (room, user_id, active, joined_at, seq) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -44,11 +50,80 @@ const ROOM_HEAD: &str = "\
     INSERT INTO rooms (room, head) VALUES (?1, ?2)
     ON CONFLICT (room) DO UPDATE SET head = excluded.head WHERE excluded.head > rooms.head";
 
+/// [`ROOM_HEAD`] for many rooms: `?1` is a JSON array of `[room, head]` pairs, one per room.
+/// (`WHERE true` tells SQLite's parser that `ON CONFLICT` belongs to the upsert, not the join.)
+const ROOM_HEADS: &str = "\
+    INSERT INTO rooms (room, head)
+    SELECT value ->> 0, value ->> 1 FROM json_each(?1) WHERE true
+    ON CONFLICT (room) DO UPDATE SET head = excluded.head WHERE excluded.head > rooms.head";
+
+/// [`ACTIVITY`] for many connections: `?1` is a JSON array of `[connection, millis]` pairs, one
+/// per connection.
+const ACTIVITIES: &str = "\
+    UPDATE connections SET last_active_at = a.value ->> 1
+    FROM json_each(?1) AS a
+    WHERE connections.id = a.value ->> 0 AND connections.last_active_at < a.value ->> 1";
+
 /// Applies every change of `event` on `conn`. The caller owns the transaction, so an event's
 /// changes land together (and, in the committer, together with the event).
 pub(super) async fn apply(conn: &mut SqliteConnection, event: &Event) -> Result<(), SqliteError> {
     for change in changes(event) {
         apply_change(conn, change).await?;
+    }
+    Ok(())
+}
+
+/// Applies the changes of `events`, given in log order, with the same result as [`apply`] on each
+/// of them in turn, but with one statement for all room heads and one for all activity.
+///
+/// Both only move forward, so each room's highest seq and each connection's latest time are all
+/// that count. Membership and connection changes depend on their order and run one by one,
+/// first: activity only touches a connection row that exists, and must see the rows this batch
+/// creates. Moving activity after them gives the in-turn result as long as event times do not go
+/// backwards within the batch (the committer stamps a batch with one time): a connection that is
+/// opened or tombstoned in the batch starts at a time no earlier than the activity before it.
+pub(super) async fn apply_batch<'e>(
+    conn: &mut SqliteConnection,
+    events: impl Iterator<Item = &'e Event>,
+) -> Result<(), SqliteError> {
+    let mut heads: HashMap<&RoomName, u64> = HashMap::new();
+    let mut activity: HashMap<&ConnectionId, DateTime<Utc>> = HashMap::new();
+    for event in events {
+        for change in changes(event) {
+            match change {
+                Change::RoomHead { room, seq } => {
+                    let head = heads.entry(room).or_insert(seq);
+                    *head = (*head).max(seq);
+                }
+                Change::Activity { connection, at } => {
+                    let latest = activity.entry(connection).or_insert(at);
+                    *latest = (*latest).max(at);
+                }
+                change => apply_change(&mut *conn, change).await?,
+            }
+        }
+    }
+    if !heads.is_empty() {
+        let heads = heads
+            .into_iter()
+            .map(|(room, seq)| Ok((room.as_str(), int(seq)?)))
+            .collect::<Result<Vec<_>, SqliteError>>()?;
+        let heads = serde_json::to_string(&heads).map_err(SqliteError::Encode)?;
+        sqlx::query(ROOM_HEADS)
+            .bind(heads)
+            .execute(&mut *conn)
+            .await?;
+    }
+    if !activity.is_empty() {
+        let activity: Vec<(&str, i64)> = activity
+            .into_iter()
+            .map(|(connection, at)| (connection.as_str(), millis(&at)))
+            .collect();
+        let activity = serde_json::to_string(&activity).map_err(SqliteError::Encode)?;
+        sqlx::query(ACTIVITIES)
+            .bind(activity)
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
 }
