@@ -7,7 +7,9 @@
 //! API on AWS, the local gateway in `palaver serve` — implements [`ConnectionGateway`]; a big
 //! room's deliveries can be handed to other workers through a [`DeliveryQueue`] (SQS on AWS).
 
-use crate::domain::{Appended, ConnectionId, Event, EventBody, Expect, RoomName, Stream, UserId};
+use crate::domain::{
+    Appended, ConnectionId, Event, EventBody, Expect, Refusal, RoomName, Stream, UserId,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -24,6 +26,9 @@ pub enum StoreError {
         expected: u64,
         next: u64,
     },
+    /// The event contradicts its user's membership of its room; nothing was appended.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     /// The store could not be reached or refused the operation.
     #[error("store failure: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -48,7 +53,9 @@ pub type PendingAppend =
 #[async_trait]
 pub trait EventLog: Send + Sync {
     /// Appends `body` to its stream. A message whose `clientMsgId` this user already used in this
-    /// room is not appended again: the first event comes back with `duplicate: true`.
+    /// room is not appended again: the first event comes back with `duplicate: true`. With
+    /// [`Expect::Membership`], a room event that contradicts its user's membership
+    /// ([`EventBody::membership_needed`]) is [`StoreError::Refused`].
     ///
     /// Stores that also hold the projection apply the event's [`changes`] in the same atomic
     /// write, so a handler sees its own writes (join, then send at once, is never `not_member`).

@@ -16,9 +16,10 @@ mod common;
 
 use palaver::domain::event::now;
 use palaver::domain::{
-    Appended, ConnectionId, DisconnectReason, Event, EventBody, Expect, RoomName, Stream, UserId,
+    Appended, ConnectionId, DisconnectReason, Event, EventBody, Expect, Refusal, RoomName, Stream,
+    UserId,
 };
-use palaver::ports::{ConnectionRecord, MemberRecord, RoomRecord, Store, StoreError};
+use palaver::ports::{ConnectionRecord, MemberRecord, RoomRecord, Store, StoreError, StoreResult};
 use palaver::store::dynamodb as dynamo;
 use palaver::store::memory::MemoryStore;
 use palaver::store::sqlite::SqliteStore;
@@ -109,6 +110,8 @@ macro_rules! contract_suite {
                 disconnect_before_connect_leaves_a_closed_tombstone,
                 audience_follows_joins_leaves_connects_and_disconnects_in_any_order,
                 feed_wakes_watchers_after_an_append,
+                membership_is_checked_with_the_append,
+                racing_joins_log_one_joined,
             );
         }
     };
@@ -649,6 +652,92 @@ mod contract {
             assert_eq!(all, appended);
             assert!(feed.read_all(u64::MAX, 10).await.unwrap().is_empty());
         }
+    }
+
+    /// With `Expect::Membership` the log takes no message or leave from a non-member and no
+    /// second join, and says why.
+    pub async fn membership_is_checked_with_the_append(store: &Store) {
+        let log = &store.log;
+        let refused = |result: StoreResult<Appended>| match result {
+            Err(StoreError::Refused(refusal)) => refusal,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let not_member = Refusal::NotMember {
+            room: room("club"),
+            user: user("ana"),
+        };
+        assert_eq!(
+            refused(
+                log.append(say("club", "ana", "hi"), Expect::Membership)
+                    .await
+            ),
+            not_member
+        );
+        assert_eq!(
+            refused(log.append(left("club", "ana"), Expect::Membership).await),
+            not_member
+        );
+        assert_eq!(log.head(&Stream::Room(room("club"))).await.unwrap(), 0);
+
+        let join = log.append(joined("club", "ana"), Expect::Membership).await;
+        assert_eq!(join.expect("first join").event.seq, 1);
+        assert_eq!(
+            refused(log.append(joined("club", "ana"), Expect::Membership).await),
+            Refusal::AlreadyMember {
+                room: room("club"),
+                user: user("ana"),
+            }
+        );
+        let sent = log
+            .append(say("club", "ana", "hi"), Expect::Membership)
+            .await;
+        assert_eq!(sent.expect("a member's message").event.seq, 2);
+        let left_at = log.append(left("club", "ana"), Expect::Membership).await;
+        assert_eq!(left_at.expect("a member leaves").event.seq, 3);
+        assert_eq!(
+            refused(
+                log.append(say("club", "ana", "late"), Expect::Membership)
+                    .await
+            ),
+            not_member
+        );
+        assert_eq!(log.head(&Stream::Room(room("club"))).await.unwrap(), 3);
+    }
+
+    /// Two connections of one user join at once, twice over: one `joined` each time.
+    pub async fn racing_joins_log_one_joined(store: &Store) {
+        for round in 0..2 {
+            let tasks: Vec<_> = (0..8)
+                .map(|_| {
+                    let log = store.log.clone();
+                    tokio::spawn(async move {
+                        log.append(joined("race", "ana"), Expect::Membership).await
+                    })
+                })
+                .collect();
+            let mut appended = 0;
+            for task in tasks {
+                match task.await.unwrap() {
+                    Ok(_) => appended += 1,
+                    Err(StoreError::Refused(Refusal::AlreadyMember { .. })) => {}
+                    Err(other) => panic!("unexpected {other}"),
+                }
+            }
+            assert_eq!(appended, 1, "round {round}: exactly one joined");
+            if round == 0 {
+                store
+                    .log
+                    .append(left("race", "ana"), Expect::Membership)
+                    .await
+                    .expect("leave");
+            }
+        }
+        let events = store
+            .log
+            .read(&Stream::Room(room("race")), 0, 100)
+            .await
+            .unwrap();
+        assert_eq!(seqs(&events), [1, 2, 3]);
     }
 
     pub async fn joins_and_leaves_project_membership(store: &Store) {

@@ -120,6 +120,29 @@ impl EventBody {
         }
     }
 
+    /// What the event asks of its user's membership of its room: a message and a leave come from
+    /// a member, a join from someone who is not one yet. `None` for connection events.
+    pub fn membership_needed(&self) -> Option<(&RoomName, &UserId, bool)> {
+        match self {
+            EventBody::MessagePosted { room, user, .. } | EventBody::Left { room, user } => {
+                Some((room, user, true))
+            }
+            EventBody::Joined { room, user } => Some((room, user, false)),
+            EventBody::Connected { .. } | EventBody::Disconnected { .. } => None,
+        }
+    }
+
+    /// Why the log refuses this event when its user's membership is not what it needs.
+    pub fn refusal(&self) -> Option<Refusal> {
+        let (room, user, member) = self.membership_needed()?;
+        let (room, user) = (room.clone(), user.clone());
+        Some(if member {
+            Refusal::NotMember { room, user }
+        } else {
+            Refusal::AlreadyMember { room, user }
+        })
+    }
+
     /// The idempotency key of a message, if its sender gave one.
     pub fn client_msg_id(&self) -> Option<&str> {
         match self {
@@ -175,6 +198,23 @@ pub enum Expect {
     Next,
     /// Append only if this event would get exactly this seq.
     Seq(u64),
+    /// Append at the next seq only if the user's membership of the room is what the event needs
+    /// ([`EventBody::membership_needed`]): what the route handlers ask, so that two racing joins
+    /// log one `joined` and no message follows its sender's `left`. Otherwise
+    /// [`Refusal`](crate::domain::Refusal).
+    Membership,
+}
+
+/// An event the log does not take, because it would contradict membership: a message or a leave
+/// from someone who is not a member, or a join from someone who already is. Stores check it in
+/// the same atomic step as the append where they can (memory, SQLite), so two racing joins log
+/// one `joined`, and no message follows its sender's `left`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{user} is not a member of {room}")]
+    NotMember { room: RoomName, user: UserId },
+    #[error("{user} is a member of {room} already")]
+    AlreadyMember { room: RoomName, user: UserId },
 }
 
 /// The outcome of an append.

@@ -9,6 +9,6 @@ pub mod names;
 pub mod projection;
 pub mod requests;
 
-pub use event::{Appended, DisconnectReason, Event, EventBody, Expect, Stream};
+pub use event::{Appended, DisconnectReason, Event, EventBody, Expect, Refusal, Stream};
 pub use frames::{ErrorCode, MemberChange, ServerFrame};
 pub use names::{ConnectionId, InvalidName, RoomName, UserId};

@@ -9,6 +9,7 @@
 use super::{Caller, RouteError, Routes};
 use crate::domain::limits::{MAX_HISTORY_LIMIT, MAX_PAGE_BYTES};
 use crate::domain::{EventBody, Expect, RoomName, ServerFrame, Stream};
+use crate::ports::StoreError;
 
 pub(super) async fn handle(
     routes: &Routes,
@@ -16,15 +17,17 @@ pub(super) async fn handle(
     room: RoomName,
     after: Option<u64>,
 ) -> Result<ServerFrame, RouteError> {
-    if !routes.directory.is_member(&room, &caller.user).await? {
-        let body = EventBody::Joined {
-            room: room.clone(),
-            user: caller.user.clone(),
-        };
-        routes.log.append(body, Expect::Next).await?;
-    }
+    let body = EventBody::Joined {
+        room: room.clone(),
+        user: caller.user.clone(),
+    };
     let stream = Stream::Room(room.clone());
-    let mut head = routes.log.head(&stream).await?;
+    let mut head = match routes.log.append(body, Expect::Membership).await {
+        Ok(appended) => appended.event.seq,
+        // A member already: joining again changes nothing.
+        Err(StoreError::Refused(_)) => routes.log.head(&stream).await?,
+        Err(error) => return Err(error.into()),
+    };
     if let Some(after) = after {
         // Straight to the caller's connection, before the answer.
         let page = routes.log.read(&stream, after, MAX_HISTORY_LIMIT).await?;

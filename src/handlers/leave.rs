@@ -2,18 +2,20 @@
 
 use super::{Caller, RouteError, Routes};
 use crate::domain::{EventBody, Expect, RoomName, ServerFrame};
+use crate::ports::StoreError;
 
 pub(super) async fn handle(
     routes: &Routes,
     caller: &Caller,
     room: RoomName,
 ) -> Result<ServerFrame, RouteError> {
-    if routes.directory.is_member(&room, &caller.user).await? {
-        let body = EventBody::Left {
-            room: room.clone(),
-            user: caller.user.clone(),
-        };
-        routes.log.append(body, Expect::Next).await?;
+    let body = EventBody::Left {
+        room: room.clone(),
+        user: caller.user.clone(),
+    };
+    match routes.log.append(body, Expect::Membership).await {
+        // Not a member: leaving changes nothing.
+        Ok(_) | Err(StoreError::Refused(_)) => Ok(ServerFrame::Left { room }),
+        Err(error) => Err(error.into()),
     }
-    Ok(ServerFrame::Left { room })
 }

@@ -6,6 +6,7 @@
 
 use super::{Caller, RouteError, Routes, Turn};
 use crate::domain::{EventBody, Expect, RoomName, ServerFrame};
+use crate::ports::StoreError;
 
 pub(super) async fn handle(
     routes: &Routes,
@@ -15,9 +16,8 @@ pub(super) async fn handle(
     client_msg_id: Option<String>,
     mut turn: Turn,
 ) -> Result<ServerFrame, RouteError> {
-    if !routes.directory.is_member(&room, &caller.user).await? {
-        return Err(RouteError::not_member(&room));
-    }
+    // Membership is checked by the log, with the append: no read here, and no message can
+    // slip in after its sender's `left`.
     let body = EventBody::MessagePosted {
         room: room.clone(),
         user: caller.user.clone(),
@@ -26,9 +26,13 @@ pub(super) async fn handle(
         connection: Some(caller.connection.clone()),
     };
     turn.wait().await;
-    let pending = routes.log.submit(body, Expect::Next).await;
+    let pending = routes.log.submit(body, Expect::Membership).await;
     turn.pass();
-    let appended = pending.await?;
+    let appended = match pending.await {
+        Ok(appended) => appended,
+        Err(StoreError::Refused(_)) => return Err(RouteError::not_member(&room)),
+        Err(error) => return Err(error.into()),
+    };
     Ok(ServerFrame::Sent {
         room,
         seq: appended.event.seq,

@@ -199,6 +199,17 @@ impl EventLog for MemoryStore {
                 });
             }
         }
+        if expect == Expect::Membership
+            && let Some((room, user, member)) = body.membership_needed()
+            && state
+                .room_members
+                .get(room)
+                .is_some_and(|m| m.contains(user))
+                != member
+            && let Some(refusal) = body.refusal()
+        {
+            return Err(StoreError::Refused(refusal));
+        }
         let next = state.stream_head(&key) + 1;
         if let Expect::Seq(expected) = expect
             && expected != next

@@ -8,7 +8,7 @@ use super::{CONDITION_FAILED, DynamoStore, TRANSACTION_CONFLICT, condition_faile
 use crate::domain::event::now;
 use crate::domain::projection::changes;
 use crate::domain::{Appended, Event, EventBody, Expect, Stream};
-use crate::ports::{EventLog, StoreError, StoreResult};
+use crate::ports::{Directory, EventLog, StoreError, StoreResult};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::TransactWriteItem;
 use std::time::Duration;
@@ -206,6 +206,17 @@ impl EventLog for DynamoStore {
                 event: first,
                 duplicate: true,
             });
+        }
+        // Membership is read (consistently) before the write rather than checked inside it: a
+        // condition on the member row would turn every message's single PutItem into a
+        // transaction, doubling its cost. The window it leaves is a leave (or join) by another
+        // connection of the same user landing between this read and the write.
+        if expect == Expect::Membership
+            && let Some((room, user, member)) = body.membership_needed()
+            && Directory::is_member(self, room, user).await? != member
+            && let Some(refusal) = body.refusal()
+        {
+            return Err(StoreError::Refused(refusal));
         }
         for attempt in 0..MAX_ATTEMPTS {
             let head = match *known_head {

@@ -1,10 +1,11 @@
-//! Deciding a whole batch in memory, from two reads.
+//! Deciding a whole batch in memory, from a few reads.
 //!
 //! Every statement is a round trip to sqlx's worker thread, so asking the database about each
 //! append one at a time (was this `clientMsgId` used? where is this stream's head?) costs more
 //! than writing the batch. [`Plan::decide`] asks once per batch instead: the heads of every
 //! stream the batch touches, and which of its `(stream, user, clientMsgId)` triples are in the
-//! log already. It then walks the jobs in order and settles each one against that snapshot plus
+//! log already, and which of its senders and joiners are members of their rooms. It then walks
+//! the jobs in order and settles each one against that snapshot plus
 //! what the earlier jobs of the same batch did: seqs follow on from heads this batch already
 //! moved, a `clientMsgId` repeated within the batch answers with the first one's event, and an
 //! `Expect::Seq` that an earlier job made stale fails like any other mismatch.
@@ -73,6 +74,7 @@ impl Plan {
             .collect();
         let mut heads = heads(conn, &streams).await?;
         let logged = logged(conn, &requests, &streams).await?;
+        let mut members = members(conn, &requests).await?;
 
         // One clock reading for the batch: its events are one commit, and with equal times the
         // batch's aggregated projection (`project::apply_batch`) is exactly what applying each
@@ -108,6 +110,21 @@ impl Plan {
                 }
             }
 
+            // Membership as of this point of the batch: the log takes no message or leave from a
+            // non-member and no second join.
+            let membership = body
+                .membership_needed()
+                .map(|(room, user, _)| (room.as_str().to_owned(), user.as_str().to_owned()));
+            if expect == Expect::Membership
+                && let Some((_, _, needed)) = body.membership_needed()
+                && let Some(key) = &membership
+                && members.contains(key) != needed
+                && let Some(refusal) = body.refusal()
+            {
+                outcomes.push(Outcome::Failed(SqliteError::Refused(refusal)));
+                continue;
+            }
+
             // The query answers every key it is given, so each stream of the batch is in `heads`.
             let head = heads.get(&stream).copied().unwrap_or(0);
             let next = head + 1;
@@ -132,6 +149,15 @@ impl Plan {
                 }
             };
 
+            match (&event.body, membership) {
+                (EventBody::Joined { .. }, Some(key)) => {
+                    members.insert(key);
+                }
+                (EventBody::Left { .. }, Some(key)) => {
+                    members.remove(&key);
+                }
+                _ => {}
+            }
             heads.insert(stream.clone(), next);
             last = Some(next_pos);
             next_pos += 1;
@@ -199,6 +225,34 @@ async fn heads(
     rows.into_iter()
         .map(|(stream, head)| Ok((stream, uint(head, "seq")?)))
         .collect()
+}
+
+/// Which of the batch's `(room, user)` pairs are active members now, read in one statement.
+async fn members(
+    conn: &mut SqliteConnection,
+    requests: &[(EventBody, Expect)],
+) -> Result<HashSet<(String, String)>, SqliteError> {
+    let wanted: HashSet<(&str, &str)> = requests
+        .iter()
+        .filter(|(_, expect)| *expect == Expect::Membership)
+        .filter_map(|(body, _)| {
+            let (room, user, _) = body.membership_needed()?;
+            Some((room.as_str(), user.as_str()))
+        })
+        .collect();
+    if wanted.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let keys = serde_json::to_string(&wanted).map_err(SqliteError::Encode)?;
+    // One seek into the primary key (room, user_id) per pair.
+    let found: Vec<(String, String)> = sqlx::query_as(
+        "SELECT room, user_id FROM members WHERE active = 1 \
+           AND (room, user_id) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?1))",
+    )
+    .bind(keys)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(found.into_iter().collect())
 }
 
 /// The events already in the log for the batch's `clientMsgId`s, by [`MsgKey`]; one statement,

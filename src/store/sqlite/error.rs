@@ -39,6 +39,9 @@ pub enum SqliteError {
     /// Something read back could not be decoded.
     #[error("{0}")]
     Corrupt(String),
+    /// The event contradicts its user's membership of its room.
+    #[error(transparent)]
+    Refused(#[from] crate::domain::Refusal),
     /// The committer task is gone (the runtime is shutting down), so nothing can be appended.
     #[error("the SQLite committer has stopped")]
     CommitterGone,
@@ -69,6 +72,7 @@ impl From<SqliteError> for StoreError {
                 next,
             },
             SqliteError::Corrupt(what) => StoreError::Corrupt(what),
+            SqliteError::Refused(refusal) => StoreError::Refused(refusal),
             e => StoreError::backend(e),
         }
     }
