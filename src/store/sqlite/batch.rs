@@ -275,17 +275,18 @@ async fn logged(
     }
     let keys = serde_json::to_string(&wanted).map_err(SqliteError::Encode)?;
     // `client_msg_id IS NOT NULL` lets the planner use the partial unique index.
-    let found: Vec<(String, String, String, i64, i64, String, i64, String)> =
-        sqlx::query_as(concat!(
-            "SELECT user_id, client_msg_id, ",
-            event_columns!(),
-            " FROM events WHERE client_msg_id IS NOT NULL \
+    /// A user, a clientMsgId, then the event's row.
+    type Found = (String, String, String, i64, i64, String, i64, String);
+    let found: Vec<Found> = sqlx::query_as(concat!(
+        "SELECT user_id, client_msg_id, ",
+        event_columns!(),
+        " FROM events WHERE client_msg_id IS NOT NULL \
                AND (stream, user_id, client_msg_id) IN \
                    (SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?1))"
-        ))
-        .bind(keys)
-        .fetch_all(&mut *conn)
-        .await?;
+    ))
+    .bind(keys)
+    .fetch_all(&mut *conn)
+    .await?;
     Ok(found
         .into_iter()
         .map(|(user, id, stream, seq, pos, event_id, at, body)| {

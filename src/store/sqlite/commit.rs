@@ -392,7 +392,8 @@ mod tests {
                 .fetch_all(&store.pool)
                 .await
                 .unwrap();
-        let connections: Vec<(String, String, i64, i64, Option<String>, Option<i64>)> =
+        type ConnectionRow = (String, String, i64, i64, Option<String>, Option<i64>);
+        let connections: Vec<ConnectionRow> =
             sqlx::query_as("SELECT * FROM connections ORDER BY id")
                 .fetch_all(&store.pool)
                 .await
