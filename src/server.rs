@@ -14,6 +14,7 @@ use crate::gateway::{GatewayState, router};
 use crate::handlers::Routes;
 use crate::identity::Identity;
 use crate::ports::Store;
+use axum::serve::ListenerExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -71,6 +72,13 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         rate_limit,
     });
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    // The writers batch frames themselves (one flush per drained outbox); Nagle's algorithm
+    // would only hold the last partial segment of each flush back for an ACK.
+    let listener = listener.tap_io(|socket| {
+        if let Err(error) = socket.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown().await;

@@ -13,12 +13,17 @@ pub(super) async fn handle(
     after: u64,
     limit: usize,
 ) -> Result<ServerFrame, RouteError> {
-    if !routes.directory.is_member(&room, &caller.user).await? {
+    let stream = Stream::Room(room.clone());
+    // Three independent reads, at once: a client paging through a long history waits for the
+    // slowest of them, not their sum. What a non-member's read found is never shown.
+    let (member, events, head) = tokio::try_join!(
+        routes.directory.is_member(&room, &caller.user),
+        routes.log.read(&stream, after, limit),
+        routes.log.head(&stream),
+    )?;
+    if !member {
         return Err(RouteError::not_member(&room));
     }
-    let stream = Stream::Room(room.clone());
-    let events = routes.log.read(&stream, after, limit).await?;
-    let head = routes.log.head(&stream).await?;
     Ok(ServerFrame::History {
         room,
         events: ServerFrame::page_of(&events, MAX_PAGE_BYTES),

@@ -66,6 +66,9 @@ impl SqliteStore {
             .foreign_keys(false);
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
+            // sqlx pings a pooled connection before handing it out, by default: one more round
+            // trip to its worker thread per query, for a file that cannot go away.
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(|source| SqliteError::Open {
