@@ -94,7 +94,7 @@ impl ChangeSource {
     /// The events table of `prefix`, through clients built from the standard AWS configuration
     /// (as [`crate::store::aws_client`] builds the store's; `AWS_ENDPOINT_URL` applies to both).
     pub async fn from_env(prefix: &str) -> ChangeSource {
-        let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let config = crate::store::aws_sdk_config().await;
         ChangeSource::new(
             aws_sdk_dynamodb::Client::new(&config),
             aws_sdk_dynamodbstreams::Client::new(&config),

@@ -66,7 +66,23 @@ pub async fn open(url: &StoreUrl) -> Result<Store, Box<dyn std::error::Error + S
 /// A DynamoDB client from the standard AWS configuration (environment, profile, IMDS;
 /// `AWS_ENDPOINT_URL` points it at a local emulator).
 pub async fn aws_client() -> aws_sdk_dynamodb::Client {
-    aws_sdk_dynamodb::Client::new(
-        &aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await,
-    )
+    aws_sdk_dynamodb::Client::new(&aws_sdk_config().await)
+}
+
+/// The standard AWS configuration, with timeouts: the SDK sets none on a request by default, so
+/// one answer that never comes (a dropped connection) would hold a room's appends, or the
+/// fan-out's tail, forever. An attempt that times out is retried like any other failure.
+pub async fn aws_sdk_config() -> aws_config::SdkConfig {
+    use aws_config::timeout::TimeoutConfig;
+    use std::time::Duration;
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .operation_attempt_timeout(Duration::from_secs(10))
+                .operation_timeout(Duration::from_secs(30))
+                .build(),
+        )
+        .load()
+        .await
 }
