@@ -174,9 +174,10 @@ pub struct Aws {
 
 impl Aws {
     /// Loads the standard AWS configuration (the function's role; `AWS_ENDPOINT_URL` for a
-    /// local emulator) once, and builds the store and the management API client on it.
+    /// local emulator) once, with request timeouts, and builds the store and the management API
+    /// client on it.
     pub async fn connect(config: &LambdaConfig) -> Aws {
-        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let sdk = crate::store::aws_sdk_config().await;
         Aws::with_sdk(config, sdk)
     }
 
