@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Client, Server, WAIT};
+use common::{Client, Server};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -511,8 +511,7 @@ async fn a_replay_is_one_page_and_history_pages_the_rest() {
     }
     // Once ana has seen her last message pushed, the fan-out is past all of them: what bo's new
     // connection gets is the replay alone.
-    ana.until(WAIT, |f| f["type"] == "message" && f["seq"] == 402)
-        .await;
+    while ana.pushed_of("message").await["seq"] != 402 {}
     let mut bo = server.connect("bo").await;
     bo.send(json!({"action": "joinRoom", "room": "big", "after": 0}))
         .await;

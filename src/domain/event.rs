@@ -132,15 +132,20 @@ impl EventBody {
         }
     }
 
-    /// Why the log refuses this event when its user's membership is not what it needs.
-    pub fn refusal(&self) -> Option<Refusal> {
-        let (room, user, member) = self.membership_needed()?;
-        let (room, user) = (room.clone(), user.clone());
-        Some(if member {
-            Refusal::NotMember { room, user }
-        } else {
-            Refusal::AlreadyMember { room, user }
-        })
+    /// Whether the log may take this event, given whether its user is a member of its room now:
+    /// a [`Refusal`] when that contradicts [`EventBody::membership_needed`].
+    pub fn check_membership(&self, member: bool) -> Result<(), Refusal> {
+        match self.membership_needed() {
+            Some((room, user, needed)) if needed != member => {
+                let (room, user) = (room.clone(), user.clone());
+                Err(if needed {
+                    Refusal::NotMember { room, user }
+                } else {
+                    Refusal::AlreadyMember { room, user }
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The idempotency key of a message, if its sender gave one.

@@ -30,8 +30,8 @@ impl Turn {
         Turn::default()
     }
 
-    /// The next turn after `self`'s chain: returns this frame's turn and what the frame after it
-    /// waits on.
+    /// A frame's turn after `before` (what the frame before it passes; `None` for the first):
+    /// returns the turn and what the frame after it waits on.
     pub fn chain(before: Option<oneshot::Receiver<()>>) -> (Turn, oneshot::Receiver<()>) {
         let (done, next) = oneshot::channel();
         (

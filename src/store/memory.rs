@@ -200,15 +200,13 @@ impl EventLog for MemoryStore {
             }
         }
         if expect == Expect::Membership
-            && let Some((room, user, member)) = body.membership_needed()
-            && state
+            && let Some((room, user, _)) = body.membership_needed()
+        {
+            let member = state
                 .room_members
                 .get(room)
-                .is_some_and(|m| m.contains(user))
-                != member
-            && let Some(refusal) = body.refusal()
-        {
-            return Err(StoreError::Refused(refusal));
+                .is_some_and(|m| m.contains(user));
+            body.check_membership(member)?;
         }
         let next = state.stream_head(&key) + 1;
         if let Expect::Seq(expected) = expect

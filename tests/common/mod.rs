@@ -361,27 +361,6 @@ impl Client {
         }
     }
 
-    /// Reads frames until one satisfies `done`, for as long as `patience` allows in all: for a
-    /// fan-out that is busy catching up (DynamoDB's stream on a loaded moto), where a gap between
-    /// two frames can be longer than [`WAIT`].
-    pub async fn until(&mut self, patience: Duration, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + patience;
-        loop {
-            let frame = match self.pushed.pop_front() {
-                Some(frame) => frame,
-                None => {
-                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    self.read_within(left).await.unwrap_or_else(|| {
-                        panic!("{}: nothing awaited within {patience:?}", self.user)
-                    })
-                }
-            };
-            if done(&frame) {
-                return frame;
-            }
-        }
-    }
-
     /// Whatever arrives within `wait` (none expected in most uses).
     pub async fn drain(&mut self, wait: Duration) -> Vec<Value> {
         let mut frames: Vec<Value> = self.pushed.drain(..).collect();

@@ -212,11 +212,9 @@ impl EventLog for DynamoStore {
         // transaction, doubling its cost. The window it leaves is a leave (or join) by another
         // connection of the same user landing between this read and the write.
         if expect == Expect::Membership
-            && let Some((room, user, member)) = body.membership_needed()
-            && Directory::is_member(self, room, user).await? != member
-            && let Some(refusal) = body.refusal()
+            && let Some((room, user, _)) = body.membership_needed()
         {
-            return Err(StoreError::Refused(refusal));
+            body.check_membership(Directory::is_member(self, room, user).await?)?;
         }
         for attempt in 0..MAX_ATTEMPTS {
             let head = match *known_head {

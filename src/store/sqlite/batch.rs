@@ -116,10 +116,8 @@ impl Plan {
                 .membership_needed()
                 .map(|(room, user, _)| (room.as_str().to_owned(), user.as_str().to_owned()));
             if expect == Expect::Membership
-                && let Some((_, _, needed)) = body.membership_needed()
                 && let Some(key) = &membership
-                && members.contains(key) != needed
-                && let Some(refusal) = body.refusal()
+                && let Err(refusal) = body.check_membership(members.contains(key))
             {
                 outcomes.push(Outcome::Failed(SqliteError::Refused(refusal)));
                 continue;

@@ -105,7 +105,13 @@ impl SqliteStore {
         }
     }
 
-    async fn append(&self, body: EventBody, expect: Expect) -> Result<Appended, SqliteError> {
+    /// Queues an append for the committer: the queue's order is the log's order. The receiver
+    /// answers once the append's batch is committed (or failed).
+    async fn queue(
+        &self,
+        body: EventBody,
+        expect: Expect,
+    ) -> Result<oneshot::Receiver<Result<Appended, SqliteError>>, SqliteError> {
         let (reply, answer) = oneshot::channel();
         let job = commit::Job {
             body,
@@ -116,22 +122,12 @@ impl SqliteStore {
             .send(job)
             .await
             .map_err(|_| SqliteError::CommitterGone)?;
-        answer.await.map_err(|_| SqliteError::CommitterGone)?
+        Ok(answer)
     }
 
-    /// Queues the append for the committer and returns what answers it: the queue's order is
-    /// the log's order.
-    async fn submit(&self, body: EventBody, expect: Expect) -> PendingAppend {
-        let (reply, answer) = oneshot::channel();
-        let job = commit::Job {
-            body,
-            expect,
-            reply,
-        };
-        if self.jobs.send(job).await.is_err() {
-            return Box::pin(std::future::ready(Err(SqliteError::CommitterGone.into())));
-        }
-        Box::pin(async move { Ok(answer.await.map_err(|_| SqliteError::CommitterGone)??) })
+    async fn append(&self, body: EventBody, expect: Expect) -> Result<Appended, SqliteError> {
+        let answer = self.queue(body, expect).await?;
+        answer.await.map_err(|_| SqliteError::CommitterGone)?
     }
 
     async fn read(
@@ -319,7 +315,12 @@ impl EventLog for SqliteStore {
     }
 
     async fn submit(&self, body: EventBody, expect: Expect) -> PendingAppend {
-        SqliteStore::submit(self, body, expect).await
+        match self.queue(body, expect).await {
+            Ok(answer) => {
+                Box::pin(async move { Ok(answer.await.map_err(|_| SqliteError::CommitterGone)??) })
+            }
+            Err(error) => Box::pin(std::future::ready(Err(error.into()))),
+        }
     }
 
     async fn read(&self, stream: &Stream, after: u64, limit: usize) -> StoreResult<Vec<Event>> {
