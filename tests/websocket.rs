@@ -568,3 +568,53 @@ async fn the_rate_limit_is_a_setting() {
     );
     assert!(codes[10..].iter().any(|c| c == "rate_limited"), "{codes:?}");
 }
+
+/// The protocol's own edges: a client's ping gets its pong, a handshake the server cannot accept
+/// is refused with 400 saying why, and a frame over the hard limit closes the connection with
+/// 1009 (message too big) — the close code tells the client not to resend it.
+#[tokio::test]
+async fn pings_bad_handshakes_and_oversized_frames_get_protocol_answers() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let server = Server::start();
+    let url = format!(
+        "{}/?token={}",
+        server.url().replace("http", "ws"),
+        server.token("ana")
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .await
+        .unwrap();
+    let pong = loop {
+        match ws.next().await.expect("a frame").expect("no error") {
+            Message::Pong(payload) => break payload,
+            _ => continue,
+        }
+    };
+    assert_eq!(&pong[..], b"are you there");
+
+    let refused = reqwest::Client::new()
+        .get(format!("{}/?token={}", server.url(), server.token("ana")))
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "8")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    assert!(refused.text().await.unwrap().contains("Version"));
+
+    ws.send(Message::text("x".repeat(200 * 1024))).await.unwrap();
+    let close = loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(frame))) => break frame.expect("a close code"),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close.code, CloseCode::Size, "{close:?}");
+}

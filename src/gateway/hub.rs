@@ -5,17 +5,18 @@
 //! not hold up a room. It recovers by reconnecting with `joinRoom{after}`, which replays from
 //! the log what it missed.
 
+use super::outbox::Outbox;
+use super::wire;
 use crate::domain::ConnectionId;
 use crate::ports::{ConnectionGateway, PostError};
 use async_trait::async_trait;
-use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 /// Frames queued for one connection before it counts as too slow.
 pub const OUTBOX_FRAMES: usize = 1024;
@@ -31,6 +32,12 @@ pub enum CloseReason {
     Deleted,
     /// The server is stopping.
     ShuttingDown,
+    /// Its socket failed: nothing more can be written to it.
+    Lost,
+    /// It sent a frame over the hard limit.
+    TooBig,
+    /// It broke the WebSocket protocol (bad framing, text that is not UTF-8).
+    ProtocolError,
 }
 
 impl CloseReason {
@@ -41,6 +48,9 @@ impl CloseReason {
             CloseReason::Flooding => (1008, "flooding"),
             CloseReason::Deleted => (1000, "closed by the server"),
             CloseReason::ShuttingDown => (1001, "server shutting down"),
+            CloseReason::Lost => (1001, "connection lost"),
+            CloseReason::TooBig => (1009, "frame too big"),
+            CloseReason::ProtocolError => (1002, "protocol error"),
         }
     }
 }
@@ -52,7 +62,8 @@ pub struct Link {
     pub source_ip: IpAddr,
     pub user_agent: Option<String>,
     last_active_ms: AtomicI64,
-    outbox: mpsc::Sender<Message>,
+    /// Wire frames waiting for the socket writer.
+    pub outbox: Outbox,
     closing: AtomicBool,
     close_reason: RwLock<Option<CloseReason>>,
     closed: Notify,
@@ -98,25 +109,26 @@ impl Link {
         }
     }
 
-    /// Queues a frame without waiting; a full outbox closes the connection.
-    pub fn push(&self, frame: Message) -> Result<(), PostError> {
+    /// Queues a wire frame without waiting; a full outbox closes the connection.
+    pub fn push(&self, frame: Bytes) -> Result<(), PostError> {
         if self.is_closing() {
             return Err(PostError::Gone);
         }
-        match self.outbox.try_send(frame) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(connection = %self.id, "outbox full: closing a slow connection");
-                self.close(CloseReason::TooSlow);
-                Err(PostError::Gone)
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(PostError::Gone),
+        if self.outbox.try_push(frame, OUTBOX_FRAMES).is_err() {
+            tracing::warn!(connection = %self.id, "outbox full: closing a slow connection");
+            self.close(CloseReason::TooSlow);
+            return Err(PostError::Gone);
         }
+        Ok(())
     }
 
-    /// Queues an answer to the connection's own request, waiting for room if need be.
-    pub async fn answer(&self, frame: Message) -> Result<(), PostError> {
-        self.outbox.send(frame).await.map_err(|_| PostError::Gone)
+    /// Queues an answer to the connection's own request, waiting for room if need be: a
+    /// client that sends faster than it reads is slowed down, not cut off.
+    pub async fn answer(&self, frame: Bytes) -> Result<(), PostError> {
+        tokio::select! {
+            () = self.outbox.push(frame, OUTBOX_FRAMES) => Ok(()),
+            () = self.closed() => Err(PostError::Gone),
+        }
     }
 }
 
@@ -138,8 +150,7 @@ impl Hub {
         id: ConnectionId,
         source_ip: IpAddr,
         user_agent: Option<String>,
-    ) -> (Arc<Link>, mpsc::Receiver<Message>) {
-        let (outbox, inbox) = mpsc::channel(OUTBOX_FRAMES);
+    ) -> Arc<Link> {
         let connected_at = crate::domain::event::now();
         let link = Arc::new(Link {
             id: id.clone(),
@@ -147,13 +158,13 @@ impl Hub {
             source_ip,
             user_agent,
             last_active_ms: AtomicI64::new(connected_at.timestamp_millis()),
-            outbox,
+            outbox: Outbox::default(),
             closing: AtomicBool::new(false),
             close_reason: RwLock::new(None),
             closed: Notify::new(),
         });
         self.write().insert(id, link.clone());
-        (link, inbox)
+        link
     }
 
     pub fn remove(&self, id: &ConnectionId) {
@@ -195,30 +206,21 @@ impl Hub {
     }
 }
 
-/// Turns posted bytes into a WebSocket frame: text when they are UTF-8, as API Gateway does.
-pub fn frame_of(bytes: Bytes) -> Message {
-    // Cloning `Bytes` only bumps a reference count: the frame is still shared, not copied.
-    match Utf8Bytes::try_from(bytes.clone()) {
-        Ok(text) => Message::Text(text),
-        Err(_) => Message::Binary(bytes),
-    }
-}
-
 #[async_trait]
 impl ConnectionGateway for Hub {
     async fn post(&self, connection: &ConnectionId, frame: Bytes) -> Result<(), PostError> {
         let link = self.get(connection).ok_or(PostError::Gone)?;
-        link.push(frame_of(frame))
+        link.push(wire::posted(frame))
     }
 
-    /// One pass under one read lock: the frame is checked for UTF-8 once, and every outbox gets
-    /// the same shared bytes (a reference count, not a copy). Nothing here waits.
+    /// One pass under one read lock: the frame is encoded once, and every outbox gets the same
+    /// shared bytes (a reference count, not a copy). Nothing here waits.
     async fn post_each(
         &self,
         recipients: &[ConnectionId],
         frame: Bytes,
     ) -> Vec<(usize, PostError)> {
-        let message = frame_of(frame);
+        let message = wire::posted(frame);
         let links = self.links.read().unwrap_or_else(|p| p.into_inner());
         let mut failures = Vec::new();
         for (i, connection) in recipients.iter().enumerate() {

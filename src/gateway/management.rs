@@ -7,7 +7,8 @@
 //! server offers it is unauthenticated: bind it to loopback (the default).
 
 use super::GatewayState;
-use super::hub::{CloseReason, frame_of};
+use super::hub::CloseReason;
+use super::wire;
 use crate::domain::ConnectionId;
 use crate::domain::event::rfc3339;
 use crate::domain::limits::MAX_POST_BYTES;
@@ -64,7 +65,7 @@ pub async fn post(
     let Some(link) = state.hub.get(&id) else {
         return gone(&id);
     };
-    match link.push(frame_of(body)) {
+    match link.push(wire::posted(body)) {
         Ok(()) => StatusCode::OK.into_response(),
         Err(_) => gone(&id),
     }

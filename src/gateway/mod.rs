@@ -7,9 +7,11 @@
 mod admin;
 pub mod hub;
 mod management;
+mod outbox;
 mod page;
 pub mod rate;
 mod websocket;
+mod wire;
 
 use crate::handlers::Routes;
 use crate::ports::Store;

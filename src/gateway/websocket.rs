@@ -4,25 +4,33 @@
 
 use super::hub::{CloseReason, Link};
 use super::rate::{RateLimit, Verdict};
-use super::{GatewayState, page};
+use super::{GatewayState, page, wire};
 use crate::domain::limits::MAX_FRAME_BYTES;
 use crate::domain::requests::select_route;
 use crate::domain::{ConnectionId, ErrorCode, ServerFrame};
 use crate::handlers::Turn;
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 use aws_lambda_events::encodings::Body;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::{Buf, Bytes};
+use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use futures_util::stream::{FuturesOrdered, SplitSink};
-use futures_util::{SinkExt, StreamExt};
-use std::collections::HashMap;
+use futures_util::stream::FuturesOrdered;
+use hyper_util::rt::TokioIo;
+use std::collections::{HashMap, VecDeque};
+use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::oneshot;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 /// Frames larger than this end the connection (1009), as API Gateway's hard limit does; frames
 /// between [`MAX_FRAME_BYTES`] and this get a `too_large` error and the connection stays.
@@ -34,22 +42,25 @@ pub async fn root(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
-    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    mut request: Request,
 ) -> Response {
-    let Ok(upgrade) = upgrade else {
-        return page::index().await.into_response();
+    let accept = match accept_key(request.method(), &headers) {
+        Handshake::Page => return page::index().await.into_response(),
+        Handshake::Refused(why) => return (StatusCode::BAD_REQUEST, why).into_response(),
+        Handshake::Accept(accept) => accept,
     };
+    let upgrade = hyper::upgrade::on(&mut request);
     let user_agent = headers
-        .get(axum::http::header::USER_AGENT)
+        .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let id = ConnectionId::random();
-    let (link, inbox) = state.hub.register(id.clone(), peer.ip(), user_agent);
+    let link = state.hub.register(id.clone(), peer.ip(), user_agent);
 
-    let mut request = state.request(&link, "$connect", "CONNECT", None);
-    request.query_string_parameters = params.into();
-    request.headers = headers;
-    let response = state.routes.handle(request).await;
+    let mut connect = state.request(&link, "$connect", "CONNECT", None);
+    connect.query_string_parameters = params.into();
+    connect.headers = headers;
+    let response = state.routes.handle(connect).await;
     if response.status_code != 200 {
         state.hub.remove(&id);
         let status = u16::try_from(response.status_code)
@@ -59,41 +70,98 @@ pub async fn root(
         return (status, body_text(response).unwrap_or_default()).into_response();
     }
 
-    let on_fail = state.clone();
-    let failed_link = link.clone();
-    upgrade
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(HARD_FRAME_LIMIT)
-        .max_frame_size(HARD_FRAME_LIMIT)
-        .on_failed_upgrade(move |error| {
-            tracing::info!(%error, "WebSocket upgrade failed after $connect");
-            tokio::spawn(async move { on_fail.disconnect(&failed_link).await });
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => session(state, link, TokioIo::new(upgraded)).await,
+            Err(error) => {
+                // `$connect` succeeded, so `$disconnect` must run: the connection never opened.
+                tracing::info!(%error, "WebSocket upgrade failed after $connect");
+                // Boxed for the same reason as in `session`.
+                Box::pin(state.disconnect(&link)).await;
+            }
+        }
+    });
+    let mut switching = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let answer = switching.headers_mut();
+    answer.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    answer.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    answer.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    switching
+}
+
+enum Handshake {
+    /// Not a WebSocket request: a browser asking for the page.
+    Page,
+    /// A WebSocket request that cannot be accepted, and why.
+    Refused(&'static str),
+    /// The `Sec-WebSocket-Accept` value to answer with.
+    Accept(HeaderValue),
+}
+
+/// Checks an upgrade request as RFC 6455 §4.2.1 asks.
+fn accept_key(method: &Method, headers: &HeaderMap) -> Handshake {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|part| part.trim().eq_ignore_ascii_case(token))
+            })
         })
-        .on_upgrade(move |socket| session(state, link, inbox, socket))
+    };
+    if !has_token(header::UPGRADE, "websocket") {
+        return Handshake::Page;
+    }
+    if method != Method::GET {
+        return Handshake::Refused("a WebSocket handshake is a GET request\n");
+    }
+    if !has_token(header::CONNECTION, "upgrade") {
+        return Handshake::Refused("`Connection` must include `upgrade`\n");
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return Handshake::Refused("`Sec-WebSocket-Version` must be 13\n");
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return Handshake::Refused("`Sec-WebSocket-Key` is missing\n");
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    match HeaderValue::from_str(&accept) {
+        Ok(accept) => Handshake::Accept(accept),
+        Err(_) => Handshake::Refused("`Sec-WebSocket-Key` is not valid\n"),
+    }
 }
 
 /// A connection's read buffer starts this small and grows only for a frame that needs more:
 /// tungstenite's default (128 KiB) would make an idle connection cost twenty times what it
 /// needs.
 const READ_BUFFER: usize = 1024;
-/// Frames are written out once this much is buffered, or at the writer's flush, whichever comes
-/// first; the buffer grows only as far as a burst of frames needs.
-const WRITE_BUFFER: usize = 64 * 1024;
 
 /// How many frames of one connection are handled at once: consecutive `sendMessage`s share
 /// group commits, in the order sent.
 const IN_FLIGHT: usize = 256;
 
+/// The most frames handed to the kernel in one vectored write.
+const FRAMES_PER_WRITE: usize = 64;
+
+type Socket = TokioIo<hyper::upgrade::Upgraded>;
+
 /// Runs one open connection until either side ends it.
-async fn session(
-    state: Arc<GatewayState>,
-    link: Arc<Link>,
-    inbox: mpsc::Receiver<Message>,
-    socket: WebSocket,
-) {
-    let (sink, mut stream) = socket.split();
-    let writer = tokio::spawn(write(link.clone(), inbox, sink));
+///
+/// The socket is split: tungstenite parses what the client sends, and the writer puts
+/// pre-encoded frames from the connection's outbox straight onto the socket. That way a frame
+/// is encoded once for a whole room, and a connection keeps no write buffer of its own.
+async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: Socket) {
+    let (reading, writing) = tokio::io::split(socket);
+    let writer = tokio::spawn(write(link.clone(), writing));
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(Some(HARD_FRAME_LIMIT))
+        .max_frame_size(Some(HARD_FRAME_LIMIT));
+    let mut stream =
+        WebSocketStream::from_raw_socket(ReadOnly(reading), Role::Server, Some(config)).await;
 
     let mut rate = RateLimit::new(state.rate_limit);
     let mut pipeline = Pipeline::default();
@@ -102,7 +170,7 @@ async fn session(
             biased;
             Some(answer) = pipeline.answers.next(), if !pipeline.answers.is_empty() => {
                 if let Some(answer) = answer
-                    && link.answer(Message::Text(answer.into())).await.is_err()
+                    && link.answer(wire::text(answer)).await.is_err()
                 {
                     break;
                 }
@@ -131,9 +199,18 @@ async fn session(
                 continue;
             }
             Some(Ok(Message::Close(_))) | None => break,
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Ping(payload))) => {
+                if link.answer(wire::pong(payload)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            Some(Ok(Message::Pong(_) | Message::Frame(_))) => continue,
             Some(Err(error)) => {
                 tracing::debug!(connection = %link.id, %error, "socket error");
+                if let Some(code) = refusal(&error) {
+                    link.close(code);
+                }
                 break;
             }
         };
@@ -159,39 +236,101 @@ async fn session(
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
 }
 
-/// Drains the connection's outbox onto the socket: everything queued goes out with one flush
-/// (one `write` for many frames), then the writer waits for more.
-async fn write(
-    link: Arc<Link>,
-    mut inbox: mpsc::Receiver<Message>,
-    mut sink: SplitSink<WebSocket, Message>,
-) {
+/// The close a protocol error earns, when the client should hear why.
+fn refusal(error: &tokio_tungstenite::tungstenite::Error) -> Option<CloseReason> {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, Error};
+    match error {
+        Error::Capacity(CapacityError::MessageTooLong { .. }) => Some(CloseReason::TooBig),
+        Error::Protocol(_) | Error::Utf8(_) => Some(CloseReason::ProtocolError),
+        _ => None,
+    }
+}
+
+/// Puts the connection's outbox onto the socket: everything queued goes to the kernel in
+/// vectored writes, then the writer waits for more. Ends with the close frame.
+async fn write(link: Arc<Link>, mut socket: tokio::io::WriteHalf<Socket>) {
     loop {
-        tokio::select! {
+        let frames = tokio::select! {
             biased;
-            frame = inbox.recv() => {
-                let Some(frame) = frame else { return };
-                if sink.feed(frame).await.is_err() {
-                    return;
-                }
-                while let Ok(frame) = inbox.try_recv() {
-                    if sink.feed(frame).await.is_err() {
-                        return;
-                    }
-                }
-                if sink.flush().await.is_err() {
-                    return;
-                }
-            }
+            frames = link.outbox.take() => frames,
             () = link.closed() => break,
+        };
+        if write_all(&mut socket, frames).await.is_err() {
+            link.close(CloseReason::Lost);
+            return;
         }
     }
+    // What was queued before the close still goes out, then the close frame.
+    let mut frames = link.outbox.take_now();
     let (code, reason) = link.close_reason().unwrap_or(CloseReason::Deleted).frame();
-    let close = CloseFrame {
-        code,
-        reason: reason.into(),
-    };
-    let _ = sink.send(Message::Close(Some(close))).await;
+    frames.push_back(wire::close(code, reason));
+    if write_all(&mut socket, frames).await.is_ok() {
+        let _ = socket.shutdown().await;
+    }
+}
+
+/// Writes every frame, many per system call.
+async fn write_all(
+    socket: &mut (impl AsyncWrite + Unpin),
+    mut frames: VecDeque<Bytes>,
+) -> std::io::Result<()> {
+    while !frames.is_empty() {
+        let slices: Vec<IoSlice<'_>> = frames
+            .iter()
+            .take(FRAMES_PER_WRITE)
+            .map(|frame| IoSlice::new(frame))
+            .collect();
+        let mut written = socket.write_vectored(&slices).await?;
+        drop(slices);
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let Some(front) = frames.front_mut() else {
+                break;
+            };
+            if written < front.len() {
+                front.advance(written);
+                break;
+            }
+            written -= front.len();
+            frames.pop_front();
+        }
+    }
+    Ok(())
+}
+
+/// The socket's reading half, as tungstenite wants a whole socket: what tungstenite would
+/// write (its automatic pong and close replies) is dropped here, because the writer owns the
+/// socket's writing half and sends those replies itself.
+struct ReadOnly(tokio::io::ReadHalf<Socket>);
+
+impl AsyncRead for ReadOnly {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ReadOnly {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// A connection's frames in flight, answered in the order they came.
