@@ -8,22 +8,61 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// Why a token was refused. Every variant means HTTP 401 on the handshake.
-#[derive(Debug, thiserror::Error)]
+/// How far a token's `exp` and `nbf` may be off, for clocks that disagree a little.
+pub const LEEWAY_SECS: u64 = 30;
+
+/// Why a token was refused. Every variant means HTTP 401 on the handshake, saying which.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     #[error("no token: connect with ?token=<JWT>")]
     Missing,
-    #[error("invalid token: {0}")]
-    Invalid(#[from] jsonwebtoken::errors::Error),
+    #[error("the token is not a JWT")]
+    Malformed,
+    #[error("the token is not signed with HS256")]
+    WrongAlgorithm,
+    #[error("the token's signature does not match")]
+    BadSignature,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("the token has no {0} claim")]
+    MissingClaim(String),
     #[error("the token's sub is not a valid user id")]
     BadSubject,
 }
 
+impl From<jsonwebtoken::errors::Error> for AuthError {
+    fn from(error: jsonwebtoken::errors::Error) -> Self {
+        use jsonwebtoken::errors::ErrorKind;
+        match error.into_kind() {
+            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                AuthError::WrongAlgorithm
+            }
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            ErrorKind::MissingRequiredClaim(claim) => AuthError::MissingClaim(claim),
+            _ => AuthError::Malformed,
+        }
+    }
+}
+
+/// What palaver reads from a token: `sub` and `exp` are required; `iat` and `nbf` are optional
+/// (RFC 7519), and `nbf` is honoured when present.
+///
+/// Both required claims are optional here so that a token missing one is refused as missing it
+/// (by the validation), not as malformed (by deserialising).
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
-    sub: String,
-    exp: u64,
-    iat: u64,
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    exp: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<u64>,
 }
 
 /// Signs and checks tokens with one shared secret (`PALAVER_JWT_SECRET`).
@@ -36,8 +75,11 @@ pub struct Identity {
 
 impl Identity {
     pub fn new(secret: &[u8]) -> Self {
+        // Only HS256: a token naming any other algorithm (`none` included) is refused.
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 5;
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         Identity {
             encoding: EncodingKey::from_secret(secret),
@@ -50,9 +92,10 @@ impl Identity {
     pub fn issue(&self, user: &UserId, ttl: Duration) -> String {
         let iat = chrono::Utc::now().timestamp().max(0) as u64;
         let claims = Claims {
-            sub: user.to_string(),
-            iat,
-            exp: iat + ttl.as_secs(),
+            sub: Some(user.to_string()),
+            iat: Some(iat),
+            nbf: None,
+            exp: Some(iat + ttl.as_secs()),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 signing with an in-memory key cannot fail")
@@ -62,7 +105,11 @@ impl Identity {
     pub fn verify(&self, token: Option<&str>) -> Result<UserId, AuthError> {
         let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)?;
-        UserId::parse(&data.claims.sub).map_err(|_| AuthError::BadSubject)
+        let sub = data
+            .claims
+            .sub
+            .ok_or_else(|| AuthError::MissingClaim("sub".into()))?;
+        UserId::parse(&sub).map_err(|_| AuthError::BadSubject)
     }
 }
 
@@ -103,6 +150,116 @@ mod tests {
         assert!(matches!(id.verify(None), Err(AuthError::Missing)));
         assert!(Identity::new(b"other").verify(Some(&token)).is_err());
         assert!(id.verify(Some("not.a.jwt")).is_err());
+    }
+
+    fn sign(header: Header, claims: serde_json::Value, secret: &[u8]) -> String {
+        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(secret)).unwrap()
+    }
+
+    fn now() -> i64 {
+        chrono::Utc::now().timestamp()
+    }
+
+    #[test]
+    fn a_token_with_only_sub_and_exp_is_accepted() {
+        let id = Identity::new(b"secret");
+        let hs256 = Header::new(Algorithm::HS256);
+        let token = sign(
+            hs256,
+            serde_json::json!({"sub": "ana", "exp": now() + 60}),
+            b"secret",
+        );
+        assert_eq!(id.verify(Some(&token)).unwrap().as_str(), "ana");
+    }
+
+    #[test]
+    fn each_refusal_names_its_own_reason() {
+        let id = Identity::new(b"secret");
+        let hs = || Header::new(Algorithm::HS256);
+        let t = now();
+        let leeway = LEEWAY_SECS as i64;
+        let cases = [
+            (
+                sign(
+                    hs(),
+                    serde_json::json!({"sub": "ana", "exp": t + 60}),
+                    b"other",
+                ),
+                AuthError::BadSignature,
+            ),
+            (
+                sign(
+                    hs(),
+                    serde_json::json!({"sub": "ana", "exp": t - leeway - 60}),
+                    b"secret",
+                ),
+                AuthError::Expired,
+            ),
+            (
+                sign(
+                    hs(),
+                    serde_json::json!({"sub": "ana", "exp": t + 600, "nbf": t + leeway + 60}),
+                    b"secret",
+                ),
+                AuthError::NotYetValid,
+            ),
+            (
+                sign(hs(), serde_json::json!({"sub": "ana"}), b"secret"),
+                AuthError::MissingClaim("exp".into()),
+            ),
+            (
+                sign(hs(), serde_json::json!({"exp": t + 60}), b"secret"),
+                AuthError::MissingClaim("sub".into()),
+            ),
+            (
+                sign(
+                    hs(),
+                    serde_json::json!({"sub": "a b", "exp": t + 60}),
+                    b"secret",
+                ),
+                AuthError::BadSubject,
+            ),
+            (
+                sign(
+                    Header::new(Algorithm::HS512),
+                    serde_json::json!({"sub": "ana", "exp": t + 60}),
+                    b"secret",
+                ),
+                AuthError::WrongAlgorithm,
+            ),
+            ("not.a.jwt".to_owned(), AuthError::Malformed),
+        ];
+        for (token, reason) in cases {
+            assert_eq!(id.verify(Some(&token)), Err(reason));
+        }
+        assert_eq!(id.verify(Some("")), Err(AuthError::Missing));
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        // {"alg":"none","typ":"JWT"} . {"sub":"ana","exp":4102444800} . (no signature)
+        let token = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhbmEiLCJleHAiOjQxMDI0NDQ4MDB9.";
+        let refused = Identity::new(b"secret").verify(Some(token));
+        assert!(
+            matches!(
+                refused,
+                Err(AuthError::WrongAlgorithm | AuthError::Malformed)
+            ),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn exp_and_nbf_allow_a_little_clock_skew() {
+        let id = Identity::new(b"secret");
+        let hs = Header::new(Algorithm::HS256);
+        let t = now();
+        let token = sign(
+            hs,
+            serde_json::json!({"sub": "ana", "exp": t - 5, "nbf": t + 5}),
+            b"secret",
+        );
+        assert!(id.verify(Some(&token)).is_ok());
     }
 
     #[test]

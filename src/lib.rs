@@ -4,6 +4,7 @@
 //! - [`domain`] — events, frames, requests, the projection fold. No I/O.
 //! - [`ports`] — what handlers and the fan-out need from a store and a connection gateway.
 //! - [`store`] — the memory, SQLite and DynamoDB adapters.
+//! - [`dedicated`] — the committer and the tail on threads of their own.
 //! - [`connections`] — a connection's close, shared by `$disconnect` and the fan-out.
 //! - [`handlers`] — the WebSocket routes, taking and answering API Gateway's Lambda event shapes.
 //! - [`fanout`] — turns log events into frames for every connection that should see it, driven
@@ -17,6 +18,7 @@
 
 pub mod aws;
 pub mod connections;
+pub mod dedicated;
 pub mod domain;
 pub mod fanout;
 pub mod gateway;

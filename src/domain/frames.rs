@@ -124,7 +124,7 @@ impl ServerFrame {
         let mut bytes = 0;
         for frame in events.iter().filter_map(ServerFrame::of_event) {
             // Each frame, plus the comma between frames in a `history` answer.
-            let size = frame.to_json().len() + 1;
+            let size = frame.json_len() + 1;
             if !frames.is_empty() && bytes + size > max_bytes {
                 break;
             }
@@ -153,6 +153,23 @@ impl ServerFrame {
     pub fn to_json(&self) -> String {
         // Serialising these types cannot fail: no maps with non-string keys, no foreign types.
         serde_json::to_string(self).expect("server frames always serialise")
+    }
+
+    /// How long [`ServerFrame::to_json`] would be, without building the string.
+    pub fn json_len(&self) -> usize {
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0 += bytes.len();
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut count = Count(0);
+        serde_json::to_writer(&mut count, self).expect("server frames always serialise");
+        count.0
     }
 
     /// The frame's bytes, made once and shared by every recipient.
@@ -189,6 +206,8 @@ mod tests {
         assert_eq!(json["text"], "hello");
         assert_eq!(json["at"], "2023-11-14T22:13:20.123Z");
         assert_eq!(json["id"].as_str().unwrap().len(), 26);
+        let frame = ServerFrame::of_event(&event).unwrap();
+        assert_eq!(frame.json_len(), frame.to_json().len());
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub(super) async fn handle(
         Ok(user) => user,
         Err(error) => {
             tracing::info!(%connection, %error, "connection refused");
-            return status(401, "Unauthorized");
+            return status(401, &format!("Unauthorized: {error}"));
         }
     };
     let body = EventBody::Connected {

@@ -87,7 +87,10 @@ impl SqliteStore {
             .await?;
         let committed = watch::Sender::new(uint(last, "position")?);
         let (jobs, queue) = mpsc::channel(QUEUE);
-        tokio::spawn(commit::committer(pool.clone(), queue, committed.clone()));
+        crate::dedicated::spawn(
+            "palaver-committer",
+            commit::committer(pool.clone(), queue, committed.clone()),
+        );
         Ok(Arc::new(SqliteStore {
             pool,
             jobs,
