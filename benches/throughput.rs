@@ -61,6 +61,7 @@ async fn end_to_end(members: usize, messages_each: usize) -> (f64, f64) {
         admin_token: None,
         changes: None,
         rate_limit: 0,
+        lifetime: Default::default(),
     }));
 
     let mut clients = Vec::new();

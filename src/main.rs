@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use palaver::domain::{RoomName, UserId};
 use palaver::fanout::change_stream::ChangeSource;
+use palaver::gateway::lifetime::Lifetime;
 use palaver::identity::{Identity, parse_ttl, random_secret};
 use palaver::operator::{self, table};
 use palaver::ports::Store;
@@ -36,6 +37,13 @@ enum Command {
         /// limit off (for load tests: people never type this fast)
         #[arg(long, env = "PALAVER_RATE_LIMIT", default_value_t = palaver::gateway::rate::DEFAULT_PER_SECOND)]
         rate_limit: u32,
+        /// Close a connection after this long without a frame from the client (90s, 10m, 1h), as
+        /// API Gateway does
+        #[arg(long, env = "PALAVER_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_ttl)]
+        idle_timeout: Duration,
+        /// Close any connection after this long (API Gateway: 2h); clients reconnect and replay
+        #[arg(long, env = "PALAVER_MAX_CONNECTION_AGE", default_value = "2h", value_parser = parse_ttl)]
+        max_connection_age: Duration,
     },
     /// Create the store's tables (DynamoDB; SQLite and memory need nothing)
     Init,
@@ -99,7 +107,18 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Serve { listen, rate_limit } => run_serve(&cli.store, &listen, rate_limit).await,
+        Command::Serve {
+            listen,
+            rate_limit,
+            idle_timeout,
+            max_connection_age,
+        } => {
+            let lifetime = Lifetime {
+                idle: idle_timeout,
+                max_age: max_connection_age,
+            };
+            run_serve(&cli.store, &listen, rate_limit, lifetime).await
+        }
         Command::Init => match &cli.store {
             StoreUrl::DynamoDb(prefix) => {
                 let tables = store::dynamodb::Tables::new(prefix);
@@ -210,7 +229,12 @@ fn print<T: serde::Serialize>(
     Ok(())
 }
 
-async fn run_serve(url: &StoreUrl, listen: &str, rate_limit: u32) -> Result<(), Failure> {
+async fn run_serve(
+    url: &StoreUrl,
+    listen: &str,
+    rate_limit: u32,
+    lifetime: Lifetime,
+) -> Result<(), Failure> {
     let store = open(url).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -265,6 +289,7 @@ async fn run_serve(url: &StoreUrl, listen: &str, rate_limit: u32) -> Result<(), 
         admin_token,
         changes,
         rate_limit,
+        lifetime,
     })
     .await?;
     Ok(())

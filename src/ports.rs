@@ -167,6 +167,10 @@ pub const POST_CONCURRENCY: usize = 64;
 pub trait ConnectionGateway: Send + Sync {
     async fn post(&self, connection: &ConnectionId, frame: Bytes) -> Result<(), PostError>;
 
+    /// Closes a connection (`DeleteConnection`), after the frames already posted to it. One
+    /// that is already gone counts as closed.
+    async fn close(&self, connection: &ConnectionId) -> Result<(), PostError>;
+
     /// Posts the same frame to every recipient and returns the failures, by index into
     /// `recipients`. The default makes one [`post`](ConnectionGateway::post) each, up to
     /// [`POST_CONCURRENCY`] at once (one HTTP request each on AWS); a gateway that holds its

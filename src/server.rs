@@ -29,6 +29,8 @@ pub struct ServeConfig {
     pub changes: Option<ChangeSource>,
     /// Frames per second each connection may send (burst twice that); 0 = no limit.
     pub rate_limit: u32,
+    /// Idle timeout and maximum age of a connection.
+    pub lifetime: crate::gateway::lifetime::Lifetime,
 }
 
 /// Runs until ctrl-c or SIGTERM.
@@ -40,6 +42,7 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         admin_token,
         changes,
         rate_limit,
+        lifetime,
     } = config;
     let hub = Hub::new();
     let routes = Routes::new(&store, hub.clone(), identity).remembering_callers();
@@ -70,6 +73,7 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         admin_token,
         stage: "local".to_owned(),
         rate_limit,
+        lifetime,
     });
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     // The writers batch frames themselves (one flush per drained outbox); Nagle's algorithm

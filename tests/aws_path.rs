@@ -343,3 +343,51 @@ async fn the_function_binaries_run_the_path_through_the_runtime_api() {
         assert_eq!(frames.last().unwrap()["type"], "presence");
     }
 }
+
+/// API Gateway keeps a socket open that the store has closed (a 410 seen while the handshake was
+/// still finishing, a lost record). A request on it answers `gone` — never `internal` — and the
+/// socket is closed so that the client reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_a_connection_the_store_closed_answers_gone_and_closes_it() {
+    use futures_util::StreamExt;
+    let world = World::new("forgotten", Options::default()).await;
+    let mut ana = world.connect("ana").await;
+    world.join(&ana, "general").await;
+    palaver::connections::close(
+        world.store.log.as_ref(),
+        world.store.directory.as_ref(),
+        &ana.id,
+        palaver::domain::DisconnectReason::Gone,
+    )
+    .await
+    .unwrap();
+
+    let response = world
+        .route(world.message_event(
+            &ana,
+            &json!({"action": "sendMessage", "room": "general", "text": "hello?"}),
+        ))
+        .await;
+    assert_eq!(response["statusCode"], 200, "{response}");
+    assert!(response["body"].is_null(), "no answer body: {response}");
+
+    let told = ana.next().await;
+    assert_eq!(told["type"], "error", "{told}");
+    assert_eq!(told["code"], "gone", "{told}");
+    assert_eq!(told["action"], "sendMessage", "{told}");
+    // Then the gateway closes the socket.
+    world.gateway.wait_gone(&ana.id).await;
+    let rest = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let mut frames = Vec::new();
+        while let Some(Ok(frame)) = ana.raw().next().await {
+            frames.push(frame);
+        }
+        frames
+    })
+    .await
+    .expect("the socket closes");
+    assert!(
+        rest.iter().all(|f| f.is_close()),
+        "nothing but the close after gone: {rest:?}"
+    );
+}

@@ -24,6 +24,10 @@ struct Recorder {
 
 #[async_trait]
 impl ConnectionGateway for Recorder {
+    async fn close(&self, _: &ConnectionId) -> Result<(), PostError> {
+        Ok(())
+    }
+
     async fn post(&self, connection: &ConnectionId, frame: Bytes) -> Result<(), PostError> {
         let frame = serde_json::from_slice(&frame).expect("frames are JSON");
         self.posts.lock().unwrap().push((connection.clone(), frame));

@@ -43,6 +43,10 @@ impl Recorder {
 
 #[async_trait]
 impl ConnectionGateway for Recorder {
+    async fn close(&self, _: &ConnectionId) -> Result<(), PostError> {
+        Ok(())
+    }
+
     async fn post(&self, connection: &ConnectionId, frame: Bytes) -> Result<(), PostError> {
         if self.gone.lock().unwrap().contains(connection) {
             return Err(PostError::Gone);

@@ -635,3 +635,65 @@ async fn pings_bad_handshakes_and_oversized_frames_get_protocol_answers() {
     };
     assert_eq!(close.code, CloseCode::Size, "{close:?}");
 }
+
+/// As on API Gateway: a connection that sends nothing for the idle timeout is closed (1001), a
+/// client keeps a quiet connection open with `ping` (answered `pong`), and every connection ends
+/// at the maximum age (1001), however busy. Here the server is started with 1 s and 3 s.
+#[tokio::test]
+async fn quiet_connections_close_pings_keep_them_and_every_connection_ends_at_its_maximum_age() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let server = Server::start_with(&[
+        ("PALAVER_IDLE_TIMEOUT", "1s"),
+        ("PALAVER_MAX_CONNECTION_AGE", "3s"),
+    ]);
+    let url = |user: &str| {
+        format!(
+            "{}/?token={}",
+            server.url().replace("http", "ws"),
+            server.token(user)
+        )
+    };
+    let closed = |frame: Option<Result<Message, _>>| match frame {
+        Some(Ok(Message::Close(Some(close)))) => Some(close),
+        Some(Ok(_)) => None,
+        other => panic!("expected a close frame, got {other:?}"),
+    };
+
+    // Quiet: closed for idleness.
+    let (mut quiet, _) = tokio_tungstenite::connect_async(url("ana")).await.unwrap();
+    let close = loop {
+        if let Some(close) = closed(quiet.next().await) {
+            break close;
+        }
+    };
+    assert_eq!(close.code, CloseCode::Away, "{close:?}");
+    assert!(close.reason.contains("idle"), "{close:?}");
+
+    // Pinging every 300 ms: answered each time, open well past the idle timeout, then closed at
+    // the maximum age.
+    let (mut busy, _) = tokio_tungstenite::connect_async(url("bo")).await.unwrap();
+    let mut pongs = 0;
+    let close = loop {
+        // The server may have closed it meanwhile: the close frame is read below either way.
+        let _ = busy.send(Message::text(r#"{"action":"ping"}"#)).await;
+        let frame = busy.next().await;
+        if let Some(Ok(Message::Text(text))) = &frame {
+            assert_eq!(text.as_str(), r#"{"type":"pong"}"#);
+            pongs += 1;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            continue;
+        }
+        if let Some(close) = closed(frame) {
+            break close;
+        }
+    };
+    assert!(
+        pongs >= 5,
+        "pings kept it open past the idle timeout: {pongs} pongs"
+    );
+    assert_eq!(close.code, CloseCode::Away, "{close:?}");
+    assert!(close.reason.contains("maximum"), "{close:?}");
+}

@@ -158,6 +158,22 @@ impl ConnectionGateway for ManagementApi {
             }
         }
     }
+
+    async fn close(&self, connection: &ConnectionId) -> Result<(), PostError> {
+        match self
+            .client
+            .delete_connection()
+            .connection_id(connection.as_str())
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(error) if error.raw_response().map(|r| r.status().as_u16()) == Some(410) => Ok(()),
+            Err(error) => Err(PostError::Failed(
+                aws_sdk_apigatewaymanagement::error::DisplayErrorContext(error).to_string(),
+            )),
+        }
+    }
 }
 
 /// Sorts a failed `postToConnection` into gone, retry, or failed.

@@ -18,6 +18,8 @@ pub enum ErrorCode {
     TooLarge,
     RateLimited,
     Internal,
+    /// The server no longer knows the connection: the client reconnects.
+    Gone,
 }
 
 /// Whether a `member` frame says someone joined or left.
@@ -60,6 +62,8 @@ pub enum ServerFrame {
     Left {
         room: RoomName,
     },
+    /// The answer to `ping`.
+    Pong,
     Sent {
         room: RoomName,
         seq: u64,

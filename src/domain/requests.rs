@@ -31,10 +31,12 @@ pub enum Request {
         after: u64,
         limit: usize,
     },
+    /// A keepalive: answered `pong`, touches nothing.
+    Ping,
 }
 
 /// The named routes, as their `action` values.
-pub const ROUTES: [&str; 4] = ["joinRoom", "leaveRoom", "sendMessage", "getHistory"];
+pub const ROUTES: [&str; 5] = ["joinRoom", "leaveRoom", "sendMessage", "getHistory", "ping"];
 
 /// Why a request was refused: becomes an `error` frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,6 +89,7 @@ pub fn parse(route: &str, body: &str) -> Result<Request, Rejection> {
     let fields = object(body)?;
     let room = || room(&fields);
     match route {
+        "ping" => Ok(Request::Ping),
         "joinRoom" => Ok(Request::JoinRoom {
             room: room()?,
             after: seq(&fields, "after")?,
@@ -157,12 +160,12 @@ pub fn default_route_rejection(body: &str) -> Rejection {
         Ok(fields) => match fields.get("action") {
             None => Rejection::new(
                 ErrorCode::UnknownAction,
-                "a frame needs an \"action\": one of joinRoom, leaveRoom, sendMessage, getHistory",
+                "a frame needs an \"action\": one of joinRoom, leaveRoom, sendMessage, getHistory, ping",
             ),
             Some(action) => Rejection::new(
                 ErrorCode::UnknownAction,
                 format!(
-                    "unknown action {action}: use one of joinRoom, leaveRoom, sendMessage, getHistory"
+                    "unknown action {action}: use one of joinRoom, leaveRoom, sendMessage, getHistory, ping"
                 ),
             ),
         },
@@ -207,6 +210,13 @@ fn seq(fields: &Map<String, Value>, name: &str) -> Result<Option<u64>, Rejection
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ping_is_a_route_of_its_own() {
+        let body = r#"{"action":"ping"}"#;
+        assert_eq!(select_route(body), "ping");
+        assert_eq!(parse("ping", body), Ok(Request::Ping));
+    }
 
     #[test]
     fn route_selection_follows_the_action_field() {

@@ -38,6 +38,12 @@ pub enum CloseReason {
     TooBig,
     /// It broke the WebSocket protocol (bad framing, text that is not UTF-8).
     ProtocolError,
+    /// Nothing came from the client for the idle timeout.
+    Idle,
+    /// It reached the maximum connection age.
+    TooOld,
+    /// The store no longer knows it (a request answered `gone`).
+    Forgotten,
 }
 
 impl CloseReason {
@@ -51,6 +57,9 @@ impl CloseReason {
             CloseReason::Lost => (1001, "connection lost"),
             CloseReason::TooBig => (1009, "frame too big"),
             CloseReason::ProtocolError => (1002, "protocol error"),
+            CloseReason::Idle => (1001, "idle timeout: reconnect"),
+            CloseReason::TooOld => (1001, "maximum connection age reached: reconnect"),
+            CloseReason::Forgotten => (1001, "connection gone: reconnect"),
         }
     }
 }
@@ -211,6 +220,13 @@ impl ConnectionGateway for Hub {
     async fn post(&self, connection: &ConnectionId, frame: Bytes) -> Result<(), PostError> {
         let link = self.get(connection).ok_or(PostError::Gone)?;
         link.push(wire::posted(frame))
+    }
+
+    async fn close(&self, connection: &ConnectionId) -> Result<(), PostError> {
+        if let Some(link) = self.get(connection) {
+            link.close(CloseReason::Forgotten);
+        }
+        Ok(())
     }
 
     /// One pass under one read lock: the frame is encoded once, and every outbox gets the same

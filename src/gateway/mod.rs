@@ -6,6 +6,7 @@
 
 mod admin;
 pub mod hub;
+pub mod lifetime;
 mod management;
 mod outbox;
 mod page;
@@ -31,6 +32,8 @@ pub struct GatewayState {
     pub stage: String,
     /// Frames per second each connection may send (burst twice that); 0 = no limit.
     pub rate_limit: u32,
+    /// When connections are closed for idleness or age.
+    pub lifetime: lifetime::Lifetime,
 }
 
 /// The gateway's routes.

@@ -28,6 +28,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
@@ -165,6 +166,10 @@ async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: Socket) {
 
     let mut rate = RateLimit::new(state.rate_limit);
     let mut pipeline = Pipeline::default();
+    // One timer per connection, re-armed only when it fires: a frame just notes the time.
+    let (opened, mut heard) = (Instant::now(), Instant::now());
+    let expiry = tokio::time::sleep_until(state.lifetime.deadline(opened, heard));
+    tokio::pin!(expiry);
     loop {
         let frame = tokio::select! {
             biased;
@@ -185,7 +190,16 @@ async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: Socket) {
             }
             frame = stream.next(), if pipeline.accepts() => frame,
             () = link.closed() => break,
+            () = &mut expiry => {
+                if let Some(reason) = state.lifetime.expired(opened, heard, Instant::now()) {
+                    link.close(reason);
+                    break;
+                }
+                expiry.as_mut().reset(state.lifetime.deadline(opened, heard));
+                continue;
+            }
         };
+        heard = Instant::now();
         let text = match frame {
             Some(Ok(Message::Text(text))) => text,
             Some(Ok(Message::Binary(_))) => {

@@ -118,35 +118,67 @@ impl Routes {
                     Ok(body) if route == "$default" => {
                         requests::default_route_rejection(body).frame(None)
                     }
-                    Ok(body) => self.route(route, connection, body, turn).await,
+                    Ok(body) => match self.route(route, connection.clone(), body, turn).await {
+                        Ok(frame) => frame,
+                        Err(gone) => return self.forget(&connection, &gone).await,
+                    },
                 };
                 answer(&frame)
             }
         }
     }
 
+    /// The route's answer; `Err` with the `gone` frame for a connection the store has closed.
     async fn route(
         &self,
         route: &str,
         connection: ConnectionId,
         body: &str,
         turn: Turn,
-    ) -> ServerFrame {
+    ) -> Result<ServerFrame, ServerFrame> {
         let outcome = match requests::parse(route, body) {
             Err(rejection) => Err(RouteError::Rejected(rejection)),
             Ok(request) => self.dispatch(connection, request, turn).await,
         };
-        outcome.unwrap_or_else(|error| match error {
-            RouteError::Rejected(rejection) => rejection.frame(Some(route)),
-            other => {
+        match outcome {
+            Ok(frame) => Ok(frame),
+            Err(RouteError::Rejected(rejection)) => Ok(rejection.frame(Some(route))),
+            Err(RouteError::UnknownConnection(connection)) => {
+                tracing::info!(%connection, route, "request on a closed connection");
+                Err(ServerFrame::error(
+                    ErrorCode::Gone,
+                    "this connection is closed on the server: reconnect",
+                    Some(route),
+                ))
+            }
+            Err(other) => {
                 tracing::error!(route, error = %other, "route failed");
-                ServerFrame::error(
+                Ok(ServerFrame::error(
                     ErrorCode::Internal,
                     "something went wrong on our side; nothing was changed, try again",
                     Some(route),
-                )
+                ))
             }
-        })
+        }
+    }
+
+    /// A request came on a connection the store has closed (after a 410 the fan-out saw, or a
+    /// lost `$connect`): tell the client, then close the socket so that it reconnects. The
+    /// frame is posted rather than answered so that it goes out before the close.
+    async fn forget(
+        &self,
+        connection: &ConnectionId,
+        gone: &ServerFrame,
+    ) -> ApiGatewayProxyResponse {
+        if let Err(error) = self.gateway.post(connection, gone.to_bytes()).await {
+            tracing::debug!(%connection, %error, "could not tell a closed connection");
+        }
+        if let Err(error) = self.gateway.close(connection).await {
+            tracing::warn!(%connection, %error, "could not close a connection the store forgot");
+        }
+        let mut response = ApiGatewayProxyResponse::default();
+        response.status_code = 200;
+        response
     }
 
     async fn dispatch(
@@ -155,8 +187,14 @@ impl Routes {
         request: Request,
         turn: Turn,
     ) -> Result<ServerFrame, RouteError> {
+        if request == Request::Ping {
+            // A keepalive costs nothing: no caller lookup, no store (on AWS a route response
+            // can answer it without a function).
+            return Ok(ServerFrame::Pong);
+        }
         let caller = self.caller(connection).await?;
         match request {
+            Request::Ping => Ok(ServerFrame::Pong),
             Request::JoinRoom { room, after } => join::handle(self, &caller, room, after).await,
             Request::LeaveRoom { room } => leave::handle(self, &caller, room).await,
             Request::SendMessage {

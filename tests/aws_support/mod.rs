@@ -150,6 +150,11 @@ impl Socket {
         }
     }
 
+    /// The socket itself, for reading what `next` would reject (a close frame).
+    pub fn raw(&mut self) -> &mut WebSocketStream<MaybeTlsStream<TcpStream>> {
+        &mut self.ws
+    }
+
     /// Frames up to and including the `message` with `seq`.
     pub async fn until_message(&mut self, seq: u64) -> Vec<Value> {
         self.until(|f| f["type"] == "message" && f["seq"] == seq)
@@ -290,7 +295,7 @@ impl World {
     pub fn message_event(&self, socket: &Socket, frame: &Value) -> Value {
         let action = frame["action"].as_str().unwrap_or_default();
         let route = match action {
-            "joinRoom" | "leaveRoom" | "sendMessage" | "getHistory" => action,
+            "joinRoom" | "leaveRoom" | "sendMessage" | "getHistory" | "ping" => action,
             _ => "$default",
         };
         self.ws_event(
