@@ -54,7 +54,7 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         let roster = Roster::load(store.directory.as_ref())
             .await
             .map_err(std::io::Error::other)?;
-        crate::dedicated::spawn("palaver-tail", tail::run(feed, fanout, roster, start));
+        tail::start(feed, fanout, roster, start);
     } else if let (Some(source), Some(stream_fanout)) = (
         changes,
         StreamFanOut::new(&store, FanOut::new(&store, hub.clone())),

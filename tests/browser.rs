@@ -401,7 +401,7 @@ fn page_url(server: &Server, user: &str) -> String {
 /// presence, escaping, several rooms.
 #[tokio::test]
 async fn page_chats_with_a_websocket_client() {
-    let server = Server::start();
+    let server = Server::start_readable();
 
     // Bob has been in the lobby before and said something.
     let mut bob = server.connect("bob").await;
@@ -554,7 +554,7 @@ async fn page_chats_with_a_websocket_client() {
 /// resumes from localStorage.
 #[tokio::test]
 async fn page_reconnects_and_replays_what_it_missed() {
-    let server = Server::start();
+    let server = Server::start_readable();
     let mut bob = server.connect("bob").await;
     bob.join("lobby").await;
 

@@ -184,12 +184,17 @@ async fn what_is_appended_after_the_start_is_delivered_once_even_after_failures(
 
     append(&store, say("r", "hello")).await;
     append(&store, say("r", "again")).await;
-    let messages = recorder.wait_for_messages(2).await;
-    // Anything late or repeated would show up by now.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    recorder.wait_for_messages(2).await;
+    // A marker after them: a repeat of the retried batch would be delivered before it.
+    append(&store, say("r", "marker")).await;
+    let messages = recorder.wait_for_messages(3).await;
     assert_eq!(
         recorder.messages(),
-        [("r".to_owned(), 2), ("r".to_owned(), 3)],
+        [
+            ("r".to_owned(), 2),
+            ("r".to_owned(), 3),
+            ("r".to_owned(), 4)
+        ],
         "each message once, in order, and nothing of what came before the start: {messages:?}"
     );
     assert!(

@@ -27,7 +27,7 @@ fn connection_of(server: &Server, user: &str) -> String {
 
 #[tokio::test]
 async fn the_sdk_posts_describes_and_deletes_connections() {
-    let server = Server::start();
+    let server = Server::start_readable();
     let mut ana = server.connect("ana").await;
     let id = connection_of(&server, "ana");
 
@@ -111,7 +111,7 @@ async fn the_sdk_posts_describes_and_deletes_connections() {
 
 #[tokio::test]
 async fn oversized_posts_are_refused_and_the_connection_stays() {
-    let server = Server::start();
+    let server = Server::start_readable();
     let mut ana = server.connect("ana").await;
     let id = connection_of(&server, "ana");
     let sdk = client(server.url());

@@ -10,18 +10,50 @@
 //! same order, so delivering costs no store query.
 
 use super::{FanOut, Roster};
+use crate::domain::Event;
 use crate::ports::{LogFeed, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc;
 
 /// How many events one read takes.
 const PAGE: usize = 256;
 /// Re-read at least this often even without a wake-up (another process may write the file).
 const POLL: Duration = Duration::from_secs(1);
 
-/// Runs until the feed's store is dropped. Starts after `checkpoint`, with `roster` as the
-/// projection stood there.
-pub async fn run(feed: Arc<dyn LogFeed>, fanout: FanOut, mut roster: Roster, mut checkpoint: u64) {
+/// How many read pages may wait for the fan-out.
+const PAGES_AHEAD: usize = 4;
+
+/// Starts the tail after `checkpoint`, with `roster` as the projection stood there, and runs
+/// it until the feed's store is dropped.
+///
+/// It is two parts. The reader runs on a thread of its own ([`crate::dedicated`]): its reads
+/// are round trips to a SQLite worker thread, and on the shared runtime each would wait behind
+/// every busy socket writer. The delivery runs as a task on the shared runtime, a page at a time
+/// without waiting on anything: the writers it wakes are then queued on its own worker, which
+/// is far cheaper than waking them from another thread.
+pub fn start(feed: Arc<dyn LogFeed>, fanout: FanOut, mut roster: Roster, checkpoint: u64) {
+    let (pages, mut read) = mpsc::channel::<Vec<(u64, Event)>>(PAGES_AHEAD);
+    crate::dedicated::spawn("palaver-tail", follow(feed, pages, checkpoint));
+    tokio::spawn(async move {
+        while let Some(page) = read.recv().await {
+            for (position, event) in &page {
+                // A store error here (not a failed post) would skip recipients: retry it.
+                while let Err(error) = fanout.deliver_in(event, &mut roster).await {
+                    tracing::error!(%error, position, "fan-out failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    });
+}
+
+/// Reads the log in commit order from `checkpoint` on and hands it over a page at a time.
+async fn follow(
+    feed: Arc<dyn LogFeed>,
+    pages: mpsc::Sender<Vec<(u64, Event)>>,
+    mut checkpoint: u64,
+) {
     let mut wake = feed.watch();
     loop {
         wake.borrow_and_update();
@@ -55,12 +87,8 @@ pub async fn run(feed: Arc<dyn LogFeed>, fanout: FanOut, mut roster: Roster, mut
                 }
             };
             let Some(&(last, _)) = page.last() else { break };
-            for (position, event) in &page {
-                // A store error here (not a failed post) would skip recipients: retry the event.
-                while let Err(error) = fanout.deliver_in(event, &mut roster).await {
-                    tracing::error!(%error, position, "fan-out failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+            if pages.send(page).await.is_err() {
+                return;
             }
             checkpoint = last;
         }
