@@ -722,3 +722,72 @@ async fn quiet_connections_close_pings_keep_them_and_every_connection_ends_at_it
     assert_eq!(close.code, CloseCode::Away, "{close:?}");
     assert!(close.reason.contains("maximum"), "{close:?}");
 }
+
+/// A client that stops reading is closed as too slow once its socket is full and 1,024 frames
+/// wait behind it — and it goes offline for the room — while the clients that read keep going.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_and_the_room_goes_on() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let server = Server::start_with(&[("PALAVER_RATE_LIMIT", "0")]);
+    let url = |user: &str| {
+        format!(
+            "{}/?token={}",
+            server.url().replace("http", "ws"),
+            server.token(user)
+        )
+    };
+    // zed joins, then never reads again.
+    let (mut zed, _) = tokio_tungstenite::connect_async(url("zed")).await.unwrap();
+    zed.send(Message::text(r#"{"action":"joinRoom","room":"r"}"#))
+        .await
+        .unwrap();
+    let joined = loop {
+        if let Some(Ok(Message::Text(text))) = zed.next().await
+            && text.contains(r#""type":"joined""#)
+        {
+            break text;
+        }
+    };
+    assert!(joined.contains(r#""room":"r""#));
+
+    // ana reads everything, on a task of its own, until zed goes offline.
+    let (ana, _) = tokio_tungstenite::connect_async(url("ana")).await.unwrap();
+    let (mut to_server, mut from_server) = ana.split();
+    to_server
+        .send(Message::text(r#"{"action":"joinRoom","room":"r"}"#))
+        .await
+        .unwrap();
+    let reader = tokio::spawn(async move {
+        let mut messages = 0;
+        while let Some(Ok(frame)) = from_server.next().await {
+            let Message::Text(text) = frame else { continue };
+            let frame: Value = serde_json::from_str(text.as_str()).unwrap();
+            match frame["type"].as_str() {
+                Some("message") => messages += 1,
+                Some("presence") if frame["user"] == "zed" && frame["online"] == false => {
+                    return messages;
+                }
+                _ => {}
+            }
+        }
+        panic!("ana's connection ended before zed went offline");
+    });
+
+    // 2,500 messages of 8 KiB: far more than zed's socket buffers and outbox hold.
+    let text = "z".repeat(8 * 1024);
+    for i in 0..2500 {
+        let frame = json!({"action": "sendMessage", "room": "r", "text": format!("{i} {text}")});
+        to_server
+            .send(Message::text(frame.to_string()))
+            .await
+            .unwrap();
+    }
+    let messages = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("zed is closed as too slow within a minute")
+        .unwrap();
+    assert!(messages > 1024, "ana kept receiving: {messages} messages");
+    drop(zed);
+}

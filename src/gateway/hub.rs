@@ -18,8 +18,13 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use tokio::sync::Notify;
 
-/// Frames queued for one connection before it counts as too slow.
+/// Frames queued for one connection before it counts as too slow — when its socket is not
+/// taking more (the client is not reading).
 pub const OUTBOX_FRAMES: usize = 1024;
+/// Frames queued for one connection before it is closed in any case. Between the two bounds the
+/// socket is still taking what it is given: the server's writers are behind, not the client, and
+/// a healthy client must not be cut off because the server is busy.
+pub const OUTBOX_HARD_FRAMES: usize = 4 * OUTBOX_FRAMES;
 
 /// Why the server closed a connection: becomes the WebSocket close frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +78,8 @@ pub struct Link {
     last_active_ms: AtomicI64,
     /// Wire frames waiting for the socket writer.
     pub outbox: Outbox,
+    /// The writer's last write found the socket full: the client is not reading.
+    socket_full: AtomicBool,
     closing: AtomicBool,
     close_reason: RwLock<Option<CloseReason>>,
     closed: Notify,
@@ -118,12 +125,22 @@ impl Link {
         }
     }
 
+    /// Records whether the writer found the socket full.
+    pub fn socket_full(&self, full: bool) {
+        self.socket_full.store(full, Ordering::Relaxed);
+    }
+
     /// Queues a wire frame without waiting; a full outbox closes the connection.
     pub fn push(&self, frame: Bytes) -> Result<(), PostError> {
         if self.is_closing() {
             return Err(PostError::Gone);
         }
-        if self.outbox.try_push(frame, OUTBOX_FRAMES).is_err() {
+        let bound = if self.socket_full.load(Ordering::Relaxed) {
+            OUTBOX_FRAMES
+        } else {
+            OUTBOX_HARD_FRAMES
+        };
+        if self.outbox.try_push(frame, bound).is_err() {
             tracing::warn!(connection = %self.id, "outbox full: closing a slow connection");
             self.close(CloseReason::TooSlow);
             return Err(PostError::Gone);
@@ -168,6 +185,7 @@ impl Hub {
             user_agent,
             last_active_ms: AtomicI64::new(connected_at.timestamp_millis()),
             outbox: Outbox::default(),
+            socket_full: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             close_reason: RwLock::new(None),
             closed: Notify::new(),

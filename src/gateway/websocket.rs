@@ -269,7 +269,7 @@ async fn write(link: Arc<Link>, mut socket: tokio::io::WriteHalf<Socket>) {
             frames = link.outbox.take() => frames,
             () = link.closed() => break,
         };
-        if write_all(&mut socket, frames).await.is_err() {
+        if write_all(&mut socket, frames, &link).await.is_err() {
             link.close(CloseReason::Lost);
             return;
         }
@@ -278,15 +278,16 @@ async fn write(link: Arc<Link>, mut socket: tokio::io::WriteHalf<Socket>) {
     let mut frames = link.outbox.take_now();
     let (code, reason) = link.close_reason().unwrap_or(CloseReason::Deleted).frame();
     frames.push_back(wire::close(code, reason));
-    if write_all(&mut socket, frames).await.is_ok() {
+    if write_all(&mut socket, frames, &link).await.is_ok() {
         let _ = socket.shutdown().await;
     }
 }
 
-/// Writes every frame, many per system call.
+/// Writes every frame, many per system call, noting on `link` whether the socket is full.
 async fn write_all(
     socket: &mut (impl AsyncWrite + Unpin),
     mut frames: VecDeque<Bytes>,
+    link: &Link,
 ) -> std::io::Result<()> {
     while !frames.is_empty() {
         let slices: Vec<IoSlice<'_>> = frames
@@ -294,7 +295,12 @@ async fn write_all(
             .take(FRAMES_PER_WRITE)
             .map(|frame| IoSlice::new(frame))
             .collect();
-        let mut written = socket.write_vectored(&slices).await?;
+        let mut written = std::future::poll_fn(|cx| {
+            let poll = Pin::new(&mut *socket).poll_write_vectored(cx, &slices);
+            link.socket_full(poll.is_pending());
+            poll
+        })
+        .await?;
         drop(slices);
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
