@@ -412,3 +412,108 @@ async fn an_unreadable_event_is_passed_over_and_the_room_goes_on() {
     fanout.handle(vec![wake("lobby", 6)]).await;
     assert_eq!(seqs_of(&gateway.frames("a1"), "message"), [2, 3, 5, 6]);
 }
+
+/// The change record for `seq` of connection `id`'s log stream.
+fn wake_connection(id: &str, seq: u64) -> Wake {
+    Wake::from_keys(
+        format!("rec-{id}-{seq}"),
+        Some(&Stream::Connection(ConnectionId::new(id)).key()),
+        Some(&seq.to_string()),
+    )
+}
+
+/// Bo's last connection closes between two messages: ana sees the first message, bo going
+/// offline, then the second — the order of the log and of the batch — not both messages first.
+#[tokio::test]
+async fn presence_keeps_its_place_between_room_events_of_one_batch() {
+    let w = world();
+    lobby(&w).await;
+    let before = vec![
+        wake_connection("a1", 1),
+        wake_connection("b1", 1),
+        wake("lobby", 2),
+    ];
+    assert!(w.fanout.handle(before).await.failed.is_empty());
+
+    let first = say(&w.store, "lobby", "ana", "before bo leaves").await;
+    let body = EventBody::Disconnected {
+        connection: ConnectionId::new("b1"),
+        user: user("bo"),
+        reason: palaver::domain::DisconnectReason::Closed,
+    };
+    w.store.log.append(body, Expect::Seq(2)).await.unwrap();
+    let second = say(&w.store, "lobby", "ana", "after bo left").await;
+    let posted_before = w.gateway.frames("a1").len();
+
+    let batch = vec![
+        wake("lobby", first),
+        wake_connection("b1", 2),
+        wake("lobby", second),
+    ];
+    let report = w.fanout.handle(batch).await;
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let seen: Vec<(String, Value)> = w.gateway.frames("a1")[posted_before..]
+        .iter()
+        .map(|f| (f["type"].as_str().unwrap().to_owned(), f["seq"].clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("message".to_owned(), Value::from(first)),
+            ("presence".to_owned(), Value::Null),
+            ("message".to_owned(), Value::from(second)),
+        ]
+    );
+}
+
+/// A room whose audience crosses the relay threshold within a batch: once one of its frames is
+/// queued for delivery workers, the batch's later frames of the room are queued behind it, even
+/// one with a smaller audience (a presence frame leaves out the connection it is about) —
+/// posted directly, it would overtake the queued one.
+#[tokio::test]
+async fn a_room_that_crosses_the_threshold_mid_batch_stays_on_the_queue() {
+    let store = MemoryStore::store();
+    let gateway = Arc::new(Recorder::default());
+    let queue = Arc::new(Jobs::default());
+    let fanout = FanOut::new(&store, gateway.clone()).with_relay(queue.clone(), 3, 10);
+    let fanout = StreamFanOut::new(&store, fanout).unwrap();
+    for (id, who) in [("a1", "ana"), ("b1", "bo"), ("c1", "cy")] {
+        connect(&store, id, who).await;
+    }
+    for who in ["ana", "bo", "cy", "dee"] {
+        join(&store, "lobby", who).await;
+    }
+    let warmup = vec![
+        wake_connection("a1", 1),
+        wake_connection("b1", 1),
+        wake_connection("c1", 1),
+        wake("lobby", 4),
+    ];
+    assert!(fanout.handle(warmup).await.failed.is_empty());
+    queue.0.lock().unwrap().clear();
+    let posted_before = gateway.frames("a1").len();
+
+    // A message (to four connections, dee's new one included: queued), then dee's connection
+    // opening (presence to the three others).
+    let message = say(&store, "lobby", "ana", "hello all").await;
+    connect(&store, "d1", "dee").await;
+    let batch = vec![wake("lobby", message), wake_connection("d1", 1)];
+    let report = fanout.handle(batch).await;
+    assert!(report.failed.is_empty());
+
+    let direct = &gateway.frames("a1")[posted_before..];
+    assert!(
+        direct.is_empty(),
+        "nothing posted directly once the room went to the queue: {direct:?}"
+    );
+    let queued: Vec<Value> = queue
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|job| job.connections.iter().any(|c| c.as_str() == "a1"))
+        .map(|job| serde_json::from_str::<Value>(&job.frame).unwrap())
+        .collect();
+    let kinds: Vec<&str> = queued.iter().map(|f| f["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["message", "presence"], "{queued:?}");
+}

@@ -27,7 +27,7 @@ use crate::ports::{
 };
 use async_trait::async_trait;
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 pub use roster::Roster;
@@ -74,6 +74,16 @@ pub trait Listeners: Send {
 
     /// The gateway found `connection` gone; its `disconnected` event will follow.
     fn gone(&mut self, connection: &ConnectionId);
+
+    /// Whether `room`'s frames went to the delivery queue earlier in this run of events. Once
+    /// they have, the run's later frames of the room follow them there: posted directly, a
+    /// later frame could reach someone before an earlier one still waiting in the queue.
+    fn relayed(&self, _room: &RoomName) -> bool {
+        false
+    }
+
+    /// Notes that `room`'s frames went to the delivery queue.
+    fn relay(&mut self, _room: &RoomName) {}
 }
 
 /// The store's projection as the listeners, with each room's audience read once per run of
@@ -82,6 +92,8 @@ pub struct StoreListeners {
     directory: Arc<dyn Directory>,
     /// Shared, so a run of events in a big room reuses one list instead of copying it.
     rooms: HashMap<RoomName, Arc<[ConnectionId]>>,
+    /// Rooms whose frames went to the delivery queue in this run.
+    relayed: HashSet<RoomName>,
 }
 
 impl StoreListeners {
@@ -89,6 +101,7 @@ impl StoreListeners {
         StoreListeners {
             directory,
             rooms: HashMap::new(),
+            relayed: HashSet::new(),
         }
     }
 }
@@ -133,6 +146,14 @@ impl Listeners for StoreListeners {
     fn gone(&mut self, _connection: &ConnectionId) {
         // Its close is in the store already; the next audience read leaves it out.
         self.rooms.clear();
+    }
+
+    fn relayed(&self, room: &RoomName) -> bool {
+        self.relayed.contains(room)
+    }
+
+    fn relay(&mut self, room: &RoomName) {
+        self.relayed.insert(room.clone());
     }
 }
 
@@ -244,7 +265,8 @@ impl FanOut {
                 };
                 let audience = listeners.audience(room).await?;
                 let key = format!("{}:{}", event.stream, event.seq);
-                self.send(&audience, frame.to_bytes(), room, &key).await?
+                self.send(&audience, frame.to_bytes(), room, &key, listeners)
+                    .await?
             }
             EventBody::Connected {
                 connection, user, ..
@@ -296,28 +318,34 @@ impl FanOut {
                 .cloned()
                 .collect();
             let key = format!("{}:{}:{room}", event.stream, event.seq);
-            total.add(self.send(&audience, frame.to_bytes(), &room, &key).await?);
+            total.add(
+                self.send(&audience, frame.to_bytes(), &room, &key, listeners)
+                    .await?,
+            );
         }
         Ok(total)
     }
 
     /// Posts `frame` to `recipients` here, or hands them to delivery workers when there are
-    /// more than the relay's threshold. `room` and `key` (what the frame is of: the event's
-    /// stream and seq) name the jobs.
+    /// more than the relay's threshold — or when the room's frames already went to them in this
+    /// run of events. `room` and `key` (what the frame is of: the event's stream and seq) name
+    /// the jobs.
     async fn send(
         &self,
         recipients: &[ConnectionId],
         frame: Bytes,
         room: &RoomName,
         key: &str,
+        listeners: &mut dyn Listeners,
     ) -> StoreResult<Delivery> {
         let Some(relay) = self
             .relay
             .as_ref()
-            .filter(|r| recipients.len() > r.threshold)
+            .filter(|r| recipients.len() > r.threshold || listeners.relayed(room))
         else {
             return Ok(self.post_to(recipients, frame).await);
         };
+        listeners.relay(room);
         let queued = recipients.len();
         let jobs = relay_jobs(
             recipients,

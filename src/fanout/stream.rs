@@ -13,8 +13,8 @@
 
 use super::{Delivery, FanOut, StoreListeners};
 use crate::domain::{ConnectionId, Event, EventBody, Stream};
-use crate::ports::{Checkpoints, Directory, EventLog, Store, StoreError, StoreResult};
-use std::collections::HashMap;
+use crate::ports::{Checkpoints, Directory, EventLog, Store, StoreError};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 /// How many events one catch-up read takes.
@@ -72,38 +72,102 @@ impl StreamFanOut {
 
     /// Handles one batch. Never fails as a whole: what could not be done is in
     /// [`BatchReport::failed`].
+    ///
+    /// Each log stream the batch mentions is read once, from its checkpoint up to its highest
+    /// record; then events go out in the batch's record order — what a record announces (and
+    /// any gap before it) when that record comes up — so that events of different log streams
+    /// keep the order the change stream showed them in: a presence change between two messages
+    /// reaches the room between them.
     pub async fn handle(&self, wakes: Vec<Wake>) -> BatchReport {
         let mut report = BatchReport::default();
         let mut mentions: Vec<Mention> = Vec::new();
+        // (mention, seq) of each readable record, in batch order.
+        let mut order: Vec<(usize, u64)> = Vec::new();
         for wake in wakes {
             match wake.target {
                 Err(why) => {
                     tracing::error!(record = %wake.record, %why, "unreadable change record");
                     report.failed.push(wake.record);
                 }
-                Ok((stream, seq)) => match mentions.iter_mut().find(|m| m.stream == stream) {
-                    Some(mention) => mention.upto = mention.upto.max(seq),
-                    None => mentions.push(Mention {
-                        stream,
-                        first_record: wake.record,
-                        upto: seq,
-                    }),
-                },
+                Ok((stream, seq)) => {
+                    let index = match mentions.iter().position(|m| m.stream == stream) {
+                        Some(index) => {
+                            mentions[index].upto = mentions[index].upto.max(seq);
+                            index
+                        }
+                        None => {
+                            mentions.push(Mention {
+                                stream,
+                                first_record: wake.record,
+                                upto: seq,
+                            });
+                            mentions.len() - 1
+                        }
+                    };
+                    order.push((index, seq));
+                }
             }
+        }
+
+        let mut pending = Vec::with_capacity(mentions.len());
+        for mention in &mentions {
+            pending.push(self.read(mention, &mut report).await);
         }
 
         let mut listeners = StoreListeners::new(self.directory.clone());
         let mut activity: HashMap<ConnectionId, Event> = HashMap::new();
-        for mention in mentions {
-            match self
-                .catch_up(&mention, &mut listeners, &mut activity, &mut report)
-                .await
-            {
-                Ok(()) => {}
-                Err(error) => {
-                    tracing::error!(stream = %mention.stream, %error, "fan-out failed; will retry");
-                    report.failed.push(mention.first_record);
+        // Every record in order, then each stream to its end (events read past its last record).
+        let everything = (0..mentions.len()).map(|index| (index, u64::MAX));
+        for (index, upto) in order.into_iter().chain(everything) {
+            let stream = &mut pending[index];
+            if stream.failed.is_some() {
+                continue;
+            }
+            while stream.items.front().is_some_and(|item| item.seq() <= upto) {
+                let Some(item) = stream.items.pop_front() else {
+                    break;
+                };
+                let event = match item {
+                    Item::Skipped(seq) => {
+                        stream.done = seq;
+                        continue;
+                    }
+                    Item::Event(event) => event,
+                };
+                match self.fanout.deliver_in(&event, &mut listeners).await {
+                    Ok(delivery) => {
+                        report.delivery.add(delivery);
+                        report.events += 1;
+                        stream.done = event.seq;
+                        if let EventBody::MessagePosted {
+                            connection: Some(connection),
+                            ..
+                        } = &event.body
+                            && activity
+                                .get(connection)
+                                .is_none_or(|seen| seen.at < event.at)
+                        {
+                            activity.insert(connection.clone(), event);
+                        }
+                    }
+                    Err(error) => {
+                        stream.failed = Some(error);
+                        break;
+                    }
                 }
+            }
+        }
+
+        for (mention, stream) in mentions.iter().zip(pending) {
+            let mut failed = stream.failed.or(stream.unavailable);
+            if stream.done > stream.start
+                && let Err(error) = self.checkpoints.advance(&mention.stream, stream.done).await
+            {
+                failed.get_or_insert(error);
+            }
+            if let Some(error) = failed {
+                tracing::error!(stream = %mention.stream, %error, "fan-out failed; will retry");
+                report.failed.push(mention.first_record.clone());
             }
         }
         // "Last active" is kept per connection, not per message: one write per connection per
@@ -116,73 +180,92 @@ impl StreamFanOut {
         report
     }
 
-    /// Delivers `mention.stream` from its checkpoint up to at least `mention.upto`.
-    async fn catch_up(
-        &self,
-        mention: &Mention,
-        listeners: &mut StoreListeners,
-        activity: &mut HashMap<ConnectionId, Event>,
-        report: &mut BatchReport,
-    ) -> StoreResult<()> {
+    /// Reads `mention.stream` from its checkpoint up to at least `mention.upto`.
+    async fn read(&self, mention: &Mention, report: &mut BatchReport) -> Pending {
         let stream = &mention.stream;
-        let start = self.checkpoints.delivered(stream).await?;
-        let mut done = start;
-        let outcome = async {
-            while done < mention.upto {
-                let page = match self.log.read(stream, done, PAGE).await {
-                    Ok(page) => page,
-                    Err(StoreError::Corrupt(_)) => match self.log.read(stream, done, 1).await {
-                        // Somewhere in the page: go one event at a time up to it.
-                        Ok(one) => one,
-                        Err(StoreError::Corrupt(why)) => {
-                            // The next event cannot be decoded, now or on any retry. Holding
-                            // the room's fan-out back for it would stop the room for good, and
-                            // no client could render it anyway: skip it, loudly.
-                            tracing::error!(
-                                %stream,
-                                seq = done + 1,
-                                %why,
-                                "skipping an unreadable event: it is not delivered"
-                            );
-                            report.skipped.push((stream.clone(), done + 1));
-                            done += 1;
-                            continue;
-                        }
-                        Err(error) => return Err(error),
-                    },
-                    Err(error) => return Err(error),
-                };
-                if page.is_empty() {
-                    // Announced but not in the table: nothing to deliver yet, so try again later.
-                    return Err(StoreError::Corrupt(format!(
-                        "{stream}: seq {} was announced but the log ends at {done}",
-                        mention.upto
-                    )));
-                }
-                for event in page {
-                    let delivery = self.fanout.deliver_in(&event, listeners).await?;
-                    report.delivery.add(delivery);
-                    report.events += 1;
-                    done = event.seq;
-                    if let EventBody::MessagePosted {
-                        connection: Some(connection),
-                        ..
-                    } = &event.body
-                        && activity
-                            .get(connection)
-                            .is_none_or(|seen| seen.at < event.at)
-                    {
-                        activity.insert(connection.clone(), event);
-                    }
-                }
+        let mut pending = Pending::default();
+        let start = match self.checkpoints.delivered(stream).await {
+            Ok(start) => start,
+            Err(error) => {
+                pending.failed = Some(error);
+                return pending;
             }
-            Ok(())
+        };
+        (pending.start, pending.done) = (start, start);
+        let mut read = start;
+        while read < mention.upto {
+            let page = match self.log.read(stream, read, PAGE).await {
+                Ok(page) => page,
+                Err(StoreError::Corrupt(_)) => match self.log.read(stream, read, 1).await {
+                    // Somewhere in the page: go one event at a time up to it.
+                    Ok(one) => one,
+                    Err(StoreError::Corrupt(why)) => {
+                        // The next event cannot be decoded, now or on any retry. Holding the
+                        // room's fan-out back for it would stop the room for good, and no
+                        // client could render it anyway: skip it, loudly.
+                        tracing::error!(
+                            %stream,
+                            seq = read + 1,
+                            %why,
+                            "skipping an unreadable event: it is not delivered"
+                        );
+                        report.skipped.push((stream.clone(), read + 1));
+                        read += 1;
+                        pending.items.push_back(Item::Skipped(read));
+                        continue;
+                    }
+                    Err(error) => {
+                        pending.failed = Some(error);
+                        return pending;
+                    }
+                },
+                Err(error) => {
+                    pending.failed = Some(error);
+                    return pending;
+                }
+            };
+            let Some(last) = page.last() else {
+                // Announced but not in the table: deliver what there is, then try again later.
+                pending.unavailable = Some(StoreError::Corrupt(format!(
+                    "{stream}: seq {} was announced but the log ends at {read}",
+                    mention.upto
+                )));
+                break;
+            };
+            read = last.seq;
+            pending.items.extend(page.into_iter().map(Item::Event));
         }
-        .await;
-        if done > start {
-            self.checkpoints.advance(stream, done).await?;
+        pending
+    }
+}
+
+/// What one log stream of a batch has to deliver.
+#[derive(Default)]
+struct Pending {
+    /// Its checkpoint when the batch started.
+    start: u64,
+    /// Delivered (or passed over) up to here.
+    done: u64,
+    items: VecDeque<Item>,
+    /// Why the rest of it cannot be delivered in this batch.
+    failed: Option<StoreError>,
+    /// An announced event is not in the log yet: what is before it goes out, and the stream is
+    /// reported failed so that the batch comes back.
+    unavailable: Option<StoreError>,
+}
+
+enum Item {
+    Event(Event),
+    /// An event that cannot be decoded, passed over.
+    Skipped(u64),
+}
+
+impl Item {
+    fn seq(&self) -> u64 {
+        match self {
+            Item::Event(event) => event.seq,
+            Item::Skipped(seq) => *seq,
         }
-        outcome
     }
 }
 
