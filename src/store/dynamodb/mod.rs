@@ -34,6 +34,9 @@ use aws_sdk_dynamodb::types::TransactWriteItem;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// How many rooms' append locks (and remembered heads) one process keeps.
+pub const ROOM_LOCKS: usize = 4096;
+
 /// Both tables, through one SDK client.
 pub struct DynamoStore {
     client: Client,
@@ -72,12 +75,26 @@ impl DynamoStore {
 
     /// The turn-taking lock and remembered head of a room's stream. A connection's stream is
     /// written at most twice, so it gets a lock of its own that is not kept.
+    ///
+    /// Any user can create rooms, so the rooms remembered are bounded: past [`ROOM_LOCKS`], the
+    /// ones no append is using are forgotten. Forgetting costs nothing but one head read at the
+    /// room's next append (the remembered head is only a shortcut; the write's condition is the
+    /// truth).
     fn stream_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<Option<u64>>> {
         if !key.starts_with("r:") {
             return Arc::default();
         }
         let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if streams.len() >= ROOM_LOCKS && !streams.contains_key(key) {
+            streams.retain(|_, lock| Arc::strong_count(lock) > 1);
+        }
         streams.entry(key.to_owned()).or_default().clone()
+    }
+
+    /// How many rooms' locks are remembered now.
+    #[cfg(test)]
+    fn remembered_rooms(&self) -> usize {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Runs writes that belong together: a lone update as itself, anything else as a
@@ -152,4 +169,34 @@ fn condition_failed<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool 
     error
         .as_service_error()
         .is_some_and(|e| e.code() == Some("ConditionalCheckFailedException"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn rooms_remembered_for_appends_are_bounded_and_a_room_in_use_is_kept() {
+        let config = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+            .build();
+        let store = DynamoStore::new(Client::from_conf(config), "bounded");
+        let busy = store.stream_lock("r:busy");
+        let held = busy.lock().await;
+        for n in 0..3 * ROOM_LOCKS {
+            drop(store.stream_lock(&format!("r:room{n}")));
+        }
+        assert!(
+            store.remembered_rooms() <= ROOM_LOCKS,
+            "{}",
+            store.remembered_rooms()
+        );
+        // The room whose append is under way kept its lock: a second append waits for it.
+        let again = store.stream_lock("r:busy");
+        assert!(
+            again.try_lock().is_err(),
+            "the lock in use was not replaced"
+        );
+        drop(held);
+    }
 }
