@@ -408,6 +408,17 @@ async fn a_damaged_event_is_skipped_and_the_room_goes_on() {
         "garbled was seq {}",
         garbled["seq"]
     );
+
+    // A newcomer whose replay runs into the damaged event still joins: the answer is `joined`
+    // (never `internal`, which would say nothing changed), its head says how far to page, and
+    // the join took effect.
+    let mut cy = server.connect("cy").await;
+    let joined = cy
+        .request(json!({"action": "joinRoom", "room": "r", "after": 0}))
+        .await;
+    assert_eq!(joined["type"], "joined", "{joined}");
+    assert!(joined["head"].as_u64().unwrap() > after["seq"].as_u64().unwrap());
+    assert_eq!(cy.say("r", "made it in").await["type"], "sent");
 }
 
 #[tokio::test]

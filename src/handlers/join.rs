@@ -29,16 +29,32 @@ pub(super) async fn handle(
         Err(error) => return Err(error.into()),
     };
     if let Some(after) = after {
-        // Straight to the caller's connection, before the answer.
-        let page = routes.log.read(&stream, after, MAX_HISTORY_LIMIT).await?;
-        for frame in ServerFrame::page_of(&page, MAX_PAGE_BYTES) {
-            // Appended since the head was read: the answer must not say less than was sent.
-            head = head.max(frame.seq().unwrap_or(0));
-            routes
-                .gateway
-                .post(&caller.connection, frame.to_bytes())
-                .await?;
+        // The join (if any) is in the log already, so a failed replay must not answer
+        // `internal` ("nothing was changed"): the answer is `joined`, and a client whose last
+        // seq is below its `head` pages the rest with `getHistory`, as after any short replay.
+        if let Err(error) = replay(routes, caller, &stream, after, &mut head).await {
+            tracing::warn!(connection = %caller.connection, %room, %error, "replay cut short");
         }
     }
     Ok(ServerFrame::Joined { room, head })
+}
+
+/// Posts the events after `after`, one page of them, straight to the caller's connection.
+async fn replay(
+    routes: &Routes,
+    caller: &Caller,
+    stream: &Stream,
+    after: u64,
+    head: &mut u64,
+) -> Result<(), RouteError> {
+    let page = routes.log.read(stream, after, MAX_HISTORY_LIMIT).await?;
+    for frame in ServerFrame::page_of(&page, MAX_PAGE_BYTES) {
+        // Appended since the head was read: the answer must not say less than was sent.
+        *head = (*head).max(frame.seq().unwrap_or(0));
+        routes
+            .gateway
+            .post(&caller.connection, frame.to_bytes())
+            .await?;
+    }
+    Ok(())
 }
