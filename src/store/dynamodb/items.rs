@@ -36,8 +36,10 @@ use ulid::Ulid;
 
 pub type Item = HashMap<String, AttributeValue>;
 
-/// API Gateway closes every connection after 2 hours; a day is ample for a local gateway too.
-pub const CONNECTION_TTL_SECS: i64 = 24 * 60 * 60;
+/// API Gateway closes every connection after 2 hours (and `palaver serve` too, by default):
+/// an hour more covers clock skew and TTL deletion's own lag, and a connection whose
+/// `$disconnect` never came stops counting as online an hour after it could have been open.
+pub const CONNECTION_TTL_SECS: i64 = 3 * 60 * 60;
 
 pub fn s(value: impl Into<String>) -> AttributeValue {
     AttributeValue::S(value.into())
