@@ -7,7 +7,35 @@
 //! not deliver, and the fan-out does not call a route.
 
 use crate::domain::{ConnectionId, DisconnectReason, EventBody, Expect};
-use crate::ports::{Directory, EventLog, StoreError};
+use crate::ports::{ConnectionRecord, Directory, EventLog, StoreError};
+use std::time::Duration;
+
+/// How long after `$connect` a 410 from API Gateway does not mean the connection is gone.
+/// `$connect` runs during the WebSocket handshake, and API Gateway answers 410 to posts made
+/// before it has finished the upgrade (one of 410's documented causes): a busy room's fan-out
+/// finds new connections in that window all the time, and must not close them for it.
+pub const HANDSHAKE_GRACE: Duration = Duration::from_secs(10);
+
+/// A post to `connection` was answered 410 Gone. Closes it — unless it opened within `grace`,
+/// when the gateway may still be finishing its handshake: then nothing is changed and `false`
+/// comes back (the frame is lost to it, as any frame posted in that window is on AWS; the
+/// client's `joinRoom{after}` replays it).
+pub async fn gone(
+    log: &dyn EventLog,
+    directory: &dyn Directory,
+    connection: &ConnectionId,
+    grace: Duration,
+) -> Result<bool, StoreError> {
+    let Some(record) = directory.connection(connection).await? else {
+        return Ok(true);
+    };
+    let age = crate::domain::event::now() - record.connected_at;
+    if record.open && age.to_std().is_ok_and(|age| age < grace) {
+        return Ok(false);
+    }
+    close_record(log, record, DisconnectReason::Gone).await?;
+    Ok(true)
+}
 
 /// Appends the connection's `disconnected` event unless it is already closed or unknown.
 pub async fn close(
@@ -16,12 +44,21 @@ pub async fn close(
     connection: &ConnectionId,
     reason: DisconnectReason,
 ) -> Result<(), StoreError> {
-    let Some(record) = directory.connection(connection).await? else {
-        return Ok(());
-    };
+    match directory.connection(connection).await? {
+        Some(record) => close_record(log, record, reason).await,
+        None => Ok(()),
+    }
+}
+
+async fn close_record(
+    log: &dyn EventLog,
+    record: ConnectionRecord,
+    reason: DisconnectReason,
+) -> Result<(), StoreError> {
     if !record.open {
         return Ok(());
     }
+    let connection = &record.id;
     let body = EventBody::Disconnected {
         connection: connection.clone(),
         user: record.user.clone(),

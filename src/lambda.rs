@@ -83,6 +83,10 @@ pub struct LambdaConfig {
     pub shard_threshold: usize,
     /// `PALAVER_FANOUT_SHARD_SIZE` (default 100): recipients per queued message.
     pub shard_size: usize,
+    /// `PALAVER_HANDSHAKE_GRACE_SECS` (default 10): a connection younger than this is not
+    /// closed when a post to it answers 410 (API Gateway's answer while the handshake that ran
+    /// `$connect` is still finishing).
+    pub handshake_grace: std::time::Duration,
 }
 
 impl LambdaConfig {
@@ -145,6 +149,17 @@ impl LambdaConfig {
                 var("PALAVER_FANOUT_SHARD_SIZE"),
                 DEFAULT_SHARD_SIZE,
             )?,
+            handshake_grace: match var("PALAVER_HANDSHAKE_GRACE_SECS") {
+                None => crate::connections::HANDSHAKE_GRACE,
+                Some(secs) => {
+                    std::time::Duration::from_secs(secs.trim().parse().map_err(|_| {
+                        ConfigError {
+                            name: "PALAVER_HANDSHAKE_GRACE_SECS",
+                            problem: format!("{secs:?} is not a whole number of seconds"),
+                        }
+                    })?)
+                }
+            },
         })
     }
 }
@@ -214,6 +229,7 @@ impl Aws {
     /// posts what it is given and must never queue it again).
     pub fn fanout(&self) -> FanOut {
         FanOut::new(&self.store, self.gateway.clone())
+            .with_handshake_grace(self.config.handshake_grace)
     }
 
     /// The stream-driven fan-out (`palaver-fanout`): big rooms go through the delivery queue

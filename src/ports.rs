@@ -151,9 +151,15 @@ pub trait LogFeed: Send + Sync {
 /// Why a post to a connection failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PostError {
-    /// The connection is closed or unknown (HTTP 410): remove it.
+    /// The connection is closed or unknown (HTTP 410): remove it — unless it may still be
+    /// opening (see `connections::gone`).
     #[error("connection is gone")]
     Gone,
+    /// The gateway knows the connection is still being opened (its upgrade has not completed):
+    /// the frame is refused, and the connection is not gone. API Gateway cannot tell this apart
+    /// from gone; the local gateway can.
+    #[error("connection is still opening")]
+    Opening,
     /// Anything else (throttled, payload too large, network): the connection may still be there.
     #[error("post failed: {0}")]
     Failed(String),

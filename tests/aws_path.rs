@@ -197,6 +197,7 @@ async fn a_big_room_is_delivered_through_the_queue() {
         "relay",
         Options {
             relay: Some((1, 2)),
+            ..Options::default()
         },
     )
     .await;
@@ -389,5 +390,56 @@ async fn a_request_on_a_connection_the_store_closed_answers_gone_and_closes_it()
     assert!(
         rest.iter().all(|f| f.is_close()),
         "nothing but the close after gone: {rest:?}"
+    );
+}
+
+/// API Gateway answers 410 to a post made while the handshake that ran `$connect` is still
+/// finishing, just as it does for a connection that is gone. With the deployed setting (10 s), a
+/// 410 for a connection that connected moments ago does not close it in the log: in a busy room
+/// that would cut off most new connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_moments_after_connect_does_not_close_the_connection() {
+    let options = Options {
+        handshake_grace_secs: Some(10),
+        ..Options::default()
+    };
+    let mut world = World::new("handshake", options).await;
+    let mut ana = world.connect("ana").await;
+    let ben = world.connect("ben").await;
+    world.join(&ana, "general").await;
+    world.join(&ben, "general").await;
+    let batch = world.stream.next_event(4).await;
+    assert_eq!(failures(&world.fan_out(&batch).await), Vec::<String>::new());
+    ana.until(|f| member(std::slice::from_ref(f), 2, "ben"))
+        .await;
+
+    // Ben's socket is not there (as during a handshake), and the posts to it answer 410.
+    let ben_id = ben.id.clone();
+    ben.close().await;
+    world.gateway.wait_gone(&ben_id).await;
+    let seq = world.say(&ana, "general", "hello").await;
+    let batch = world.stream.next_event(1).await;
+    assert_eq!(failures(&world.fan_out(&batch).await), Vec::<String>::new());
+    assert_eq!(ana.until_message(seq).await.len(), 1);
+
+    let record = world
+        .store
+        .directory
+        .connection(&ben_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        record.open,
+        "a young connection is not closed by a 410: {record:?}"
+    );
+    assert_eq!(
+        world
+            .store
+            .log
+            .head(&Stream::Connection(ben_id))
+            .await
+            .unwrap(),
+        1
     );
 }

@@ -18,9 +18,7 @@ pub mod stream;
 pub mod tail;
 
 use crate::connections;
-use crate::domain::{
-    ConnectionId, DisconnectReason, Event, EventBody, RoomName, ServerFrame, UserId,
-};
+use crate::domain::{ConnectionId, Event, EventBody, RoomName, ServerFrame, UserId};
 use crate::ports::{
     ConnectionGateway, DeliveryJob, DeliveryQueue, Directory, EventLog, PostError, Store,
     StoreError, StoreResult,
@@ -29,6 +27,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use roster::Roster;
 
@@ -214,6 +213,9 @@ pub struct FanOut {
     directory: Arc<dyn Directory>,
     gateway: Arc<dyn ConnectionGateway>,
     relay: Option<Relay>,
+    /// How long after `$connect` a 410 is taken for a handshake still finishing rather than
+    /// for gone (`connections::gone`). Zero where the gateway tells the two apart.
+    handshake_grace: Duration,
 }
 
 impl FanOut {
@@ -223,7 +225,15 @@ impl FanOut {
             directory: store.directory.clone(),
             gateway,
             relay: None,
+            handshake_grace: Duration::ZERO,
         }
+    }
+
+    /// Behind API Gateway, which answers 410 both for a gone connection and for one whose
+    /// handshake is still finishing: spare connections younger than `grace`.
+    pub fn with_handshake_grace(mut self, grace: Duration) -> Self {
+        self.handshake_grace = grace;
+        self
     }
 
     /// Hands audiences larger than `threshold` to `queue`, in jobs of at most `shard` recipients.
@@ -377,17 +387,28 @@ impl FanOut {
             let connection = &recipients[i];
             match error {
                 PostError::Gone => {
-                    if let Err(error) = connections::close(
+                    match connections::gone(
                         self.log.as_ref(),
                         self.directory.as_ref(),
                         connection,
-                        DisconnectReason::Gone,
+                        self.handshake_grace,
                     )
                     .await
                     {
-                        tracing::warn!(%connection, %error, "could not close a gone connection");
+                        Ok(true) => delivery.gone.push(connection.clone()),
+                        Ok(false) => {
+                            tracing::debug!(%connection, "410 during the handshake: not gone");
+                            delivery.failed += 1;
+                        }
+                        Err(error) => {
+                            tracing::warn!(%connection, %error, "could not close a gone connection");
+                            delivery.gone.push(connection.clone());
+                        }
                     }
-                    delivery.gone.push(connection.clone());
+                }
+                PostError::Opening => {
+                    tracing::debug!(%connection, "still opening: frame not delivered");
+                    delivery.failed += 1;
                 }
                 error => {
                     tracing::warn!(%connection, %error, "post failed");

@@ -80,6 +80,8 @@ pub struct Link {
     pub outbox: Outbox,
     /// The writer's last write found the socket full: the client is not reading.
     socket_full: AtomicBool,
+    /// The WebSocket upgrade has completed. Until then posts answer 410, as on API Gateway.
+    open: AtomicBool,
     closing: AtomicBool,
     close_reason: RwLock<Option<CloseReason>>,
     closed: Notify,
@@ -130,10 +132,19 @@ impl Link {
         self.socket_full.store(full, Ordering::Relaxed);
     }
 
-    /// Queues a wire frame without waiting; a full outbox closes the connection.
+    /// The upgrade completed: frames may be posted to it from now on.
+    pub fn opened(&self) {
+        self.open.store(true, Ordering::Release);
+    }
+
+    /// Queues a wire frame without waiting; a full outbox closes the connection. Before the
+    /// upgrade has completed, and once closing, the connection is gone to posters.
     pub fn push(&self, frame: Bytes) -> Result<(), PostError> {
         if self.is_closing() {
             return Err(PostError::Gone);
+        }
+        if !self.open.load(Ordering::Acquire) {
+            return Err(PostError::Opening);
         }
         let bound = if self.socket_full.load(Ordering::Relaxed) {
             OUTBOX_FRAMES
@@ -169,8 +180,9 @@ impl Hub {
         Arc::new(Hub::default())
     }
 
-    /// Registers a connection before `$connect` runs, so frames the fan-out posts to it in the
-    /// meantime wait in its outbox instead of finding it gone.
+    /// Registers a connection before `$connect` runs. Until its upgrade completes a post to it
+    /// is refused, as API Gateway refuses it in that window (with 410, which the management API
+    /// here answers too); the fan-out is told it is still opening, not gone.
     pub fn register(
         &self,
         id: ConnectionId,
@@ -186,6 +198,7 @@ impl Hub {
             last_active_ms: AtomicI64::new(connected_at.timestamp_millis()),
             outbox: Outbox::default(),
             socket_full: AtomicBool::new(false),
+            open: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             close_reason: RwLock::new(None),
             closed: Notify::new(),
@@ -267,5 +280,26 @@ impl ConnectionGateway for Hub {
             }
         }
         failures
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_is_still_opening_until_its_upgrade_completes() {
+        let hub = Hub::new();
+        let id = ConnectionId::new("c1");
+        let link = hub.register(id.clone(), IpAddr::from([127, 0, 0, 1]), None);
+        let frame = Bytes::from_static(b"{}");
+        assert!(matches!(
+            hub.post(&id, frame.clone()).await,
+            Err(PostError::Opening)
+        ));
+        link.opened();
+        assert!(hub.post(&id, frame.clone()).await.is_ok());
+        link.close(CloseReason::Deleted);
+        assert!(matches!(hub.post(&id, frame).await, Err(PostError::Gone)));
     }
 }

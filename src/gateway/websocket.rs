@@ -155,6 +155,7 @@ type Socket = TokioIo<hyper::upgrade::Upgraded>;
 /// pre-encoded frames from the connection's outbox straight onto the socket. That way a frame
 /// is encoded once for a whole room, and a connection keeps no write buffer of its own.
 async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: Socket) {
+    link.opened();
     let (reading, writing) = tokio::io::split(socket);
     let writer = tokio::spawn(write(link.clone(), writing));
     let config = WebSocketConfig::default()

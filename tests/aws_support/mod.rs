@@ -213,6 +213,9 @@ pub struct World {
 pub struct Options {
     /// Send rooms with more recipients than this through an SQS queue, this many a message.
     pub relay: Option<(usize, usize)>,
+    /// `PALAVER_HANDSHAKE_GRACE_SECS`; 0 unless set, so that a 410 means gone at once (the
+    /// tests' connections are all young).
+    pub handshake_grace_secs: Option<u64>,
 }
 
 impl World {
@@ -234,6 +237,10 @@ impl World {
             ("PALAVER_STORE", format!("dynamodb://{prefix}")),
             ("PALAVER_JWT_SECRET", SECRET.to_owned()),
             ("PALAVER_MANAGEMENT_ENDPOINT", gateway.management_endpoint()),
+            (
+                "PALAVER_HANDSHAKE_GRACE_SECS",
+                options.handshake_grace_secs.unwrap_or(0).to_string(),
+            ),
         ]);
         if let (Some((threshold, size)), Some(queue)) = (options.relay, &queue) {
             vars.insert("PALAVER_DELIVERY_QUEUE_URL", queue.url.clone());
