@@ -158,7 +158,7 @@ impl Listeners for StoreListeners {
 
 /// How many delivery groups a big room's recipients are spread over: this many workers can post
 /// one room's frames at once, each group in order.
-pub const RELAY_GROUPS: u64 = 16;
+pub const RELAY_GROUPS: u64 = 256;
 
 /// The jobs for one frame: recipients spread over [`RELAY_GROUPS`] groups by a stable hash of
 /// their connection id — so a connection is in the same group for every frame of the room, and
@@ -417,5 +417,34 @@ impl FanOut {
             }
         }
         delivery
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ten_thousand_connection_room_is_one_job_per_group_per_event() {
+        let recipients: Vec<ConnectionId> = (0..10_000)
+            .map(|n| ConnectionId::new(format!("conn{n:05}")))
+            .collect();
+        let room = RoomName::parse("hall").unwrap();
+        let jobs = relay_jobs(&recipients, "{}", &room, "r:hall:1", 100);
+        let mut per_group: HashMap<&str, usize> = HashMap::new();
+        for job in &jobs {
+            *per_group.entry(job.group.as_str()).or_default() += 1;
+        }
+        assert_eq!(per_group.values().max(), Some(&1), "{} jobs", jobs.len());
+        // The same connection lands in the same group for every event.
+        let again = relay_jobs(&recipients, "{}", &room, "r:hall:2", 100);
+        let group_of = |jobs: &[DeliveryJob], c: &ConnectionId| {
+            jobs.iter()
+                .find(|j| j.connections.contains(c))
+                .map(|j| j.group.clone())
+        };
+        for c in recipients.iter().step_by(97) {
+            assert_eq!(group_of(&jobs, c), group_of(&again, c));
+        }
     }
 }
