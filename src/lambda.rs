@@ -68,9 +68,13 @@ impl ConfigError {
 pub struct LambdaConfig {
     /// `PALAVER_STORE=dynamodb://PREFIX`: the tables `PREFIX-events` and `PREFIX-state`.
     pub table_prefix: String,
-    /// `PALAVER_JWT_SECRET`: needed by the route function only (it checks tokens on
-    /// `$connect`).
+    /// `PALAVER_JWT_SECRET`: the token secret itself (local runs and tests). Needed, or the
+    /// next, by the route function only (it checks tokens on `$connect`).
     pub jwt_secret: Option<String>,
+    /// `PALAVER_JWT_SECRET_ID`: the name or ARN of the Secrets Manager secret holding the token
+    /// secret, read once when the route function starts (with its role, which may read that one
+    /// secret only). The secret never sits in the function's configuration.
+    pub jwt_secret_id: Option<String>,
     /// `PALAVER_MANAGEMENT_ENDPOINT`: the stage's `@connections` endpoint. Taken from
     /// configuration, never from a request's `domainName`, which is wrong behind a custom
     /// domain.
@@ -137,6 +141,7 @@ impl LambdaConfig {
         Ok(LambdaConfig {
             table_prefix,
             jwt_secret: var("PALAVER_JWT_SECRET"),
+            jwt_secret_id: var("PALAVER_JWT_SECRET_ID"),
             management_endpoint,
             delivery_queue_url: var("PALAVER_DELIVERY_QUEUE_URL"),
             shard_threshold: count(
@@ -211,18 +216,47 @@ impl Aws {
 
     /// The route handlers (`palaver-route`). They post to the caller only to replay a room on
     /// `joinRoom{after}`; everyone else hears from the fan-out.
-    pub fn routes(&self) -> Result<Routes, ConfigError> {
-        let secret = self.config.jwt_secret.as_deref().ok_or_else(|| {
-            ConfigError::missing(
-                "PALAVER_JWT_SECRET",
-                "the route function checks client tokens with it",
-            )
-        })?;
+    ///
+    /// The token secret is `PALAVER_JWT_SECRET` when set, else the Secrets Manager secret
+    /// `PALAVER_JWT_SECRET_ID`, read here once and kept for the container's life.
+    pub async fn routes(&self) -> Result<Routes, ConfigError> {
+        let secret = match (&self.config.jwt_secret, &self.config.jwt_secret_id) {
+            (Some(secret), _) => secret.clone(),
+            (None, Some(id)) => self.read_secret(id).await?,
+            (None, None) => {
+                return Err(ConfigError::missing(
+                    "PALAVER_JWT_SECRET_ID",
+                    "the route function checks client tokens with the secret it names",
+                ));
+            }
+        };
         Ok(Routes::new(
             &self.store,
             self.gateway.clone(),
             Identity::new(secret.as_bytes()),
         ))
+    }
+
+    async fn read_secret(&self, id: &str) -> Result<String, ConfigError> {
+        let problem = |problem: String| ConfigError {
+            name: "PALAVER_JWT_SECRET_ID",
+            problem,
+        };
+        let answer = aws_sdk_secretsmanager::Client::new(&self.sdk)
+            .get_secret_value()
+            .secret_id(id)
+            .send()
+            .await
+            .map_err(|error| {
+                problem(format!(
+                    "cannot read secret {id:?}: {}",
+                    aws_sdk_secretsmanager::error::DisplayErrorContext(error)
+                ))
+            })?;
+        answer
+            .secret_string
+            .filter(|secret| !secret.is_empty())
+            .ok_or_else(|| problem(format!("secret {id:?} has no SecretString")))
     }
 
     /// The fan-out over the management API, without the delivery queue (`palaver-deliver`

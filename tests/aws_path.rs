@@ -16,7 +16,7 @@ use aws_support::{Options, World, answer_of, failures, room_frames};
 use palaver::domain::{ConnectionId, RoomName, Stream, UserId};
 use palaver::ports::DeliveryJob;
 use serde_json::{Value, json};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 /// Ana's and Ben's joins (seq 1, 2), then a message (seq 3): each once, in order.
 fn assert_two_joins_then_a_message(frames: &[Value], user: &str) {
@@ -442,4 +442,65 @@ async fn a_410_moments_after_connect_does_not_close_the_connection() {
             .unwrap(),
         1
     );
+}
+
+/// The route function reads its token secret from Secrets Manager when it starts (as deployed:
+/// only the secret's name is in its configuration), and checks `$connect` tokens with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_function_reads_its_token_secret_from_secrets_manager() {
+    use aws_lambda_events::apigw::ApiGatewayWebsocketProxyRequest;
+    use palaver::identity::Identity;
+    use palaver::lambda::{Aws, LambdaConfig};
+    use palaver::store::dynamodb::{Tables, init};
+
+    let sdk = aws_support::moto().await;
+    let prefix = aws_support::fresh_prefix("secret");
+    init(&aws_sdk_dynamodb::Client::new(&sdk), &Tables::new(&prefix))
+        .await
+        .expect("tables created in moto");
+    let name = format!("{prefix}/jwt");
+    aws_sdk_secretsmanager::Client::new(&sdk)
+        .create_secret()
+        .name(&name)
+        .secret_string("kept-in-secrets-manager")
+        .send()
+        .await
+        .expect("secret created in moto");
+    let vars = |secret_id: String| {
+        let store = format!("dynamodb://{prefix}");
+        move |var: &str| match var {
+            "PALAVER_STORE" => Some(store.clone()),
+            "PALAVER_MANAGEMENT_ENDPOINT" => Some("http://127.0.0.1:9".to_owned()),
+            "PALAVER_JWT_SECRET_ID" => Some(secret_id.clone()),
+            _ => None,
+        }
+    };
+    let config = LambdaConfig::from_vars(vars(name.clone())).unwrap();
+    let routes = Aws::with_sdk(&config, sdk.clone())
+        .routes()
+        .await
+        .expect("the secret is read");
+
+    let connect = |id: &str, token: String| {
+        let mut request = ApiGatewayWebsocketProxyRequest::default();
+        request.request_context.route_key = Some("$connect".to_owned());
+        request.request_context.connection_id = Some(id.to_owned());
+        request.query_string_parameters = HashMap::from([("token".to_owned(), token)]).into();
+        request
+    };
+    let ana = UserId::parse("ana").unwrap();
+    let ttl = std::time::Duration::from_secs(60);
+    let signed = Identity::new(b"kept-in-secrets-manager").issue(&ana, ttl);
+    let forged = Identity::new(b"something-else").issue(&ana, ttl);
+    assert_eq!(routes.handle(connect("c-good", signed)).await.status_code, 200);
+    assert_eq!(routes.handle(connect("c-forged", forged)).await.status_code, 401);
+
+    // A secret that is not there stops the function at start, saying which.
+    let missing = LambdaConfig::from_vars(vars(format!("{prefix}/nothing"))).unwrap();
+    let error = Aws::with_sdk(&missing, sdk)
+        .routes()
+        .await
+        .err()
+        .expect("no such secret");
+    assert_eq!(error.name, "PALAVER_JWT_SECRET_ID");
 }

@@ -11,7 +11,7 @@ async fn main() -> Result<(), Error> {
     lambda_runtime::tracing::init_default_subscriber();
     // Built once per container, not per request.
     let config = LambdaConfig::from_env()?;
-    let routes = Aws::connect(&config).await.routes()?;
+    let routes = Aws::connect(&config).await.routes().await?;
     let routes = &routes;
     run(service_fn(
         move |event: LambdaEvent<ApiGatewayWebsocketProxyRequest>| async move {

@@ -253,6 +253,7 @@ impl World {
         World {
             routes: Aws::with_sdk(&config, sdk.clone())
                 .routes()
+                .await
                 .expect("the route function's wiring"),
             stream_fanout: Aws::with_sdk(&config, sdk.clone()).stream_fanout(),
             deliverer: Aws::with_sdk(&config, sdk.clone()).fanout(),
