@@ -492,8 +492,14 @@ async fn the_route_function_reads_its_token_secret_from_secrets_manager() {
     let ttl = std::time::Duration::from_secs(60);
     let signed = Identity::new(b"kept-in-secrets-manager").issue(&ana, ttl);
     let forged = Identity::new(b"something-else").issue(&ana, ttl);
-    assert_eq!(routes.handle(connect("c-good", signed)).await.status_code, 200);
-    assert_eq!(routes.handle(connect("c-forged", forged)).await.status_code, 401);
+    assert_eq!(
+        routes.handle(connect("c-good", signed)).await.status_code,
+        200
+    );
+    assert_eq!(
+        routes.handle(connect("c-forged", forged)).await.status_code,
+        401
+    );
 
     // A secret that is not there stops the function at start, saying which.
     let missing = LambdaConfig::from_vars(vars(format!("{prefix}/nothing"))).unwrap();

@@ -83,8 +83,11 @@ fn purpose(operation: &str, body: &Value) -> String {
         .or_else(|| body["ExpressionAttributeValues"][":pk"]["S"].as_str());
     match pk {
         Some(pk) if pk.starts_with("delivered#") => "checkpoint",
+        Some(pk) if pk.starts_with("room#") && operation == "GetItem" => "membership",
         Some(pk) if pk.starts_with("room#") => "audience",
+        Some(pk) if pk.starts_with("conn#") && operation == "GetItem" => "connection",
         Some(pk) if pk.starts_with("conn#") => "connection activity",
+        Some(pk) if pk.starts_with("msg#") => "clientMsgId",
         Some(pk) if pk.starts_with("user#") => "user",
         _ if operation == "TransactWriteItems" || operation == "BatchWriteItem" => "several items",
         _ => "other",
@@ -259,4 +262,114 @@ async fn a_batch_reads_a_rooms_audience_with_one_query() {
     .map(|((p, o), n)| ((p.to_owned(), o.to_owned()), n))
     .collect();
     assert_eq!(breakdown, expected, "{requests:#?}");
+}
+
+/// What one `sendMessage` (with a `clientMsgId`) to a quiet room of 50 online members costs in
+/// DynamoDB requests, end to end: the route function's, then the fan-out's batch of one record.
+/// `docs/deploy.md`'s cost table is built from this count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_message_to_a_quiet_room_costs_these_requests() {
+    use aws_lambda_events::apigw::ApiGatewayWebsocketProxyRequest;
+    use palaver::handlers::Routes;
+    use palaver::identity::Identity;
+
+    assert!(
+        std::env::var("AWS_ENDPOINT_URL").is_ok(),
+        "needs AWS_ENDPOINT_URL pointing at a moto server: run scripts/test"
+    );
+    let recorder = Arc::new(Recorder::default());
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let config = aws_sdk_dynamodb::config::Builder::from(&sdk)
+        .interceptor(Counting(recorder.clone()))
+        .build();
+    let client = aws_sdk_dynamodb::Client::from_conf(config);
+    let prefix = format!("cost-{}", ulid::Ulid::new().to_string().to_lowercase());
+    dynamo::init(&client, &dynamo::Tables::new(&prefix))
+        .await
+        .expect("create tables");
+    let hall = RoomName::parse("hall").unwrap();
+    let stream = Stream::Room(hall.clone());
+    let user = |i: usize| UserId::parse(&format!("u{i:02}")).unwrap();
+    let connection = |i: usize| ConnectionId::new(format!("c{i:02}"));
+    let setup: Store = dynamo::DynamoStore::new(client.clone(), &prefix).store();
+    for i in 0..MEMBERS {
+        let connected = EventBody::Connected {
+            connection: connection(i),
+            user: user(i),
+            source_ip: None,
+        };
+        setup.log.append(connected, Expect::Seq(1)).await.unwrap();
+        let joined = EventBody::Joined {
+            room: hall.clone(),
+            user: user(i),
+        };
+        setup.log.append(joined, Expect::Next).await.unwrap();
+    }
+    let checkpoints = setup.checkpoints.clone().unwrap();
+    checkpoints.advance(&stream, MEMBERS as u64).await.unwrap();
+
+    // A fresh store, as a new route function container has: nothing remembered.
+    let store: Store = dynamo::DynamoStore::new(client, &prefix).store();
+    let gateway = Arc::new(Gateway::default());
+    let routes = Routes::new(&store, gateway.clone(), Identity::new(b"unused"));
+    let mut request = ApiGatewayWebsocketProxyRequest::default();
+    request.request_context.route_key = Some("sendMessage".to_owned());
+    request.request_context.connection_id = Some(connection(0).to_string());
+    request.body = Some(
+        r#"{"action":"sendMessage","room":"hall","text":"hello","clientMsgId":"m1"}"#.to_owned(),
+    );
+    recorder.take();
+    let response = routes.handle(request).await;
+    assert_eq!(response.status_code, 200);
+    let route = recorder.take();
+
+    let fanout = StreamFanOut::new(&store, FanOut::new(&store, gateway.clone())).unwrap();
+    let seq = MEMBERS as u64 + 1;
+    let wake = Wake::from_keys("record-1", Some(&stream.key()), Some(&seq.to_string()));
+    let report = fanout.handle(vec![wake]).await;
+    assert!(report.failed.is_empty());
+    assert_eq!(report.delivery.delivered, MEMBERS);
+    let fan_out = recorder.take();
+
+    let count = |requests: &[Request]| -> BTreeMap<(String, String), usize> {
+        let mut counts = BTreeMap::new();
+        for request in requests {
+            *counts
+                .entry((request.purpose.clone(), request.operation.clone()))
+                .or_default() += 1;
+        }
+        counts
+    };
+    let expect = |pairs: &[((&str, &str), usize)]| -> BTreeMap<(String, String), usize> {
+        pairs
+            .iter()
+            .map(|((p, o), n)| ((p.to_string(), o.to_string()), *n))
+            .collect()
+    };
+    eprintln!("route: {:?}", count(&route));
+    eprintln!("fan-out: {:?}", count(&fan_out));
+    // The caller's connection row, the clientMsgId key (not used before), the member row, the
+    // room's head; then the event and its clientMsgId key in one transaction.
+    let route_expected = expect(&[
+        (("connection", "GetItem"), 1),
+        (("clientMsgId", "GetItem"), 1),
+        (("membership", "GetItem"), 1),
+        (("log", "Query"), 1),
+        (("several items", "TransactWriteItems"), 1),
+    ]);
+    assert_eq!(
+        count(&route),
+        route_expected,
+        "the route function's requests"
+    );
+    // The checkpoint, the log from it, the audience; the checkpoint moved, the sender's
+    // last-active time.
+    let fan_out_expected = expect(&[
+        (("checkpoint", "GetItem"), 1),
+        (("log", "Query"), 1),
+        (("audience", "Query"), 1),
+        (("checkpoint", "UpdateItem"), 1),
+        (("connection activity", "UpdateItem"), 1),
+    ]);
+    assert_eq!(count(&fan_out), fan_out_expected, "the fan-out's requests");
 }
