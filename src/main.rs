@@ -256,9 +256,27 @@ async fn run_serve(
         .filter(|t| !t.is_empty());
 
     println!(
-        "palaver is listening on http://{host}  (store: {})",
+        "palaver is listening on http://{addr}  (store: {})",
         describe(url)
     );
+    if addr.ip().is_unspecified() {
+        println!("On this machine: http://{host}/");
+    }
+    if !addr.ip().is_loopback() {
+        println!();
+        println!(
+            "WARNING: {addr} can be reached from other machines, and the management API \
+             (/@connections/ID) has no authentication: anyone who can reach this port can post \
+             frames to any connection, read its IP address and close it.{} Listen on 127.0.0.1 \
+             behind a reverse proxy that passes only / and /healthz, or keep the port behind a \
+             firewall.",
+            if admin_token.is_none() {
+                ""
+            } else {
+                " The admin endpoints are behind PALAVER_ADMIN_TOKEN."
+            }
+        );
+    }
     if generated {
         let user = std::env::var("USER")
             .ok()

@@ -148,3 +148,54 @@ async fn token_prints_a_token_the_server_accepts() {
     assert!(!invalid.status.success());
     assert!(String::from_utf8_lossy(&invalid.stderr).contains("not a valid name"));
 }
+
+/// `serve --listen 0.0.0.0:PORT` names the address it really listens on, and says loudly what is
+/// exposed to other machines.
+#[test]
+fn listening_beyond_loopback_names_the_address_and_warns() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("p.db").display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_palaver"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--store", &store])
+        .env(
+            "PALAVER_JWT_SECRET",
+            "a-secret-for-this-test-only-0123456789",
+        )
+        .env_remove("PALAVER_ADMIN_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Everything up to the warning, which ends the banner; a banner without one fails in time.
+    let mut banner = Vec::new();
+    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(30)) {
+        let done = line.starts_with("WARNING");
+        banner.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        banner.last().is_some_and(|l| l.starts_with("WARNING")),
+        "no warning: {banner:?}"
+    );
+    let text = banner.join("\n");
+    assert!(
+        banner[0].starts_with("palaver is listening on http://0.0.0.0:"),
+        "{text}"
+    );
+    assert!(text.contains("/@connections"), "{text}");
+}
