@@ -106,9 +106,8 @@ async fn stream_events_reach_every_member_once_in_seq_order() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_closed_behind_the_gateways_back_is_removed_on_410() {
-    let mut world = World::new("gone", Options::default()).await;
+/// Ana and Ben connected and in "general", their joins delivered (ana has seen ben's).
+async fn ana_and_ben_in_general(world: &mut World) -> (aws_support::Socket, aws_support::Socket) {
     let mut ana = world.connect("ana").await;
     let ben = world.connect("ben").await;
     world.join(&ana, "general").await;
@@ -117,6 +116,13 @@ async fn a_connection_closed_behind_the_gateways_back_is_removed_on_410() {
     assert_eq!(failures(&world.fan_out(&batch).await), Vec::<String>::new());
     ana.until(|f| member(std::slice::from_ref(f), 2, "ben"))
         .await;
+    (ana, ben)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_behind_the_gateways_back_is_removed_on_410() {
+    let mut world = World::new("gone", Options::default()).await;
+    let (mut ana, ben) = ana_and_ben_in_general(&mut world).await;
 
     // Ben's socket goes away, and no $disconnect reaches the chat.
     let ben_id = ben.id.clone();
@@ -404,14 +410,7 @@ async fn a_410_moments_after_connect_does_not_close_the_connection() {
         ..Options::default()
     };
     let mut world = World::new("handshake", options).await;
-    let mut ana = world.connect("ana").await;
-    let ben = world.connect("ben").await;
-    world.join(&ana, "general").await;
-    world.join(&ben, "general").await;
-    let batch = world.stream.next_event(4).await;
-    assert_eq!(failures(&world.fan_out(&batch).await), Vec::<String>::new());
-    ana.until(|f| member(std::slice::from_ref(f), 2, "ben"))
-        .await;
+    let (mut ana, ben) = ana_and_ben_in_general(&mut world).await;
 
     // Ben's socket is not there (as during a handshake), and the posts to it answer 410.
     let ben_id = ben.id.clone();

@@ -132,29 +132,36 @@ const MESSAGES: u64 = 100;
 /// Members who speak (each from one connection: one activity write each per batch).
 const SPEAKERS: usize = 5;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_reads_a_rooms_audience_with_one_query() {
+fn hall() -> RoomName {
+    RoomName::parse("hall").unwrap()
+}
+
+fn user(i: usize) -> UserId {
+    UserId::parse(&format!("u{i:02}")).unwrap()
+}
+
+fn connection(i: usize) -> ConnectionId {
+    ConnectionId::new(format!("c{i:02}"))
+}
+
+/// Fresh tables in moto behind a DynamoDB client whose requests `recorder` counts, holding
+/// "hall" with [`MEMBERS`] members, each online with one connection, their joins delivered
+/// (the fan-out's checkpoint is past them). Returns the client and the tables' prefix.
+async fn hall_of_members(recorder: Arc<Recorder>) -> (aws_sdk_dynamodb::Client, String) {
     assert!(
         std::env::var("AWS_ENDPOINT_URL").is_ok(),
         "needs AWS_ENDPOINT_URL pointing at a moto server: run scripts/test"
     );
-    let recorder = Arc::new(Recorder::default());
     let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let config = aws_sdk_dynamodb::config::Builder::from(&sdk)
-        .interceptor(Counting(recorder.clone()))
+        .interceptor(Counting(recorder))
         .build();
     let client = aws_sdk_dynamodb::Client::from_conf(config);
     let prefix = format!("requests-{}", ulid::Ulid::new().to_string().to_lowercase());
     dynamo::init(&client, &dynamo::Tables::new(&prefix))
         .await
         .expect("create tables");
-    let store: Store = dynamo::DynamoStore::new(client, &prefix).store();
-
-    // 50 members of "hall", each online with one connection; their joins are delivered.
-    let hall = RoomName::parse("hall").unwrap();
-    let stream = Stream::Room(hall.clone());
-    let user = |i: usize| UserId::parse(&format!("u{i:02}")).unwrap();
-    let connection = |i: usize| ConnectionId::new(format!("c{i:02}"));
+    let store: Store = dynamo::DynamoStore::new(client.clone(), &prefix).store();
     for i in 0..MEMBERS {
         let connected = EventBody::Connected {
             connection: connection(i),
@@ -163,7 +170,7 @@ async fn a_batch_reads_a_rooms_audience_with_one_query() {
         };
         store.log.append(connected, Expect::Seq(1)).await.unwrap();
         let joined = EventBody::Joined {
-            room: hall.clone(),
+            room: hall(),
             user: user(i),
         };
         store.log.append(joined, Expect::Next).await.unwrap();
@@ -172,14 +179,26 @@ async fn a_batch_reads_a_rooms_audience_with_one_query() {
         .checkpoints
         .clone()
         .expect("DynamoDB keeps checkpoints");
-    checkpoints.advance(&stream, MEMBERS as u64).await.unwrap();
+    checkpoints
+        .advance(&Stream::Room(hall()), MEMBERS as u64)
+        .await
+        .unwrap();
+    (client, prefix)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_reads_a_rooms_audience_with_one_query() {
+    let recorder = Arc::new(Recorder::default());
+    let (client, prefix) = hall_of_members(recorder.clone()).await;
+    let store: Store = dynamo::DynamoStore::new(client, &prefix).store();
+    let stream = Stream::Room(hall());
 
     // 100 messages, then one batch of their 100 stream records.
     let mut wakes = Vec::new();
     for m in 0..MESSAGES {
         let speaker = m as usize % SPEAKERS;
         let said = EventBody::MessagePosted {
-            room: hall.clone(),
+            room: hall(),
             user: user(speaker),
             text: format!("message {m}"),
             client_msg_id: None,
@@ -273,40 +292,9 @@ async fn one_message_to_a_quiet_room_costs_these_requests() {
     use palaver::handlers::Routes;
     use palaver::identity::Identity;
 
-    assert!(
-        std::env::var("AWS_ENDPOINT_URL").is_ok(),
-        "needs AWS_ENDPOINT_URL pointing at a moto server: run scripts/test"
-    );
     let recorder = Arc::new(Recorder::default());
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let config = aws_sdk_dynamodb::config::Builder::from(&sdk)
-        .interceptor(Counting(recorder.clone()))
-        .build();
-    let client = aws_sdk_dynamodb::Client::from_conf(config);
-    let prefix = format!("cost-{}", ulid::Ulid::new().to_string().to_lowercase());
-    dynamo::init(&client, &dynamo::Tables::new(&prefix))
-        .await
-        .expect("create tables");
-    let hall = RoomName::parse("hall").unwrap();
-    let stream = Stream::Room(hall.clone());
-    let user = |i: usize| UserId::parse(&format!("u{i:02}")).unwrap();
-    let connection = |i: usize| ConnectionId::new(format!("c{i:02}"));
-    let setup: Store = dynamo::DynamoStore::new(client.clone(), &prefix).store();
-    for i in 0..MEMBERS {
-        let connected = EventBody::Connected {
-            connection: connection(i),
-            user: user(i),
-            source_ip: None,
-        };
-        setup.log.append(connected, Expect::Seq(1)).await.unwrap();
-        let joined = EventBody::Joined {
-            room: hall.clone(),
-            user: user(i),
-        };
-        setup.log.append(joined, Expect::Next).await.unwrap();
-    }
-    let checkpoints = setup.checkpoints.clone().unwrap();
-    checkpoints.advance(&stream, MEMBERS as u64).await.unwrap();
+    let (client, prefix) = hall_of_members(recorder.clone()).await;
+    let stream = Stream::Room(hall());
 
     // A fresh store, as a new route function container has: nothing remembered.
     let store: Store = dynamo::DynamoStore::new(client, &prefix).store();

@@ -90,14 +90,9 @@ async fn presence_follows_first_and_last_connection_and_leaving_stops_messages()
     // The phone's disconnect is in the log before ana's marker, so anything it caused arrives
     // before the marker does.
     ana.say("team", "marker").await;
-    let mut frames = Vec::new();
-    loop {
-        let frame = ana.pushed().await;
-        if frame["type"] == "message" && frame["text"] == "marker" {
-            break;
-        }
-        frames.push(frame);
-    }
+    let frames = ana
+        .pushed_until(|f| f["type"] == "message" && f["text"] == "marker")
+        .await;
     assert!(
         frames
             .iter()
@@ -136,14 +131,9 @@ async fn presence_follows_first_and_last_connection_and_leaving_stops_messages()
     ana.say("team", "bo is gone").await;
     // bo's own join of another room comes after that message in the log: the marker.
     bo.join("elsewhere").await;
-    let mut frames = Vec::new();
-    loop {
-        let frame = bo.pushed().await;
-        if frame["type"] == "member" && frame["room"] == "elsewhere" {
-            break;
-        }
-        frames.push(frame);
-    }
+    let frames = bo
+        .pushed_until(|f| f["type"] == "member" && f["room"] == "elsewhere")
+        .await;
     assert!(frames.iter().all(|f| f["type"] != "message"), "{frames:?}");
 }
 

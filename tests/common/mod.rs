@@ -351,6 +351,19 @@ impl Client {
         frame
     }
 
+    /// Every pushed frame before the first that `marker` accepts (which is consumed): what came
+    /// ahead of a marker sent after an action, to show that the action sent nothing wrong.
+    pub async fn pushed_until(&mut self, marker: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let mut before = Vec::new();
+        loop {
+            let frame = self.pushed().await;
+            if marker(&frame) {
+                return before;
+            }
+            before.push(frame);
+        }
+    }
+
     /// The next pushed frame of `kind`, skipping others (presence, say).
     pub async fn pushed_of(&mut self, kind: &str) -> Value {
         loop {
