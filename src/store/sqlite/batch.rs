@@ -64,15 +64,12 @@ impl Plan {
         conn: &mut SqliteConnection,
         requests: Vec<(EventBody, Expect)>,
     ) -> Result<Plan, SqliteError> {
-        let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(pos), 0) FROM events")
-            .fetch_one(&mut *conn)
-            .await?;
-        let mut next_pos = uint(last, "position")? + 1;
         let streams: Vec<String> = requests
             .iter()
             .map(|(body, _)| body.stream().key())
             .collect();
-        let mut heads = heads(conn, &streams).await?;
+        let (last, mut heads) = heads(conn, &streams).await?;
+        let mut next_pos = last + 1;
         let logged = logged(conn, &requests, &streams).await?;
         let mut members = members(conn, &requests).await?;
 
@@ -205,24 +202,35 @@ impl Plan {
     }
 }
 
-/// The head (last seq, 0 if none) of each of `streams`, read in one statement.
+/// The log's last position (0 if empty), and the head (last seq, 0 if none) of each of
+/// `streams`: one statement, so one round trip to the worker thread.
 async fn heads(
     conn: &mut SqliteConnection,
     streams: &[String],
-) -> Result<HashMap<String, u64>, SqliteError> {
+) -> Result<(u64, HashMap<String, u64>), SqliteError> {
     let unique: HashSet<&str> = streams.iter().map(String::as_str).collect();
     let keys = serde_json::to_string(&unique).map_err(SqliteError::Encode)?;
-    // Per stream, MAX(seq) is one seek into the primary key (stream, seq).
-    let rows: Vec<(String, i64)> = sqlx::query_as(
+    // Per stream, MAX(seq) is one seek into the primary key (stream, seq); MAX(pos) one into
+    // the position index. The row without a stream carries the position.
+    let rows: Vec<(Option<String>, i64)> = sqlx::query_as(
         "SELECT s.value, (SELECT COALESCE(MAX(seq), 0) FROM events WHERE stream = s.value) \
-         FROM json_each(?1) AS s",
+         FROM json_each(?1) AS s \
+         UNION ALL SELECT NULL, COALESCE(MAX(pos), 0) FROM events",
     )
     .bind(keys)
     .fetch_all(&mut *conn)
     .await?;
-    rows.into_iter()
-        .map(|(stream, head)| Ok((stream, uint(head, "seq")?)))
-        .collect()
+    let mut last = 0;
+    let mut heads = HashMap::with_capacity(rows.len());
+    for (stream, value) in rows {
+        match stream {
+            Some(stream) => {
+                heads.insert(stream, uint(value, "seq")?);
+            }
+            None => last = uint(value, "position")?,
+        }
+    }
+    Ok((last, heads))
 }
 
 /// Which of the batch's `(room, user)` pairs are active members now, read in one statement.

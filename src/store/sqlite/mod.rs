@@ -41,6 +41,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pool size: readers run in parallel under WAL; the committer keeps one connection for itself.
 const MAX_CONNECTIONS: u32 = 8;
 
+/// Rows a query's worker thread may hand over before the reader takes them: a history page.
+const ROW_BUFFER: usize = crate::domain::limits::MAX_HISTORY_LIMIT + 1;
+
 /// Appends queued for the committer before `append` waits for room (backpressure).
 const QUEUE: usize = 4 * commit::MAX_BATCH;
 
@@ -63,6 +66,10 @@ impl SqliteStore {
             // commit shares that fsync among every append of the batch.
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT)
+            // sqlx hands rows from its worker thread to the reading task through a channel of 50
+            // by default: a 500-event history page would stop the worker ten times, each a
+            // thread switch there and back. A page fits whole.
+            .row_buffer_size(ROW_BUFFER)
             .foreign_keys(false);
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)

@@ -11,9 +11,8 @@
 //!   `disconnected` closes the row, creating a closed tombstone if the connect was never seen;
 //! - activity and room heads only move forward.
 //!
-//! The committer applies a whole batch at once ([`apply_batch`]): room heads and activity, the
-//! changes nearly every message makes, become one set-based statement each per batch; the rare
-//! membership and connection changes run one statement each, in log order.
+//! The committer applies a whole batch at once ([`apply_batch`]): each kind of change is one
+//! set-based statement per batch, so a batch of 200 connects costs what a batch of one does.
 
 use super::SqliteError;
 use super::rows::{int, millis};
@@ -57,6 +56,31 @@ const ROOM_HEADS: &str = "\
     SELECT value ->> 0, value ->> 1 FROM json_each(?1) WHERE true
     ON CONFLICT (room) DO UPDATE SET head = excluded.head WHERE excluded.head > rooms.head";
 
+/// [`MEMBERSHIP`] for many changes: `?1` is a JSON array of `[room, user, active, joined_at,
+/// seq]`, in log order. SQLite upserts the rows of one statement one after another, so a later
+/// change of the same member sees what an earlier one did, exactly as separate statements would.
+const MEMBERSHIPS: &str = "\
+    INSERT INTO members (room, user_id, active, joined_at, seq)
+    SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4
+    FROM json_each(?1) WHERE true
+    ON CONFLICT (room, user_id) DO UPDATE SET
+        joined_at = CASE WHEN members.active = 1 AND excluded.active = 1
+                         THEN members.joined_at ELSE excluded.joined_at END,
+        active = excluded.active,
+        seq = excluded.seq
+    WHERE excluded.seq > members.seq";
+
+/// [`CONNECTION_OPENED`] and [`CONNECTION_CLOSED`] for many changes, in log order: `?1` is a JSON
+/// array of `[connection, user, at, source_ip, closed_at]`, where an opening has no `closed_at`
+/// and a closing no `source_ip`. An opening of a known connection does nothing (it cannot reopen
+/// a tombstone); a closing closes an open row or leaves a closed tombstone.
+const CONNECTION_CHANGES: &str = "\
+    INSERT INTO connections (id, user_id, connected_at, last_active_at, source_ip, closed_at)
+    SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 2, value ->> 3, value ->> 4
+    FROM json_each(?1) WHERE true
+    ON CONFLICT (id) DO UPDATE SET closed_at = excluded.closed_at
+    WHERE connections.closed_at IS NULL AND excluded.closed_at IS NOT NULL";
+
 /// [`ACTIVITY`] for many connections: `?1` is a JSON array of `[connection, millis]` pairs, one
 /// per connection.
 const ACTIVITIES: &str = "\
@@ -73,13 +97,21 @@ pub(super) async fn apply(conn: &mut SqliteConnection, event: &Event) -> Result<
     Ok(())
 }
 
+/// A row of [`MEMBERSHIPS`]: room, user, active, joined_at, seq.
+type MembershipRow<'e> = (&'e str, &'e str, bool, i64, i64);
+
+/// A row of [`CONNECTION_CHANGES`]: connection, user, at, source_ip, closed_at.
+type ConnectionRow<'e> = (&'e str, &'e str, i64, Option<&'e str>, Option<i64>);
+
 /// Applies the changes of `events`, given in log order, with the same result as [`apply`] on each
-/// of them in turn, but with one statement for all room heads and one for all activity.
+/// of them in turn, but in at most four statements whatever the batch holds: one for membership,
+/// one for connections, one for room heads, one for activity.
 ///
-/// Both only move forward, so each room's highest seq and each connection's latest time are all
-/// that count. Membership and connection changes depend on their order and run one by one,
-/// first: activity only touches a connection row that exists, and must see the rows this batch
-/// creates. Moving activity after them gives the in-turn result as long as event times do not go
+/// Room heads and activity only move forward, so each room's highest seq and each connection's
+/// latest time are all that count. Membership and connection changes depend on their order, so
+/// each kind is one statement whose rows SQLite applies in log order; the two kinds touch
+/// different tables, so they do not depend on each other. They run first: activity only touches
+/// a connection row that exists, and must see the rows this batch creates. Moving activity after them gives the in-turn result as long as event times do not go
 /// backwards within the batch (the committer stamps a batch with one time): a connection that is
 /// opened or tombstoned in the batch starts at a time no earlier than the activity before it.
 pub(super) async fn apply_batch<'e>(
@@ -88,6 +120,8 @@ pub(super) async fn apply_batch<'e>(
 ) -> Result<(), SqliteError> {
     let mut heads: HashMap<&RoomName, u64> = HashMap::new();
     let mut activity: HashMap<&ConnectionId, DateTime<Utc>> = HashMap::new();
+    let mut memberships: Vec<MembershipRow> = Vec::new();
+    let mut connections: Vec<ConnectionRow> = Vec::new();
     for event in events {
         for change in changes(event) {
             match change {
@@ -99,9 +133,54 @@ pub(super) async fn apply_batch<'e>(
                     let latest = activity.entry(connection).or_insert(at);
                     *latest = (*latest).max(at);
                 }
-                change => apply_change(&mut *conn, change).await?,
+                Change::Membership {
+                    room,
+                    user,
+                    active,
+                    seq,
+                    at,
+                } => {
+                    memberships.push((room.as_str(), user.as_str(), active, millis(&at), int(seq)?))
+                }
+                Change::ConnectionOpened {
+                    connection,
+                    user,
+                    source_ip,
+                    at,
+                } => connections.push((
+                    connection.as_str(),
+                    user.as_str(),
+                    millis(&at),
+                    source_ip,
+                    None,
+                )),
+                Change::ConnectionClosed {
+                    connection,
+                    user,
+                    at,
+                } => connections.push((
+                    connection.as_str(),
+                    user.as_str(),
+                    millis(&at),
+                    None,
+                    Some(millis(&at)),
+                )),
             }
         }
+    }
+    if !memberships.is_empty() {
+        let memberships = serde_json::to_string(&memberships).map_err(SqliteError::Encode)?;
+        sqlx::query(MEMBERSHIPS)
+            .bind(memberships)
+            .execute(&mut *conn)
+            .await?;
+    }
+    if !connections.is_empty() {
+        let connections = serde_json::to_string(&connections).map_err(SqliteError::Encode)?;
+        sqlx::query(CONNECTION_CHANGES)
+            .bind(connections)
+            .execute(&mut *conn)
+            .await?;
     }
     if !heads.is_empty() {
         let heads = heads
