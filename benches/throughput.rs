@@ -62,6 +62,7 @@ async fn end_to_end(members: usize, messages_each: usize) -> (f64, f64) {
         changes: None,
         rate_limit: 0,
         lifetime: Default::default(),
+        fanout_delay: Duration::ZERO,
     }));
 
     let mut clients = Vec::new();

@@ -44,6 +44,10 @@ enum Command {
         /// Close any connection after this long (API Gateway: 2h); clients reconnect and replay
         #[arg(long, env = "PALAVER_MAX_CONNECTION_AGE", default_value = "2h", value_parser = parse_ttl)]
         max_connection_age: Duration,
+        /// Deliver each event this long after it was logged, at the earliest (1s, 2s): the lag
+        /// of DynamoDB's stream on AWS, to try a client's reconnect and replay against
+        #[arg(long, env = "PALAVER_FANOUT_DELAY", default_value = "0s", value_parser = parse_ttl)]
+        fanout_delay: Duration,
     },
     /// Create the store's tables (DynamoDB; SQLite and memory need nothing)
     Init,
@@ -112,12 +116,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             rate_limit,
             idle_timeout,
             max_connection_age,
+            fanout_delay,
         } => {
             let lifetime = Lifetime {
                 idle: idle_timeout,
                 max_age: max_connection_age,
             };
-            run_serve(&cli.store, &listen, rate_limit, lifetime).await
+            run_serve(&cli.store, &listen, rate_limit, lifetime, fanout_delay).await
         }
         Command::Init => match &cli.store {
             StoreUrl::DynamoDb(prefix) => {
@@ -234,6 +239,7 @@ async fn run_serve(
     listen: &str,
     rate_limit: u32,
     lifetime: Lifetime,
+    fanout_delay: Duration,
 ) -> Result<(), Failure> {
     let store = open(url).await?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -308,6 +314,7 @@ async fn run_serve(
         changes,
         rate_limit,
         lifetime,
+        fanout_delay,
     })
     .await?;
     Ok(())

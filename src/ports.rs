@@ -133,8 +133,41 @@ pub trait Directory: Send + Sync {
     /// Every room with at least one event, by name.
     async fn rooms(&self) -> StoreResult<Vec<RoomRecord>>;
 
-    /// Who hears what is said in `room`: every open connection of every member.
-    async fn audience(&self, room: &RoomName) -> StoreResult<Vec<ConnectionId>>;
+    /// Who hears what is said in `room`: every open connection of every member, with the first
+    /// seq each one hears live ([`Directory::live_from`]).
+    async fn listeners(&self, room: &RoomName) -> StoreResult<Vec<Listener>>;
+
+    /// The first seq of `room` that reaches `connection` live, or `None` while it does not hear
+    /// the room (its user is not a member, or it is closed).
+    ///
+    /// A connection hears a room from the moment it starts listening: for a room its user was a
+    /// member of when it opened, the events appended after its `connected` event; for a room
+    /// joined while it was open, the events from that `joined` on. Everything before is history,
+    /// which the client asks for (`joinRoom{after}`, `getHistory`). The replay of a `joinRoom`
+    /// stops before this seq and the fan-out starts at it, so no seq reaches a connection both
+    /// ways — however far the fan-out lags behind the log.
+    async fn live_from(
+        &self,
+        connection: &ConnectionId,
+        room: &RoomName,
+    ) -> StoreResult<Option<u64>>;
+
+    /// Who hears what is said in `room`: [`Directory::listeners`] without their seqs.
+    async fn audience(&self, room: &RoomName) -> StoreResult<Vec<ConnectionId>> {
+        Ok(self
+            .listeners(room)
+            .await?
+            .into_iter()
+            .map(|listener| listener.connection)
+            .collect())
+    }
+}
+
+/// A connection that hears a room, and the first seq of the room it hears live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub connection: ConnectionId,
+    pub live_from: u64,
 }
 
 /// The log in commit order across all streams, for a tail in the same process.

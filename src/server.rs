@@ -31,6 +31,9 @@ pub struct ServeConfig {
     pub rate_limit: u32,
     /// Idle timeout and maximum age of a connection.
     pub lifetime: crate::gateway::lifetime::Lifetime,
+    /// How long after its append each event is delivered, at the earliest: zero, or a lag
+    /// like the AWS stream's to try clients against.
+    pub fanout_delay: std::time::Duration,
 }
 
 /// Runs until ctrl-c or SIGTERM.
@@ -43,12 +46,13 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         changes,
         rate_limit,
         lifetime,
+        fanout_delay,
     } = config;
     let hub = Hub::new();
     let routes = Routes::new(&store, hub.clone(), identity).remembering_callers();
 
     if let Some(feed) = store.feed.clone() {
-        let fanout = FanOut::new(&store, hub.clone());
+        let fanout = FanOut::new(&store, hub.clone()).with_delay(fanout_delay);
         // Connections of an earlier run are gone with it; new ones replay with joinRoom{after}.
         let start = tail::current_position(feed.as_ref()).await;
         let roster = Roster::load(store.directory.as_ref())
@@ -57,7 +61,10 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         tail::start(feed, fanout, roster, start);
     } else if let (Some(source), Some(stream_fanout)) = (
         changes,
-        StreamFanOut::new(&store, FanOut::new(&store, hub.clone())),
+        StreamFanOut::new(
+            &store,
+            FanOut::new(&store, hub.clone()).with_delay(fanout_delay),
+        ),
     ) {
         // Positioned before the gateway accepts anyone, so no append through it is missed.
         let tail = source.start().await.map_err(std::io::Error::other)?;

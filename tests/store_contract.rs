@@ -112,6 +112,7 @@ macro_rules! contract_suite {
                 audience_follows_joins_leaves_connects_and_disconnects_in_any_order,
                 membership_is_checked_with_the_append,
                 racing_joins_log_one_joined,
+                connections_hear_a_room_live_from_when_they_started_listening,
             );
         }
     };
@@ -771,6 +772,58 @@ mod contract {
             .await
             .unwrap();
         assert_eq!(seqs(&events), [1, 2, 3]);
+    }
+
+    /// `live_from`: what a connection hears live, as against what it must ask for as history.
+    pub async fn connections_hear_a_room_live_from_when_they_started_listening(store: &Store) {
+        let d = &store.directory;
+        let hall = room("hall");
+        let live_from = |c: &'static str| {
+            let hall = hall.clone();
+            async move { d.live_from(&conn(c), &hall).await.unwrap() }
+        };
+        append(store, connected("a1", "ana")).await;
+        let ana_joined = append(store, joined("hall", "ana")).await.event.seq;
+        assert_eq!(ana_joined, 1);
+        assert_eq!(
+            live_from("a1").await,
+            Some(1),
+            "a connection open at its user's join hears the join itself"
+        );
+        append(store, say("hall", "ana", "before bo")).await;
+        append(store, say("hall", "ana", "still before bo")).await;
+        assert_eq!(live_from("b1").await, None, "unknown connection");
+
+        // bo joins from b1: b1 hears from bo's join (seq 4) on.
+        append(store, connected("b1", "bo")).await;
+        assert_eq!(live_from("b1").await, None, "not a member yet");
+        let bo_joined = append(store, joined("hall", "bo")).await.event.seq;
+        assert_eq!(bo_joined, 4);
+        assert_eq!(live_from("b1").await, Some(4));
+
+        // ana's second connection opens after seq 5: it hears from 6, whatever comes later.
+        append(store, say("hall", "bo", "five")).await;
+        append(store, connected("a2", "ana")).await;
+        append(store, say("hall", "bo", "six")).await;
+        assert_eq!(live_from("a2").await, Some(6));
+        assert_eq!(live_from("a1").await, Some(1), "a1 is as it was");
+
+        let mut listeners = d.listeners(&hall).await.unwrap();
+        listeners.sort_by(|a, b| a.connection.cmp(&b.connection));
+        let listeners: Vec<(&str, u64)> = listeners
+            .iter()
+            .map(|l| (l.connection.as_str(), l.live_from))
+            .collect();
+        assert_eq!(listeners, [("a1", 1), ("a2", 6), ("b1", 4)]);
+
+        // Closed, or no longer a member: not listening.
+        append(store, disconnected("a2", "ana")).await;
+        assert_eq!(live_from("a2").await, None);
+        append(store, left("hall", "bo")).await;
+        assert_eq!(live_from("b1").await, None);
+        // Back again: from the new join.
+        let again = append(store, joined("hall", "bo")).await.event.seq;
+        assert_eq!(live_from("b1").await, Some(again));
     }
 
     pub async fn joins_and_leaves_project_membership(store: &Store) {

@@ -20,7 +20,7 @@ pub mod tail;
 use crate::connections;
 use crate::domain::{ConnectionId, Event, EventBody, RoomName, ServerFrame, UserId};
 use crate::ports::{
-    ConnectionGateway, DeliveryJob, DeliveryQueue, Directory, EventLog, PostError, Store,
+    ConnectionGateway, DeliveryJob, DeliveryQueue, Directory, EventLog, Listener, PostError, Store,
     StoreError, StoreResult,
 };
 use async_trait::async_trait;
@@ -62,8 +62,14 @@ pub trait Listeners: Send {
     /// Takes `event` into account.
     fn observe(&mut self, event: &Event);
 
-    /// Every open connection of every member of `room`.
-    async fn audience(&mut self, room: &RoomName) -> StoreResult<Arc<[ConnectionId]>>;
+    /// Every open connection of every member of `room` — for a room event (`seq` given), only
+    /// those that hear it live ([`Directory::live_from`]): a connection that started listening
+    /// after it was appended gets it as history, never also live.
+    async fn audience(
+        &mut self,
+        room: &RoomName,
+        seq: Option<u64>,
+    ) -> StoreResult<Arc<[ConnectionId]>>;
 
     /// The rooms `user` is a member of.
     async fn rooms_of(&mut self, user: &UserId) -> StoreResult<Vec<RoomName>>;
@@ -89,10 +95,49 @@ pub trait Listeners: Send {
 /// events and forgotten as soon as an event in the run changes who is listening.
 pub struct StoreListeners {
     directory: Arc<dyn Directory>,
-    /// Shared, so a run of events in a big room reuses one list instead of copying it.
-    rooms: HashMap<RoomName, Arc<[ConnectionId]>>,
+    rooms: HashMap<RoomName, Audience>,
     /// Rooms whose frames went to the delivery queue in this run.
     relayed: HashSet<RoomName>,
+}
+
+/// A room's listeners as read from the store.
+struct Audience {
+    /// Every listener, shared, so a run of events in a big room reuses one list instead of
+    /// copying it.
+    everyone: Arc<[ConnectionId]>,
+    /// Each listener's first live seq, in the order of `everyone`.
+    live_from: Vec<u64>,
+    /// The latest of them: every event from this seq on goes to `everyone`.
+    settled_from: u64,
+}
+
+impl Audience {
+    fn of(listeners: Vec<Listener>) -> Audience {
+        let settled_from = listeners.iter().map(|l| l.live_from).max().unwrap_or(0);
+        let (everyone, live_from): (Vec<ConnectionId>, Vec<u64>) = listeners
+            .into_iter()
+            .map(|l| (l.connection, l.live_from))
+            .unzip();
+        Audience {
+            everyone: everyone.into(),
+            live_from,
+            settled_from,
+        }
+    }
+
+    /// Who hears the room's event `seq` live (`None`: not a room event, everyone).
+    fn hearing(&self, seq: Option<u64>) -> Arc<[ConnectionId]> {
+        match seq {
+            Some(seq) if seq < self.settled_from => self
+                .everyone
+                .iter()
+                .zip(&self.live_from)
+                .filter(|(_, from)| **from <= seq)
+                .map(|(connection, _)| connection.clone())
+                .collect(),
+            _ => self.everyone.clone(),
+        }
+    }
 }
 
 impl StoreListeners {
@@ -119,13 +164,18 @@ impl Listeners for StoreListeners {
         }
     }
 
-    async fn audience(&mut self, room: &RoomName) -> StoreResult<Arc<[ConnectionId]>> {
+    async fn audience(
+        &mut self,
+        room: &RoomName,
+        seq: Option<u64>,
+    ) -> StoreResult<Arc<[ConnectionId]>> {
         if let Some(audience) = self.rooms.get(room) {
-            return Ok(audience.clone());
+            return Ok(audience.hearing(seq));
         }
-        let audience: Arc<[ConnectionId]> = self.directory.audience(room).await?.into();
-        self.rooms.insert(room.clone(), audience.clone());
-        Ok(audience)
+        let audience = Audience::of(self.directory.listeners(room).await?);
+        let hearing = audience.hearing(seq);
+        self.rooms.insert(room.clone(), audience);
+        Ok(hearing)
     }
 
     async fn rooms_of(&mut self, user: &UserId) -> StoreResult<Vec<RoomName>> {
@@ -216,6 +266,8 @@ pub struct FanOut {
     /// How long after `$connect` a 410 is taken for a handshake still finishing rather than
     /// for gone (`connections::gone`). Zero where the gateway tells the two apart.
     handshake_grace: Duration,
+    /// How long after its append an event is delivered, at the earliest (`with_delay`).
+    delay: Duration,
 }
 
 impl FanOut {
@@ -226,7 +278,15 @@ impl FanOut {
             gateway,
             relay: None,
             handshake_grace: Duration::ZERO,
+            delay: Duration::ZERO,
         }
+    }
+
+    /// Delivers each event no sooner than `delay` after it was appended: the lag of AWS's
+    /// stream, on a local server, to try a client against (`serve --fanout-delay`).
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
     }
 
     /// Behind API Gateway, which answers 410 both for a gone connection and for one whose
@@ -265,6 +325,12 @@ impl FanOut {
         event: &Event,
         listeners: &mut dyn Listeners,
     ) -> StoreResult<Delivery> {
+        if !self.delay.is_zero() {
+            let due = event.at + self.delay;
+            if let Ok(wait) = (due - chrono::Utc::now()).to_std() {
+                tokio::time::sleep(wait).await;
+            }
+        }
         listeners.observe(event);
         let delivery = match &event.body {
             EventBody::Joined { room, .. }
@@ -273,7 +339,7 @@ impl FanOut {
                 let Some(frame) = ServerFrame::of_event(event) else {
                     return Ok(Delivery::default());
                 };
-                let audience = listeners.audience(room).await?;
+                let audience = listeners.audience(room, Some(event.seq)).await?;
                 let key = format!("{}:{}", event.stream, event.seq);
                 self.send(&audience, frame.to_bytes(), room, &key, listeners)
                     .await?
@@ -320,7 +386,7 @@ impl FanOut {
                 online,
             };
             let audience: Vec<ConnectionId> = listeners
-                .audience(&room)
+                .audience(&room, None)
                 .await?
                 .iter()
                 // The new connection knows it is online; and on AWS it may not be open yet.

@@ -203,7 +203,13 @@ impl Listeners for Roster {
         self.apply(event);
     }
 
-    async fn audience(&mut self, room: &RoomName) -> StoreResult<Arc<[ConnectionId]>> {
+    /// The roster is folded in log order, so a connection is in a room's audience exactly from
+    /// the first event after it started listening: `seq` needs no check here.
+    async fn audience(
+        &mut self,
+        room: &RoomName,
+        _seq: Option<u64>,
+    ) -> StoreResult<Arc<[ConnectionId]>> {
         Ok(Roster::audience(self, room))
     }
 

@@ -32,22 +32,33 @@ pub(super) async fn handle(
         // The join (if any) is in the log already, so a failed replay must not answer
         // `internal` ("nothing was changed"): the answer is `joined`, and a client whose last
         // seq is below its `head` pages the rest with `getHistory`, as after any short replay.
-        if let Err(error) = replay(routes, caller, &stream, after, &mut head).await {
+        if let Err(error) = replay(routes, caller, &room, after, &mut head).await {
             tracing::warn!(connection = %caller.connection, %room, %error, "replay cut short");
         }
     }
     Ok(ServerFrame::Joined { room, head })
 }
 
-/// Posts the events after `after`, one page of them, straight to the caller's connection.
+/// Posts the events after `after`, one page of them, straight to the caller's connection — up
+/// to where the connection hears the room live ([`Directory::live_from`]): the fan-out delivers
+/// the rest, however far behind the log it is, so no seq arrives twice.
+///
+/// [`Directory::live_from`]: crate::ports::Directory::live_from
 async fn replay(
     routes: &Routes,
     caller: &Caller,
-    stream: &Stream,
+    room: &RoomName,
     after: u64,
     head: &mut u64,
 ) -> Result<(), RouteError> {
-    let page = routes.log.read(stream, after, MAX_HISTORY_LIMIT).await?;
+    let stream = Stream::Room(room.clone());
+    let live_from = routes
+        .directory
+        .live_from(&caller.connection, room)
+        .await?
+        .unwrap_or(u64::MAX);
+    let mut page = routes.log.read(&stream, after, MAX_HISTORY_LIMIT).await?;
+    page.retain(|event| event.seq < live_from);
     for frame in ServerFrame::page_of(&page, MAX_PAGE_BYTES) {
         // Appended since the head was read: the answer must not say less than was sent.
         *head = (*head).max(frame.seq().unwrap_or(0));

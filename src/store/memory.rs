@@ -7,8 +7,8 @@ use crate::domain::event::now;
 use crate::domain::projection::{Change, changes};
 use crate::domain::{Appended, ConnectionId, Event, EventBody, Expect, RoomName, Stream, UserId};
 use crate::ports::{
-    Checkpoints, ConnectionRecord, Directory, EventLog, LogFeed, MemberRecord, RoomRecord, Store,
-    StoreError, StoreResult,
+    Checkpoints, ConnectionRecord, Directory, EventLog, Listener, LogFeed, MemberRecord,
+    RoomRecord, Store, StoreError, StoreResult,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -179,6 +179,31 @@ impl State {
         self.streams.get(key).map_or(0, |s| s.len() as u64)
     }
 
+    /// See [`Directory::live_from`]: the room's events at or after the position where the
+    /// connection started listening — just after its `connected`, or at its user's `joined`,
+    /// whichever is later — are heard live. (Events only applied, never appended, have no
+    /// position: they count as the log's start.)
+    fn live_from(&self, connection: &ConnectionId, room: &RoomName) -> Option<u64> {
+        let record = self.connections.get(connection).filter(|c| c.open)?;
+        let member = self
+            .members
+            .get(&(room.clone(), record.user.clone()))
+            .filter(|m| m.active)?;
+        let positions = self.streams.get(&Stream::Room(room.clone()).key());
+        let opened = self
+            .streams
+            .get(&Stream::Connection(connection.clone()).key())
+            .and_then(|p| p.first())
+            .map_or(0, |index| index + 1);
+        let joined = positions
+            .and_then(|p| p.get(usize::try_from(member.seq).ok()?.checked_sub(1)?))
+            .copied()
+            .unwrap_or(0);
+        let start = opened.max(joined);
+        let before = positions.map_or(0, |p| p.partition_point(|&index| index < start));
+        Some(before as u64 + 1)
+    }
+
     fn open_count(&self, user: &UserId) -> usize {
         self.user_connections.get(user).map_or(0, BTreeSet::len)
     }
@@ -341,7 +366,7 @@ impl Directory for MemoryStore {
             .collect())
     }
 
-    async fn audience(&self, room: &RoomName) -> StoreResult<Vec<ConnectionId>> {
+    async fn listeners(&self, room: &RoomName) -> StoreResult<Vec<Listener>> {
         let state = self.lock();
         Ok(state
             .room_members
@@ -350,8 +375,21 @@ impl Directory for MemoryStore {
             .flatten()
             .filter_map(|user| state.user_connections.get(user))
             .flatten()
-            .cloned()
+            .filter_map(|connection| {
+                Some(Listener {
+                    connection: connection.clone(),
+                    live_from: state.live_from(connection, room)?,
+                })
+            })
             .collect())
+    }
+
+    async fn live_from(
+        &self,
+        connection: &ConnectionId,
+        room: &RoomName,
+    ) -> StoreResult<Option<u64>> {
+        Ok(self.lock().live_from(connection, room))
     }
 }
 

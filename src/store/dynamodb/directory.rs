@@ -5,8 +5,8 @@
 
 use super::error::DynamoError;
 use super::items::{
-    Item, after, checkpoint_key, connection_key, expires, flag, member_key, n, number, s, string,
-    time,
+    Item, after, checkpoint_key, connection_key, expires, flag, listener_key, member_key, n,
+    number, s, string, time,
 };
 use super::listeners::Scope;
 use super::writes::writes;
@@ -15,7 +15,8 @@ use crate::domain::event::now;
 use crate::domain::projection::changes;
 use crate::domain::{ConnectionId, Event, RoomName, Stream, UserId};
 use crate::ports::{
-    Checkpoints, ConnectionRecord, Directory, EventLog, MemberRecord, RoomRecord, StoreResult,
+    Checkpoints, ConnectionRecord, Directory, EventLog, Listener, MemberRecord, RoomRecord,
+    StoreResult,
 };
 use async_trait::async_trait;
 use futures_util::{StreamExt, TryStreamExt};
@@ -242,16 +243,39 @@ impl Directory for DynamoStore {
 
     /// One consistent Query of the room's listener rows, all pages: the membership and
     /// connection events keep them (see [`super::listeners`]).
-    async fn audience(&self, room: &RoomName) -> StoreResult<Vec<ConnectionId>> {
-        let mut audience: Vec<ConnectionId> = self
+    async fn listeners(&self, room: &RoomName) -> StoreResult<Vec<Listener>> {
+        let mut listeners: Vec<Listener> = self
             .partition(format!("room#{room}"), "listener#")
             .await?
             .iter()
-            .map(|item| after(item, "listener#").map(ConnectionId::new))
+            .map(listener_of)
             .collect::<Result<_, _>>()?;
-        audience.sort();
-        Ok(audience)
+        listeners.sort_by(|a, b| a.connection.cmp(&b.connection));
+        Ok(listeners)
     }
+
+    /// The connection's listener row for the room: one consistent GetItem.
+    async fn live_from(
+        &self,
+        connection: &ConnectionId,
+        room: &RoomName,
+    ) -> StoreResult<Option<u64>> {
+        match self.get(listener_key(room, connection)).await? {
+            Some(item) => Ok(Some(listener_of(&item)?.live_from)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// A `room#R`/`listener#C` row. Rows written before listeners had a `from` hear everything.
+fn listener_of(item: &Item) -> Result<Listener, DynamoError> {
+    Ok(Listener {
+        connection: ConnectionId::new(after(item, "listener#")?),
+        live_from: match item.get("from") {
+            Some(_) => number(item, "from")?,
+            None => 1,
+        },
+    })
 }
 
 #[async_trait]

@@ -48,8 +48,9 @@ use super::items::{
 use super::writes::writes;
 use super::{CONDITION_FAILED, DynamoStore, TRANSACTION_CONFLICT};
 use crate::domain::projection::Change;
-use crate::domain::{ConnectionId, RoomName, UserId};
-use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Delete, Put, TransactWriteItem};
+use crate::domain::{ConnectionId, RoomName, Stream, UserId};
+use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Delete, TransactWriteItem, Update};
+use std::collections::HashMap;
 
 /// DynamoDB's limit on the items of one `TransactWriteItems`.
 pub const MAX_TRANSACTION_ITEMS: usize = 100;
@@ -60,10 +61,12 @@ pub const MAX_RACES: u32 = 32;
 /// The listener rows a change is about.
 #[derive(Clone, Copy, Debug)]
 pub enum Scope<'a> {
-    /// `(room, C)` for every open connection C of `user`.
+    /// `(room, C)` for every open connection C of `user`; `seq` is the membership change's,
+    /// from which a joining user's connections hear the room.
     Room {
         room: &'a RoomName,
         user: &'a UserId,
+        seq: u64,
     },
     /// `(R, connection)` for every room R of `user`.
     Connection {
@@ -76,7 +79,9 @@ impl<'a> Scope<'a> {
     /// The scope of a change that moves listeners; `None` for the others.
     pub fn of(change: &Change<'a>) -> Option<Scope<'a>> {
         match *change {
-            Change::Membership { room, user, .. } => Some(Scope::Room { room, user }),
+            Change::Membership {
+                room, user, seq, ..
+            } => Some(Scope::Room { room, user, seq }),
             Change::ConnectionOpened {
                 connection, user, ..
             }
@@ -103,6 +108,9 @@ pub struct UserState {
     pub rooms: Vec<RoomName>,
     /// Open connections, with their TTL.
     pub connections: Vec<(ConnectionId, AttributeValue)>,
+    /// The heads of the user's rooms, read for a connection opening: its listener rows hear
+    /// each room from the event after that head (`DynamoStore::user_state`).
+    pub heads: HashMap<RoomName, u64>,
 }
 
 impl UserState {
@@ -161,11 +169,11 @@ impl UserState {
     ) -> Result<Vec<TransactWriteItem>, DynamoError> {
         let mut writes = Vec::new();
         match scope {
-            Scope::Room { room, user } => {
+            Scope::Room { room, user, seq } => {
                 let member = self.rooms.contains(room);
                 for (connection, ttl) in &self.connections {
                     writes.push(if member {
-                        put_listener(table, room, connection, user, ttl)?
+                        put_listener(table, room, connection, user, ttl, seq)?
                     } else {
                         delete_listener(table, room, connection)?
                     });
@@ -174,8 +182,11 @@ impl UserState {
             Scope::Connection { connection, user } => {
                 let open = self.connections.iter().find(|(c, _)| c == connection);
                 for room in &self.rooms {
+                    let live_from = self.heads.get(room).map_or(1, |head| head + 1);
                     writes.push(match open {
-                        Some((_, ttl)) => put_listener(table, room, connection, user, ttl)?,
+                        Some((_, ttl)) => {
+                            put_listener(table, room, connection, user, ttl, live_from)?
+                        }
                         None => delete_listener(table, room, connection)?,
                     });
                 }
@@ -185,21 +196,29 @@ impl UserState {
     }
 }
 
+/// Writes a listener row, hearing the room from `live_from` on. A row written again (a change
+/// applied again, rows rewritten after a race) keeps the `from` it was first given: moving it
+/// on would silence events that neither the replay nor the fan-out then delivers.
 fn put_listener(
     table: &str,
     room: &RoomName,
     connection: &ConnectionId,
     user: &UserId,
     ttl: &AttributeValue,
+    live_from: u64,
 ) -> Result<TransactWriteItem, DynamoError> {
-    let mut item = listener_key(room, connection);
-    item.insert("user".to_owned(), s(user.as_str()));
-    item.insert("expires".to_owned(), ttl.clone());
-    let put = Put::builder()
+    let update = Update::builder()
         .table_name(table)
-        .set_item(Some(item))
+        .set_key(Some(listener_key(room, connection)))
+        .update_expression("SET #u = :u, #e = :e, #f = if_not_exists(#f, :f)")
+        .expression_attribute_names("#u", "user")
+        .expression_attribute_names("#e", "expires")
+        .expression_attribute_names("#f", "from")
+        .expression_attribute_values(":u", s(user.as_str()))
+        .expression_attribute_values(":e", ttl.clone())
+        .expression_attribute_values(":f", n(live_from))
         .build()?;
-    Ok(TransactWriteItem::builder().put(put).build())
+    Ok(TransactWriteItem::builder().update(update).build())
 }
 
 fn delete_listener(
@@ -220,7 +239,7 @@ pub fn bump_version(
     user: &UserId,
     read: Option<u64>,
 ) -> Result<TransactWriteItem, DynamoError> {
-    let update = aws_sdk_dynamodb::types::Update::builder()
+    let update = Update::builder()
         .table_name(table)
         .set_key(Some(user_version_key(user)))
         .update_expression("SET #v = :next")
@@ -340,7 +359,7 @@ impl DynamoStore {
     ) -> Result<(), DynamoError> {
         let table = &self.tables.state;
         for _ in 0..MAX_RACES {
-            let state = self.user_state(scope.user()).await?;
+            let state = self.user_state(scope).await?;
             let core = writes(table, change)?;
             let mut plan = Plan::new(table, scope, change, state.clone(), core.len())?;
             let mut items = vec![plan.guard.clone()];
@@ -371,11 +390,28 @@ impl DynamoStore {
         )))
     }
 
-    /// `user`'s memberships, open connections and version: one consistent Query of its
-    /// partition.
-    pub(super) async fn user_state(&self, user: &UserId) -> Result<UserState, DynamoError> {
+    /// The state a change of `scope` is planned on: the user's memberships, open connections and
+    /// version (one consistent Query of its partition) — and, for a connection, the head of each
+    /// of the user's rooms (one Query each, at once), from which the connection hears them.
+    ///
+    /// A head read here may be passed by an append before the listener row exists; the fan-out
+    /// may then find no row for that event, and the client learns of it from `joined`'s
+    /// `head` and pages it with `getHistory` (`docs/protocol.md`). Nothing is delivered twice.
+    pub(super) async fn user_state(&self, scope: Scope<'_>) -> Result<UserState, DynamoError> {
+        let user = scope.user();
         let items = self.partition(format!("user#{user}"), "").await?;
-        UserState::of(user, &items)
+        let mut state = UserState::of(user, &items)?;
+        if let Scope::Connection { .. } = scope {
+            let heads = futures_util::future::try_join_all(
+                state
+                    .rooms
+                    .iter()
+                    .map(|room| async move { self.read_head(&Stream::Room(room.clone())).await }),
+            )
+            .await?;
+            state.heads = state.rooms.iter().cloned().zip(heads).collect();
+        }
+        Ok(state)
     }
 
     /// Writes the listener rows of `scope` that did not fit in the change's transaction, under
@@ -408,7 +444,7 @@ impl DynamoStore {
             if !raced {
                 return Ok(());
             }
-            let state = self.user_state(scope.user()).await?;
+            let state = self.user_state(scope).await?;
             version = state.version;
             pending = state.listener_writes(table, scope)?;
         }

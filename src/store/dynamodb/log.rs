@@ -30,7 +30,7 @@ enum Missed {
 
 impl DynamoStore {
     /// The `seq` of the stream's last event (0 if none), by a consistent read.
-    async fn read_head(&self, stream: &Stream) -> Result<u64, DynamoError> {
+    pub(super) async fn read_head(&self, stream: &Stream) -> Result<u64, DynamoError> {
         let out = self
             .client
             .query()
@@ -118,10 +118,7 @@ impl DynamoStore {
             .iter()
             .find_map(|change| Scope::of(change).map(|scope| (scope, change)))
         {
-            let state = self
-                .user_state(scope.user())
-                .await
-                .map_err(Missed::Failed)?;
+            let state = self.user_state(scope).await.map_err(Missed::Failed)?;
             let core = 1 + extra.len();
             let planned = Plan::new(table, scope, change, state, core).map_err(Missed::Failed)?;
             plan = Some((scope, planned));

@@ -17,8 +17,8 @@ pub use error::SqliteError;
 
 use crate::domain::{Appended, ConnectionId, Event, EventBody, Expect, RoomName, Stream, UserId};
 use crate::ports::{
-    ConnectionRecord, Directory, EventLog, LogFeed, MemberRecord, PendingAppend, RoomRecord, Store,
-    StoreResult,
+    ConnectionRecord, Directory, EventLog, Listener, LogFeed, MemberRecord, PendingAppend,
+    RoomRecord, Store, StoreResult,
 };
 use async_trait::async_trait;
 use rows::{
@@ -315,6 +315,66 @@ impl SqliteStore {
     }
 }
 
+/// [`Directory::live_from`] in SQL, for connection `c.id` and the membership row `m` of room
+/// stream `?2`: one past the room's last seq before the position where the connection started
+/// listening — just after its `connected`, or at its user's `joined`, whichever is later. Each
+/// lookup is a seek into the primary key `(stream, seq)`; the last step walks the room's events
+/// backwards from the newest and stops at the first one before that position.
+macro_rules! live_from_sql {
+    () => {
+        "1 + COALESCE((SELECT e.seq FROM events e WHERE e.stream = ?2 AND e.pos < MAX( \
+             COALESCE((SELECT o.pos FROM events o WHERE o.stream = 'c:' || c.id AND o.seq = 1) \
+                      + 1, 0), \
+             COALESCE((SELECT j.pos FROM events j WHERE j.stream = ?2 AND j.seq = m.seq), 0)) \
+           ORDER BY e.seq DESC LIMIT 1), 0)"
+    };
+}
+
+impl SqliteStore {
+    async fn listeners(&self, room: &RoomName) -> Result<Vec<Listener>, SqliteError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(concat!(
+            "SELECT c.id, ",
+            live_from_sql!(),
+            " FROM members m \
+             JOIN connections c ON c.user_id = m.user_id AND c.closed_at IS NULL \
+             WHERE m.room = ?1 AND m.active = 1 \
+             ORDER BY m.user_id, c.id"
+        ))
+        .bind(room.as_str())
+        .bind(Stream::Room(room.clone()).key())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(id, live_from)| {
+                Ok(Listener {
+                    connection: ConnectionId::new(id),
+                    live_from: uint(live_from, "seq")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn live_from(
+        &self,
+        connection: &ConnectionId,
+        room: &RoomName,
+    ) -> Result<Option<u64>, SqliteError> {
+        let live_from: Option<i64> = sqlx::query_scalar(concat!(
+            "SELECT ",
+            live_from_sql!(),
+            " FROM connections c \
+             JOIN members m ON m.user_id = c.user_id AND m.room = ?1 AND m.active = 1 \
+             WHERE c.id = ?3 AND c.closed_at IS NULL"
+        ))
+        .bind(room.as_str())
+        .bind(Stream::Room(room.clone()).key())
+        .bind(connection.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        live_from.map(|seq| uint(seq, "seq")).transpose()
+    }
+}
+
 // The ports delegate to the inherent methods above, which speak `SqliteError`; the `?` at this
 // boundary is where it becomes a `StoreError`.
 
@@ -372,6 +432,19 @@ impl Directory for SqliteStore {
         Ok(SqliteStore::rooms(self).await?)
     }
 
+    async fn listeners(&self, room: &RoomName) -> StoreResult<Vec<Listener>> {
+        Ok(SqliteStore::listeners(self, room).await?)
+    }
+
+    async fn live_from(
+        &self,
+        connection: &ConnectionId,
+        room: &RoomName,
+    ) -> StoreResult<Option<u64>> {
+        Ok(SqliteStore::live_from(self, connection, room).await?)
+    }
+
+    /// Without the seqs, a room's audience is a cheaper query.
     async fn audience(&self, room: &RoomName) -> StoreResult<Vec<ConnectionId>> {
         Ok(SqliteStore::audience(self, room).await?)
     }
