@@ -241,11 +241,32 @@ pub trait ConnectionGateway: Send + Sync {
 /// at or below it is a repeat and sends nothing.
 #[async_trait]
 pub trait Checkpoints: Send + Sync {
-    /// The seq delivered up to (0 when nothing was).
-    async fn delivered(&self, stream: &Stream) -> StoreResult<u64>;
+    /// Where the fan-out is with `stream`.
+    async fn checkpoint(&self, stream: &Stream) -> StoreResult<Checkpoint>;
 
-    /// Records delivery up to `seq`; never moves a checkpoint backwards.
-    async fn advance(&self, stream: &Stream, seq: u64) -> StoreResult<()>;
+    /// Records delivery up to `seq`; never moves a checkpoint backwards. `relayed_until`, when
+    /// given, is stored with it (a checkpoint that does not move keeps its old one).
+    async fn advance(
+        &self,
+        stream: &Stream,
+        seq: u64,
+        relayed_until: Option<DateTime<Utc>>,
+    ) -> StoreResult<()>;
+
+    /// The seq delivered up to (0 when nothing was).
+    async fn delivered(&self, stream: &Stream) -> StoreResult<u64> {
+        Ok(self.checkpoint(stream).await?.seq)
+    }
+}
+
+/// How far the fan-out has delivered a stream.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The seq delivered up to (0 when nothing was).
+    pub seq: u64,
+    /// Until when the room's frames go through the delivery queue whatever the size of their
+    /// audience: frames of it may still wait there, and one posted directly would overtake them.
+    pub relayed_until: Option<DateTime<Utc>>,
 }
 
 /// One frame for a set of connections, handed to a delivery worker.

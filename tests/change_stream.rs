@@ -5,11 +5,14 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use palaver::domain::{ConnectionId, EventBody, Expect, RoomName, Stream, UserId};
 use palaver::fanout::FanOut;
 use palaver::fanout::change_stream::ChangeSource;
 use palaver::fanout::stream::StreamFanOut;
-use palaver::ports::{Checkpoints, ConnectionGateway, PostError, Store, StoreError, StoreResult};
+use palaver::ports::{
+    Checkpoint, Checkpoints, ConnectionGateway, PostError, Store, StoreError, StoreResult,
+};
 use palaver::store::dynamodb::{self as dynamo, DynamoStore, Tables};
 use serde_json::Value;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -76,7 +79,7 @@ struct Flaky {
 
 #[async_trait]
 impl Checkpoints for Flaky {
-    async fn delivered(&self, stream: &Stream) -> StoreResult<u64> {
+    async fn checkpoint(&self, stream: &Stream) -> StoreResult<Checkpoint> {
         let fail = self
             .failures
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -84,11 +87,16 @@ impl Checkpoints for Flaky {
         if fail {
             return Err(StoreError::Corrupt("injected failure".to_owned()));
         }
-        self.inner.delivered(stream).await
+        self.inner.checkpoint(stream).await
     }
 
-    async fn advance(&self, stream: &Stream, seq: u64) -> StoreResult<()> {
-        self.inner.advance(stream, seq).await
+    async fn advance(
+        &self,
+        stream: &Stream,
+        seq: u64,
+        relayed_until: Option<DateTime<Utc>>,
+    ) -> StoreResult<()> {
+        self.inner.advance(stream, seq, relayed_until).await
     }
 }
 

@@ -180,7 +180,7 @@ async fn hall_of_members(recorder: Arc<Recorder>) -> (aws_sdk_dynamodb::Client, 
         .clone()
         .expect("DynamoDB keeps checkpoints");
     checkpoints
-        .advance(&Stream::Room(hall()), MEMBERS as u64)
+        .advance(&Stream::Room(hall()), MEMBERS as u64, None)
         .await
         .unwrap();
     (client, prefix)

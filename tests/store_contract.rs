@@ -19,7 +19,9 @@ use palaver::domain::{
     Appended, ConnectionId, DisconnectReason, Event, EventBody, Expect, Refusal, RoomName, Stream,
     UserId,
 };
-use palaver::ports::{ConnectionRecord, MemberRecord, RoomRecord, Store, StoreError, StoreResult};
+use palaver::ports::{
+    Checkpoint, ConnectionRecord, MemberRecord, RoomRecord, Store, StoreError, StoreResult,
+};
 use palaver::store::dynamodb as dynamo;
 use palaver::store::memory::MemoryStore;
 use palaver::store::sqlite::SqliteStore;
@@ -667,25 +669,43 @@ mod contract {
         let lobby = Stream::Room(room("lobby"));
         let other = Stream::Room(room("other"));
         assert_eq!(checkpoints.delivered(&lobby).await.unwrap(), 0);
-        checkpoints.advance(&lobby, 5).await.unwrap();
+        checkpoints.advance(&lobby, 5, None).await.unwrap();
         assert_eq!(checkpoints.delivered(&lobby).await.unwrap(), 5);
         assert_eq!(
             checkpoints.delivered(&other).await.unwrap(),
             0,
             "per stream"
         );
-        checkpoints.advance(&lobby, 3).await.unwrap();
+        checkpoints.advance(&lobby, 3, None).await.unwrap();
         assert_eq!(
             checkpoints.delivered(&lobby).await.unwrap(),
             5,
             "never backwards"
         );
         // Racing advances leave the highest.
-        let racers = (1..=8u64).map(|seq| checkpoints.advance(&other, seq * 10));
+        let racers = (1..=8u64).map(|seq| checkpoints.advance(&other, seq * 10, None));
         for result in futures_util::future::join_all(racers).await {
             result.unwrap();
         }
         assert_eq!(checkpoints.delivered(&other).await.unwrap(), 80);
+
+        // The delivery-queue lease is kept with a checkpoint that moves, and only then.
+        let until = chrono::DateTime::from_timestamp_millis(1_900_000_000_123).unwrap();
+        checkpoints.advance(&lobby, 6, Some(until)).await.unwrap();
+        let later = until + chrono::Duration::minutes(5);
+        checkpoints.advance(&lobby, 6, Some(later)).await.unwrap();
+        checkpoints.advance(&lobby, 7, None).await.unwrap();
+        assert_eq!(
+            checkpoints.checkpoint(&lobby).await.unwrap(),
+            Checkpoint {
+                seq: 7,
+                relayed_until: Some(until)
+            }
+        );
+        assert_eq!(
+            checkpoints.checkpoint(&other).await.unwrap().relayed_until,
+            None
+        );
     }
 
     /// With `Expect::Membership` the log takes no message or leave from a non-member and no

@@ -519,3 +519,78 @@ async fn a_room_that_crosses_the_threshold_mid_batch_stays_on_the_queue() {
     let kinds: Vec<&str> = queued.iter().map(|f| f["type"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["message", "presence"], "{queued:?}");
 }
+
+/// A room's frames queued for delivery workers in one batch may still wait in the queue when the
+/// next batch comes: that batch's frames of the room follow them there, even once the room has
+/// shrunk below the threshold — posted directly, they would overtake the queued ones.
+#[tokio::test]
+async fn a_room_stays_on_the_queue_in_the_batches_after_it_went_there() {
+    let store = MemoryStore::store();
+    let gateway = Arc::new(Recorder::default());
+    let queue = Arc::new(Jobs::default());
+    let fanout = FanOut::new(&store, gateway.clone()).with_relay(queue.clone(), 3, 10);
+    let fanout = StreamFanOut::new(&store, fanout).unwrap();
+    for (id, who) in [("a1", "ana"), ("b1", "bo"), ("c1", "cy"), ("d1", "dee")] {
+        connect(&store, id, who).await;
+        join(&store, "lobby", who).await;
+    }
+    // Four listeners: over the threshold, the message goes to the queue.
+    let first = say(&store, "lobby", "ana", "to four").await;
+    assert!(
+        fanout
+            .handle(vec![wake("lobby", first)])
+            .await
+            .failed
+            .is_empty()
+    );
+    let queued = |text: &str| {
+        queue
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|job| job.frame.contains(text))
+            .count()
+    };
+    assert!(queued("to four") > 0);
+    let posted_before = gateway.frames("a1").len();
+
+    // Dee leaves: three listeners, under the threshold. The next batch still queues.
+    let body = EventBody::Left {
+        room: room("lobby"),
+        user: user("dee"),
+    };
+    let left = store
+        .log
+        .append(body, Expect::Next)
+        .await
+        .unwrap()
+        .event
+        .seq;
+    let second = say(&store, "lobby", "ana", "to three").await;
+    let batch = vec![wake("lobby", left), wake("lobby", second)];
+    assert!(fanout.handle(batch).await.failed.is_empty());
+    assert!(queued("to three") > 0, "queued behind the earlier frames");
+    let direct = &gateway.frames("a1")[posted_before..];
+    assert!(direct.is_empty(), "nothing posted directly: {direct:?}");
+
+    // A room that never went to the queue is posted to directly, as ever.
+    for (id, who) in [("e1", "eve"), ("f1", "fay")] {
+        connect(&store, id, who).await;
+        join(&store, "small", who).await;
+    }
+    let hello = say(&store, "small", "eve", "hello, small room").await;
+    assert!(
+        fanout
+            .handle(vec![wake("small", hello)])
+            .await
+            .failed
+            .is_empty()
+    );
+    assert_eq!(queued("hello, small room"), 0);
+    let frames = gateway.frames("f1");
+    assert!(
+        frames.iter().any(|f| f["text"] == "hello, small room"),
+        "{frames:?}"
+    );
+}

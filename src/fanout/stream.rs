@@ -11,7 +11,7 @@
 //! the log that cannot be decoded is passed over with an error in the log rather than retried
 //! forever: it would otherwise stop its room's fan-out for good.
 
-use super::{Delivery, FanOut, StoreListeners};
+use super::{Delivery, FanOut, Listeners, StoreListeners};
 use crate::domain::{ConnectionId, Event, EventBody, Stream};
 use crate::ports::{Checkpoints, Directory, EventLog, Store, StoreError};
 use std::collections::{HashMap, VecDeque};
@@ -19,6 +19,15 @@ use std::sync::Arc;
 
 /// How many events one catch-up read takes.
 const PAGE: usize = 500;
+
+/// How long a room's frames keep going to the delivery queue after the last one that did, in
+/// any batch, whatever the size of their audience. Frames queued for delivery workers may wait
+/// there; one posted directly meanwhile — the room shrank below the threshold, or a presence
+/// frame left its subject out — would reach someone before them. So a room goes back to direct
+/// posts only once it has sent nothing through the queue for this long, far longer than the
+/// queue takes to drain in any state but a failure (which the queue's dead-letter queue shows).
+/// The lease is kept on the room's checkpoint, which every batch reads and writes anyway.
+pub const RELAY_LEASE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// One change-stream record, reduced to what the fan-out needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,6 +124,13 @@ impl StreamFanOut {
         }
 
         let mut listeners = StoreListeners::new(self.directory.clone());
+        // A room whose frames went to the queue in an earlier batch, not long ago: this batch's
+        // follow them there.
+        for (mention, stream) in mentions.iter().zip(&pending) {
+            if let (true, Stream::Room(room)) = (stream.relaying, &mention.stream) {
+                listeners.relay(room);
+            }
+        }
         let mut activity: HashMap<ConnectionId, Event> = HashMap::new();
         // Every record in order, then each stream to its end (events read past its last record).
         let everything = (0..mentions.len()).map(|index| (index, u64::MAX));
@@ -160,8 +176,17 @@ impl StreamFanOut {
 
         for (mention, stream) in mentions.iter().zip(pending) {
             let mut failed = stream.failed.or(stream.unavailable);
+            let relayed_until = match &mention.stream {
+                Stream::Room(room) if listeners.relayed(room) => {
+                    Some(chrono::Utc::now() + RELAY_LEASE)
+                }
+                _ => None,
+            };
             if stream.done > stream.start
-                && let Err(error) = self.checkpoints.advance(&mention.stream, stream.done).await
+                && let Err(error) = self
+                    .checkpoints
+                    .advance(&mention.stream, stream.done, relayed_until)
+                    .await
             {
                 failed.get_or_insert(error);
             }
@@ -184,8 +209,13 @@ impl StreamFanOut {
     async fn read(&self, mention: &Mention, report: &mut BatchReport) -> Pending {
         let stream = &mention.stream;
         let mut pending = Pending::default();
-        let start = match self.checkpoints.delivered(stream).await {
-            Ok(start) => start,
+        let start = match self.checkpoints.checkpoint(stream).await {
+            Ok(checkpoint) => {
+                pending.relaying = checkpoint
+                    .relayed_until
+                    .is_some_and(|until| until > chrono::Utc::now());
+                checkpoint.seq
+            }
             Err(error) => {
                 pending.failed = Some(error);
                 return pending;
@@ -244,6 +274,8 @@ impl StreamFanOut {
 struct Pending {
     /// Its checkpoint when the batch started.
     start: u64,
+    /// Its room's frames still had to go through the delivery queue when the batch started.
+    relaying: bool,
     /// Delivered (or passed over) up to here.
     done: u64,
     items: VecDeque<Item>,

@@ -7,8 +7,8 @@ use crate::domain::event::now;
 use crate::domain::projection::{Change, changes};
 use crate::domain::{Appended, ConnectionId, Event, EventBody, Expect, RoomName, Stream, UserId};
 use crate::ports::{
-    Checkpoints, ConnectionRecord, Directory, EventLog, Listener, LogFeed, MemberRecord,
-    RoomRecord, Store, StoreError, StoreResult,
+    Checkpoint, Checkpoints, ConnectionRecord, Directory, EventLog, Listener, LogFeed,
+    MemberRecord, RoomRecord, Store, StoreError, StoreResult,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -21,7 +21,7 @@ pub struct MemoryStore {
     state: Mutex<State>,
     committed: watch::Sender<u64>,
     /// The fan-out's checkpoints, for tests of the stream-driven fan-out.
-    delivered: Mutex<HashMap<String, u64>>,
+    delivered: Mutex<HashMap<String, Checkpoint>>,
 }
 
 #[derive(Default)]
@@ -415,15 +415,25 @@ impl LogFeed for MemoryStore {
 
 #[async_trait]
 impl Checkpoints for MemoryStore {
-    async fn delivered(&self, stream: &Stream) -> StoreResult<u64> {
+    async fn checkpoint(&self, stream: &Stream) -> StoreResult<Checkpoint> {
         let delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(delivered.get(&stream.key()).copied().unwrap_or(0))
+        Ok(delivered.get(&stream.key()).cloned().unwrap_or_default())
     }
 
-    async fn advance(&self, stream: &Stream, seq: u64) -> StoreResult<()> {
+    async fn advance(
+        &self,
+        stream: &Stream,
+        seq: u64,
+        relayed_until: Option<DateTime<Utc>>,
+    ) -> StoreResult<()> {
         let mut delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
-        let at = delivered.entry(stream.key()).or_insert(0);
-        *at = (*at).max(seq);
+        let at = delivered.entry(stream.key()).or_default();
+        if seq > at.seq {
+            at.seq = seq;
+            if relayed_until.is_some() {
+                at.relayed_until = relayed_until;
+            }
+        }
         Ok(())
     }
 }

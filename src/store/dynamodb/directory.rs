@@ -5,7 +5,7 @@
 
 use super::error::DynamoError;
 use super::items::{
-    Item, after, checkpoint_key, connection_key, expires, flag, listener_key, member_key, n,
+    Item, after, checkpoint_key, connection_key, expires, flag, listener_key, member_key, ms, n,
     number, s, string, time,
 };
 use super::listeners::Scope;
@@ -15,10 +15,11 @@ use crate::domain::event::now;
 use crate::domain::projection::changes;
 use crate::domain::{ConnectionId, Event, RoomName, Stream, UserId};
 use crate::ports::{
-    Checkpoints, ConnectionRecord, Directory, EventLog, Listener, MemberRecord, RoomRecord,
-    StoreResult,
+    Checkpoint, Checkpoints, ConnectionRecord, Directory, EventLog, Listener, MemberRecord,
+    RoomRecord, StoreResult,
 };
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use futures_util::{StreamExt, TryStreamExt};
 
 /// How many per-member reads run at once.
@@ -280,14 +281,26 @@ fn listener_of(item: &Item) -> Result<Listener, DynamoError> {
 
 #[async_trait]
 impl Checkpoints for DynamoStore {
-    async fn delivered(&self, stream: &Stream) -> StoreResult<u64> {
+    async fn checkpoint(&self, stream: &Stream) -> StoreResult<Checkpoint> {
         match self.get(checkpoint_key(stream)).await? {
-            Some(item) => Ok(number(&item, "seq")?),
-            None => Ok(0),
+            Some(item) => Ok(Checkpoint {
+                seq: number(&item, "seq")?,
+                relayed_until: match item.get("relayed_until") {
+                    Some(_) => Some(time(&item, "relayed_until")?),
+                    None => None,
+                },
+            }),
+            None => Ok(Checkpoint::default()),
         }
     }
 
-    async fn advance(&self, stream: &Stream, seq: u64) -> StoreResult<()> {
+    async fn advance(
+        &self,
+        stream: &Stream,
+        seq: u64,
+        relayed_until: Option<DateTime<Utc>>,
+    ) -> StoreResult<()> {
+        let mut set = vec!["#seq = :seq"];
         let mut update = self
             .client
             .update_item()
@@ -296,16 +309,24 @@ impl Checkpoints for DynamoStore {
             .condition_expression("attribute_not_exists(#seq) OR #seq < :seq")
             .expression_attribute_names("#seq", "seq")
             .expression_attribute_values(":seq", n(seq));
-        update = if matches!(stream, Stream::Connection(_)) {
+        if matches!(stream, Stream::Connection(_)) {
             // A connection's checkpoint is useless once the connection is long gone.
-            update
-                .update_expression("SET #seq = :seq, #expires = :expires")
+            set.push("#expires = :expires");
+            update = update
                 .expression_attribute_names("#expires", "expires")
-                .expression_attribute_values(":expires", expires(&now()))
-        } else {
-            update.update_expression("SET #seq = :seq")
-        };
-        match update.send().await {
+                .expression_attribute_values(":expires", expires(&now()));
+        }
+        if let Some(until) = relayed_until {
+            set.push("#relayed = :relayed");
+            update = update
+                .expression_attribute_names("#relayed", "relayed_until")
+                .expression_attribute_values(":relayed", ms(&until));
+        }
+        match update
+            .update_expression(format!("SET {}", set.join(", ")))
+            .send()
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if condition_failed(&e) => Ok(()),
             Err(e) => Err(DynamoError::sdk(e).into()),
