@@ -465,6 +465,38 @@ async fn a_damaged_event_is_skipped_and_the_room_goes_on() {
 }
 
 #[tokio::test]
+async fn a_damaged_membership_row_costs_its_room_not_the_server() {
+    // SQLite on every run: the damage is done to the file between two runs.
+    let server = Server::start_sqlite();
+    let mut ana = server.connect("ana").await;
+    let mut cy = server.connect("cy").await;
+    ana.join("r").await;
+    cy.join("broken").await;
+    drop((ana, cy));
+    let db = server.db_path();
+    let mut server = server;
+    server.kill9();
+    common::sql_outside(
+        &db,
+        "UPDATE members SET user_id = 'not a user name!' WHERE room = 'broken'",
+    )
+    .await;
+
+    // The server starts on the damaged file, and every other room goes on.
+    let server = server.restart_after_kill9();
+    let mut ana = server.connect("ana").await;
+    let mut bo = server.connect("bo").await;
+    ana.join("r").await;
+    bo.join("r").await;
+    let sent = ana.say("r", "still here").await;
+    let message = bo.pushed_of("message").await;
+    assert_eq!(
+        (&message["seq"], &message["text"]),
+        (&sent["seq"], &json!("still here"))
+    );
+}
+
+#[tokio::test]
 async fn bad_tokens_fail_the_handshake_with_401_and_store_nothing() {
     use jsonwebtoken::{EncodingKey, Header, encode};
     // The CLI reads the registry from the server's store: not the memory store.

@@ -51,15 +51,33 @@ pub struct Roster {
 
 impl Roster {
     /// The store's projection as it is now: every room's members and every open connection.
+    ///
+    /// A room whose members cannot be read (a damaged row) is left out and logged, as an
+    /// unreadable event is: it gets no live frames until one of its members joins again, and
+    /// every other room goes on. Only a store that cannot list its rooms at all fails the start.
     pub async fn load(directory: &dyn Directory) -> StoreResult<Roster> {
         let mut roster = Roster::default();
         for room in directory.rooms().await? {
-            for member in directory.members(&room.room).await? {
-                roster.join(&room.room, &member.user);
+            match directory.members(&room.room).await {
+                Ok(members) => {
+                    for member in members {
+                        roster.join(&room.room, &member.user);
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(room = %room.room, %error, "members unreadable: room left out");
+                }
             }
         }
-        for connection in directory.open_connections(None).await? {
-            roster.open(&connection.user, &connection.id);
+        match directory.open_connections(None).await {
+            Ok(open) => {
+                for connection in open {
+                    roster.open(&connection.user, &connection.id);
+                }
+            }
+            // Connections open at start belong to an earlier run: none of them is on this
+            // process's gateway, so leaving them out loses no delivery.
+            Err(error) => tracing::error!(%error, "open connections unreadable: left out"),
         }
         Ok(roster)
     }
