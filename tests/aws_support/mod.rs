@@ -155,6 +155,12 @@ impl Socket {
         &mut self.ws
     }
 
+    /// Reads and drops every frame until the socket closes, as a client that only listens.
+    pub fn listen(self) -> tokio::task::JoinHandle<()> {
+        let mut ws = self.ws;
+        tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} })
+    }
+
     /// Frames up to and including the `message` with `seq`.
     pub async fn until_message(&mut self, seq: u64) -> Vec<Value> {
         self.until(|f| f["type"] == "message" && f["seq"] == seq)

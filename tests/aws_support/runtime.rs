@@ -79,8 +79,18 @@ impl Function {
         }
     }
 
+    /// The function's process, for measuring what it uses.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Invokes the function with `event` and returns its response.
     pub async fn invoke(&mut self, event: Value) -> Value {
+        self.invoke_within(event, super::WAIT).await
+    }
+
+    /// [`Function::invoke`], for an event that may take longer than the tests' usual wait.
+    pub async fn invoke_within(&mut self, event: Value, wait: std::time::Duration) -> Value {
         self.invocations += 1;
         let id = format!("{}-{}", self.name, self.invocations);
         let (tx, rx) = oneshot::channel();
@@ -88,7 +98,7 @@ impl Function {
         self.events
             .send((id, event))
             .expect("the runtime API is up");
-        match tokio::time::timeout(super::WAIT, rx).await {
+        match tokio::time::timeout(wait, rx).await {
             Ok(Ok(Ok(response))) => response,
             Ok(Ok(Err(error))) => panic!("{} failed: {error}", self.name),
             _ => panic!(
