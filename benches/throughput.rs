@@ -63,6 +63,7 @@ async fn end_to_end(members: usize, messages_each: usize) -> (f64, f64) {
         rate_limit: 0,
         lifetime: Default::default(),
         fanout_delay: Duration::ZERO,
+        management_keys: None,
     }));
 
     let mut clients = Vec::new();

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use palaver::domain::{RoomName, UserId};
 use palaver::fanout::change_stream::ChangeSource;
 use palaver::gateway::lifetime::Lifetime;
+use palaver::gateway::sigv4::ManagementKeys;
 use palaver::identity::{Identity, parse_ttl, random_secret};
 use palaver::operator::{self, table};
 use palaver::ports::Store;
@@ -260,6 +261,7 @@ async fn run_serve(
     let admin_token = std::env::var("PALAVER_ADMIN_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
+    let management_keys = management_keys()?;
 
     println!(
         "palaver is listening on http://{addr}  (store: {})",
@@ -270,18 +272,30 @@ async fn run_serve(
     }
     if !addr.ip().is_loopback() {
         println!();
-        println!(
-            "WARNING: {addr} can be reached from other machines, and the management API \
-             (/@connections/ID) has no authentication: anyone who can reach this port can post \
-             frames to any connection, read its IP address and close it.{} Listen on 127.0.0.1 \
-             behind a reverse proxy that passes only / and /healthz, or keep the port behind a \
-             firewall.",
-            if admin_token.is_none() {
-                ""
-            } else {
-                " The admin endpoints are behind PALAVER_ADMIN_TOKEN."
-            }
-        );
+        match &management_keys {
+            Some(_) => println!(
+                "{addr} can be reached from other machines. The management API \
+                 (/@connections/ID) takes requests signed (SigV4) with \
+                 PALAVER_MANAGEMENT_ACCESS_KEY_ID.{}",
+                if admin_token.is_none() {
+                    ""
+                } else {
+                    " The admin endpoints are behind PALAVER_ADMIN_TOKEN."
+                }
+            ),
+            None => println!(
+                "WARNING: {addr} can be reached from other machines. The management API \
+                 (/@connections/ID) answers only this machine, since \
+                 PALAVER_MANAGEMENT_ACCESS_KEY_ID and PALAVER_MANAGEMENT_SECRET_ACCESS_KEY are \
+                 not set: anything on this machine can post frames to any connection, read its \
+                 IP address and close it.{}",
+                if admin_token.is_none() {
+                    ""
+                } else {
+                    " The admin endpoints are behind PALAVER_ADMIN_TOKEN."
+                }
+            ),
+        }
     }
     if generated {
         let user = std::env::var("USER")
@@ -315,9 +329,28 @@ async fn run_serve(
         rate_limit,
         lifetime,
         fanout_delay,
+        management_keys,
     })
     .await?;
     Ok(())
+}
+
+/// The management API's key pair, from the environment: both or neither.
+fn management_keys() -> Result<Option<ManagementKeys>, Failure> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    match (
+        var("PALAVER_MANAGEMENT_ACCESS_KEY_ID"),
+        var("PALAVER_MANAGEMENT_SECRET_ACCESS_KEY"),
+    ) {
+        (Some(access_key_id), Some(secret_access_key)) => Ok(Some(ManagementKeys {
+            access_key_id,
+            secret_access_key,
+        })),
+        (None, None) => Ok(None),
+        _ => Err("set both PALAVER_MANAGEMENT_ACCESS_KEY_ID and \
+                  PALAVER_MANAGEMENT_SECRET_ACCESS_KEY, or neither"
+            .into()),
+    }
 }
 
 fn describe(url: &StoreUrl) -> String {

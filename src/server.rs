@@ -34,6 +34,8 @@ pub struct ServeConfig {
     /// How long after its append each event is delivered, at the earliest: zero, or a lag
     /// like the AWS stream's to try clients against.
     pub fanout_delay: std::time::Duration,
+    /// The key pair management requests must be signed with; `None`: this machine only.
+    pub management_keys: Option<crate::gateway::sigv4::ManagementKeys>,
 }
 
 /// Runs until ctrl-c or SIGTERM.
@@ -47,6 +49,7 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         rate_limit,
         lifetime,
         fanout_delay,
+        management_keys,
     } = config;
     let hub = Hub::new();
     let routes = Routes::new(&store, hub.clone(), identity).remembering_callers();
@@ -81,6 +84,7 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         stage: "local".to_owned(),
         rate_limit,
         lifetime,
+        management_keys,
     });
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     // The writers batch frames themselves (one flush per drained outbox); Nagle's algorithm

@@ -9,13 +9,96 @@ use common::Server;
 use serde_json::{Value, json};
 
 fn client(endpoint: String) -> aws_sdk_apigatewaymanagement::Client {
+    client_with_keys(endpoint, "local", "local")
+}
+
+fn client_with_keys(
+    endpoint: String,
+    access_key_id: &str,
+    secret: &str,
+) -> aws_sdk_apigatewaymanagement::Client {
     let config = aws_sdk_apigatewaymanagement::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .endpoint_url(endpoint)
         .region(Region::new("eu-west-1"))
-        .credentials_provider(Credentials::new("local", "local", None, None, "test"))
+        .credentials_provider(Credentials::new(access_key_id, secret, None, None, "test"))
         .build();
     aws_sdk_apigatewaymanagement::Client::from_conf(config)
+}
+
+/// With a key pair set, the management API takes SigV4-signed requests made with it — as the
+/// SDK makes them — and nothing else: wrong keys and unsigned requests are 403 in API Gateway's
+/// shape, and nothing reaches the connection.
+#[tokio::test]
+async fn with_keys_set_only_requests_signed_with_them_are_served() {
+    const KEY: &str = "AKIDPALAVERLOCAL";
+    const SECRET: &str = "management-secret-0123456789abcdef";
+    let server = Server::start_readable_with(&[
+        ("PALAVER_MANAGEMENT_ACCESS_KEY_ID", KEY),
+        ("PALAVER_MANAGEMENT_SECRET_ACCESS_KEY", SECRET),
+    ]);
+    let mut ana = server.connect("ana").await;
+    ana.join("r").await;
+    let id = connection_of(&server, "ana");
+
+    let forged = json!({"type": "message", "room": "r", "seq": 99, "text": "forged"}).to_string();
+    for (key, secret) in [(KEY, "not the secret"), ("AKIDSOMEONEELSE", SECRET)] {
+        let error = client_with_keys(server.url(), key, secret)
+            .post_to_connection()
+            .connection_id(&id)
+            .data(Blob::new(forged.clone()))
+            .send()
+            .await
+            .expect_err("refused");
+        let response = error.raw_response().expect("an HTTP answer");
+        assert_eq!(response.status().as_u16(), 403, "{key}");
+        assert!(
+            response.headers().get("x-amzn-errortype").is_some(),
+            "{key}"
+        );
+    }
+    let unsigned = reqwest::Client::new()
+        .post(format!("{}/@connections/{id}", server.url()))
+        .body(forged.clone())
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(unsigned.status(), 403);
+    assert_eq!(
+        unsigned.headers()["x-amzn-errortype"],
+        "MissingAuthenticationTokenException"
+    );
+    for method in [reqwest::Method::GET, reqwest::Method::DELETE] {
+        let answer = reqwest::Client::new()
+            .request(
+                method.clone(),
+                format!("{}/@connections/{id}", server.url()),
+            )
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status(), 403, "{method}");
+    }
+
+    let signed = client_with_keys(server.url(), KEY, SECRET);
+    let notice = json!({"type": "notice", "text": "signed"}).to_string();
+    signed
+        .post_to_connection()
+        .connection_id(&id)
+        .data(Blob::new(notice.clone()))
+        .send()
+        .await
+        .expect("a signed post is delivered");
+    // Nothing forged reached ana before the signed notice.
+    let before = ana.pushed_until(|f| f["type"] == "notice").await;
+    assert!(before.iter().all(|f| f["text"] != "forged"), "{before:?}");
+    let described = signed
+        .get_connection()
+        .connection_id(&id)
+        .send()
+        .await
+        .expect("a signed get is answered");
+    assert!(described.connected_at().is_some());
 }
 
 fn connection_of(server: &Server, user: &str) -> String {

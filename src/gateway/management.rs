@@ -3,8 +3,9 @@
 //! and an unknown or closed connection answers 410 with `x-amzn-ErrorType: GoneException`
 //! (the SDK reads the error kind from that header).
 //!
-//! Served at `/@connections/{id}` and `/{stage}/@connections/{id}`. Like everything the local
-//! server offers it is unauthenticated: bind it to loopback (the default).
+//! Served at `/@connections/{id}` and `/{stage}/@connections/{id}`, behind [`guard`]: requests
+//! signed (SigV4) with the operator's key pair when one is set, as API Gateway requires IAM
+//! signatures; without one, requests from this machine only.
 
 use super::GatewayState;
 use super::hub::CloseReason;
@@ -13,13 +14,16 @@ use crate::domain::ConnectionId;
 use crate::domain::event::rfc3339;
 use crate::domain::limits::MAX_POST_BYTES;
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{HeaderName, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 type Params = Path<HashMap<String, String>>;
 
@@ -48,6 +52,62 @@ fn gone(id: &ConnectionId) -> Response {
     )
 }
 
+/// Lets a management request through if it is signed with the operator's keys
+/// (`PALAVER_MANAGEMENT_ACCESS_KEY_ID` / `PALAVER_MANAGEMENT_SECRET_ACCESS_KEY`) — or, when none
+/// are set, if it comes from this machine. Anything else is 403 in API Gateway's shape.
+pub async fn guard(
+    State(state): State<Arc<GatewayState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(keys) = &state.management_keys else {
+        return if from_this_machine(peer.ip()) {
+            next.run(request).await
+        } else {
+            aws_error(
+                StatusCode::FORBIDDEN,
+                "MissingAuthenticationTokenException",
+                "the management API is served to this machine only: set \
+                 PALAVER_MANAGEMENT_ACCESS_KEY_ID and PALAVER_MANAGEMENT_SECRET_ACCESS_KEY to \
+                 sign requests from elsewhere"
+                    .to_owned(),
+            )
+        };
+    };
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, MAX_POST_BYTES + 1).await else {
+        return too_large();
+    };
+    let verified = keys.verify(
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        &body,
+        SystemTime::now(),
+    );
+    match verified {
+        Ok(()) => next.run(Request::from_parts(parts, Body::from(body))).await,
+        Err(refusal) => {
+            tracing::warn!(%peer, %refusal, "management request refused");
+            aws_error(StatusCode::FORBIDDEN, refusal.kind(), refusal.to_string())
+        }
+    }
+}
+
+/// A loopback peer, IPv4 or IPv6 (an IPv4-mapped one included).
+pub fn from_this_machine(peer: IpAddr) -> bool {
+    peer.to_canonical().is_loopback()
+}
+
+fn too_large() -> Response {
+    aws_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "PayloadTooLargeException",
+        format!("payloads are limited to {MAX_POST_BYTES} bytes"),
+    )
+}
+
 /// `postToConnection`.
 pub async fn post(
     State(state): State<Arc<GatewayState>>,
@@ -56,11 +116,7 @@ pub async fn post(
 ) -> Response {
     let id = connection(&params);
     if body.len() > MAX_POST_BYTES {
-        return aws_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "PayloadTooLargeException",
-            format!("payloads are limited to {MAX_POST_BYTES} bytes"),
-        );
+        return too_large();
     }
     let Some(link) = state.hub.get(&id) else {
         return gone(&id);
@@ -96,6 +152,27 @@ pub async fn delete(State(state): State<Arc<GatewayState>>, Path(params): Params
         Some(link) => {
             link.close(CloseReason::Deleted);
             StatusCode::NO_CONTENT.into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_peers_are_this_machine() {
+        for local in ["127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1"] {
+            assert!(from_this_machine(local.parse().unwrap()), "{local}");
+        }
+        for remote in [
+            "192.0.2.7",
+            "10.0.0.1",
+            "2001:db8::1",
+            "::ffff:192.0.2.7",
+            "0.0.0.0",
+        ] {
+            assert!(!from_this_machine(remote.parse().unwrap()), "{remote}");
         }
     }
 }

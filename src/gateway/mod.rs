@@ -11,6 +11,7 @@ mod management;
 mod outbox;
 mod page;
 pub mod rate;
+pub mod sigv4;
 mod websocket;
 mod wire;
 
@@ -34,6 +35,9 @@ pub struct GatewayState {
     pub rate_limit: u32,
     /// When connections are closed for idleness or age.
     pub lifetime: lifetime::Lifetime,
+    /// The key pair management requests must be signed with (SigV4); `None`: only requests
+    /// from this machine are served.
+    pub management_keys: Option<sigv4::ManagementKeys>,
 }
 
 /// The gateway's routes.
@@ -41,11 +45,17 @@ pub fn router(state: Arc<GatewayState>) -> Router {
     let connections = get(management::get)
         .post(management::post)
         .delete(management::delete);
+    let management = Router::new()
+        .route("/@connections/{id}", connections.clone())
+        .route("/{stage}/@connections/{id}", connections)
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            management::guard,
+        ));
     Router::new()
         .route("/", get(websocket::root))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/@connections/{id}", connections.clone())
-        .route("/{stage}/@connections/{id}", connections)
+        .merge(management)
         .route("/admin/rooms", get(admin::rooms))
         .route("/admin/rooms/{room}/members", get(admin::members))
         .route("/admin/rooms/{room}/history", get(admin::history))

@@ -106,9 +106,18 @@ impl Server {
     /// A server on the suite's store if another process can read that store (SQLite,
     /// DynamoDB), for tests that check it with the operator commands; on SQLite otherwise.
     pub fn start_readable() -> Server {
+        Server::start_readable_with(&[])
+    }
+
+    /// [`Server::start_readable`] with more environment for `palaver serve`.
+    pub fn start_readable_with(env: &[(&str, &str)]) -> Server {
         match TestStore::from_env() {
-            TestStore::Memory => Server::start_sqlite(),
-            _ => Server::start(),
+            TestStore::Memory => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let store = format!("sqlite://{}", dir.path().join("palaver.db").display());
+                Server::start_with_env(dir, &store, env)
+            }
+            _ => Server::start_with(env),
         }
     }
 
