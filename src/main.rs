@@ -45,6 +45,9 @@ enum Command {
         /// Close any connection after this long (API Gateway: 2h); clients reconnect and replay
         #[arg(long, env = "PALAVER_MAX_CONNECTION_AGE", default_value = "2h", value_parser = parse_ttl)]
         max_connection_age: Duration,
+        /// Drop a connection whose HTTP request head has not fully arrived after this long
+        #[arg(long, env = "PALAVER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_ttl)]
+        header_timeout: Duration,
         /// Deliver each event this long after it was logged, at the earliest (1s, 2s): the lag
         /// of DynamoDB's stream on AWS, to try a client's reconnect and replay against
         #[arg(long, env = "PALAVER_FANOUT_DELAY", default_value = "0s", value_parser = parse_ttl)]
@@ -117,11 +120,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             rate_limit,
             idle_timeout,
             max_connection_age,
+            header_timeout,
             fanout_delay,
         } => {
             let lifetime = Lifetime {
                 idle: idle_timeout,
                 max_age: max_connection_age,
+                header_read: header_timeout,
             };
             run_serve(&cli.store, &listen, rate_limit, lifetime, fanout_delay).await
         }

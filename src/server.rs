@@ -14,8 +14,6 @@ use crate::gateway::{GatewayState, router};
 use crate::handlers::Routes;
 use crate::identity::Identity;
 use crate::ports::Store;
-use axum::serve::ListenerExt;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
@@ -86,20 +84,12 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         lifetime,
         management_keys,
     });
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    // The writers batch frames themselves (one flush per drained outbox); Nagle's algorithm
-    // would only hold the last partial segment of each flush back for an ACK.
-    let listener = listener.tap_io(|socket| {
-        if let Err(error) = socket.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown().await;
-            hub.close_all(CloseReason::ShuttingDown);
-        })
-        .await
+    let header_timeout = state.lifetime.header_read;
+    crate::gateway::http::serve(listener, router(state), header_timeout, async move {
+        shutdown().await;
+        hub.close_all(CloseReason::ShuttingDown);
+    })
+    .await
 }
 
 async fn shutdown() {

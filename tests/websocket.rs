@@ -496,6 +496,46 @@ async fn a_damaged_membership_row_costs_its_room_not_the_server() {
     );
 }
 
+/// A client that opens a socket and sends nothing, or sends its request a byte at a time, is
+/// dropped once the header timeout passes; a connection that completed its handshake is not.
+#[tokio::test]
+async fn slow_or_silent_handshakes_are_dropped_at_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start_with(&[("PALAVER_HEADER_TIMEOUT", "1s")]);
+    let mut ana = server.connect("ana").await;
+    ana.join("r").await;
+
+    let addr = server.url().trim_start_matches("http://").to_owned();
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut trickle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request = format!(
+        "GET /?token={} HTTP/1.1\r\nHost: {addr}\r\n",
+        server.token("bo")
+    );
+    let trickling = async {
+        for byte in request.bytes().cycle() {
+            if trickle.write_all(&[byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    // Each is closed by the server: a read ends (EOF or reset) well before this deadline.
+    let closed = async {
+        let mut buf = [0u8; 64];
+        while matches!(silent.read(&mut buf).await, Ok(n) if n > 0) {}
+    };
+    tokio::time::timeout(Duration::from_secs(15), trickling)
+        .await
+        .expect("the trickling request is cut off");
+    tokio::time::timeout(Duration::from_secs(15), closed)
+        .await
+        .expect("the silent socket is closed");
+
+    // Ana's connection, older than the header timeout by now, is as it was.
+    assert_eq!(ana.say("r", "still here").await["type"], "sent");
+}
+
 #[tokio::test]
 async fn bad_tokens_fail_the_handshake_with_401_and_store_nothing() {
     use jsonwebtoken::{EncodingKey, Header, encode};

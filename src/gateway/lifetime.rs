@@ -13,6 +13,8 @@ use tokio::time::Instant;
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(10 * 60);
 /// API Gateway's maximum connection duration.
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(2 * 60 * 60);
+/// How long a client has to send its whole request head (the handshake's HTTP request).
+pub const DEFAULT_HEADER_READ: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Lifetime {
@@ -20,6 +22,10 @@ pub struct Lifetime {
     pub idle: Duration,
     /// Closed after this long, however busy.
     pub max_age: Duration,
+    /// A TCP connection whose request head has not fully arrived after this long is dropped:
+    /// a client that opens a socket and sends nothing, or sends a byte at a time, holds it no
+    /// longer (`gateway::http`).
+    pub header_read: Duration,
 }
 
 impl Default for Lifetime {
@@ -27,6 +33,7 @@ impl Default for Lifetime {
         Lifetime {
             idle: DEFAULT_IDLE,
             max_age: DEFAULT_MAX_AGE,
+            header_read: DEFAULT_HEADER_READ,
         }
     }
 }
@@ -58,6 +65,7 @@ mod tests {
         let life = Lifetime {
             idle: Duration::from_secs(10),
             max_age: Duration::from_secs(60),
+            header_read: DEFAULT_HEADER_READ,
         };
         let t0 = Instant::now();
         let s = Duration::from_secs;

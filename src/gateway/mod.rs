@@ -5,6 +5,7 @@
 //! - `/admin/...` — operator queries behind a bearer token; `/healthz`.
 
 mod admin;
+pub mod http;
 pub mod hub;
 pub mod lifetime;
 mod management;
