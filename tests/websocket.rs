@@ -536,6 +536,54 @@ async fn slow_or_silent_handshakes_are_dropped_at_the_header_timeout() {
     assert_eq!(ana.say("r", "still here").await["type"], "sent");
 }
 
+/// Clients that send a valid, authenticated upgrade request and hang up at once — before or
+/// after `$connect` ran — leave no connection behind: every `$connect` that succeeded is
+/// followed by its `$disconnect`, and nobody stays online.
+#[tokio::test]
+async fn handshakes_abandoned_midway_leave_no_connection_open() {
+    use tokio::io::AsyncWriteExt;
+    let server = Server::start_readable();
+    let addr = server.url().trim_start_matches("http://").to_owned();
+    let attempts: Vec<_> = (0..200)
+        .map(|i| {
+            let request = format!(
+                "GET /?token={} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+                server.token(&format!("ghost{i}"))
+            );
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+                socket.write_all(request.as_bytes()).await.unwrap();
+                // Gone a moment later: before, during or after the server's `$connect`.
+                tokio::time::sleep(Duration::from_micros(100 * (i % 50))).await;
+                let _ = socket.set_zero_linger();
+                drop(socket);
+            })
+        })
+        .collect();
+    for attempt in attempts {
+        attempt.await.unwrap();
+    }
+    // Whatever each `$connect` got to do, its `$disconnect` follows: wait for none to be open.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = server.cli(&["connections", "--json"]);
+        let open: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON rows");
+        if open.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} abandoned handshakes still open, e.g. {}",
+            open.len(),
+            open[0]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn bad_tokens_fail_the_handshake_with_401_and_store_nothing() {
     use jsonwebtoken::{EncodingKey, Header, encode};

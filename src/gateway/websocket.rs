@@ -61,27 +61,44 @@ pub async fn root(
     let mut connect = state.request(&link, "$connect", "CONNECT", None);
     connect.query_string_parameters = params.into();
     connect.headers = headers;
-    let response = state.routes.handle(connect).await;
-    if response.status_code != 200 {
-        state.hub.remove(&id);
-        let status = u16::try_from(response.status_code)
-            .ok()
-            .and_then(|s| StatusCode::from_u16(s).ok())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return (status, body_text(response).unwrap_or_default()).into_response();
-    }
-
-    tokio::spawn(async move {
-        match upgrade.await {
-            Ok(upgraded) => session(state, link, TokioIo::new(upgraded)).await,
-            Err(error) => {
-                // `$connect` succeeded, so `$disconnect` must run: the connection never opened.
-                tracing::info!(%error, "WebSocket upgrade failed after $connect");
-                // Boxed for the same reason as in `session`.
-                Box::pin(state.disconnect(&link)).await;
-            }
+    // `$connect` and what follows it run in a task of their own. This request's future is
+    // dropped if the client hangs up, and dropped halfway through `$connect` it would leave a
+    // connection logged as open that no `$disconnect` ever closes. The task always finishes:
+    // once `$connect` succeeded, the upgrade either opens the session or fails — the client
+    // is gone — and then `$disconnect` runs.
+    let connecting = tokio::spawn(async move {
+        let response = state.routes.handle(connect).await;
+        if response.status_code != 200 {
+            state.hub.remove(&link.id);
+            return Err(response);
         }
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(upgraded) => session(state, link, TokioIo::new(upgraded)).await,
+                Err(error) => {
+                    // `$connect` succeeded, so `$disconnect` must run: it never opened.
+                    tracing::info!(%error, "WebSocket upgrade failed after $connect");
+                    // Boxed for the same reason as in `session`.
+                    Box::pin(state.disconnect(&link)).await;
+                }
+            }
+        });
+        Ok(())
     });
+    match connecting.await {
+        Ok(Ok(())) => {}
+        Ok(Err(response)) => {
+            let status = u16::try_from(response.status_code)
+                .ok()
+                .and_then(|s| StatusCode::from_u16(s).ok())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return (status, body_text(response).unwrap_or_default()).into_response();
+        }
+        Err(error) => {
+            tracing::error!(connection = %id, %error, "$connect failed");
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+    }
     let mut switching = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let answer = switching.headers_mut();
     answer.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
