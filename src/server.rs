@@ -53,6 +53,20 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
     let routes = Routes::new(&store, hub.clone(), identity).remembering_callers();
 
     if let Some(feed) = store.feed.clone() {
+        // This process is the store's only writer (memory, SQLite): a connection recorded as
+        // open belonged to an earlier run and is gone with it. Close them before anything is
+        // delivered, so that presence is right at once.
+        match crate::connections::close_all_open(
+            store.log.as_ref(),
+            store.directory.as_ref(),
+            crate::domain::DisconnectReason::ServerStopped,
+        )
+        .await
+        {
+            Ok(0) => {}
+            Ok(closed) => tracing::info!(closed, "closed the connections of the previous run"),
+            Err(error) => tracing::error!(%error, "could not close the previous run's connections"),
+        }
         let fanout = FanOut::new(&store, hub.clone()).with_delay(fanout_delay);
         // Connections of an earlier run are gone with it; new ones replay with joinRoom{after}.
         let start = tail::current_position(feed.as_ref()).await;

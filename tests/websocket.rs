@@ -584,6 +584,47 @@ async fn handshakes_abandoned_midway_leave_no_connection_open() {
     }
 }
 
+/// After `kill -9`, the connections the old process held are closed as soon as the server is
+/// back: nobody stays online in a room because the process that held them died.
+#[tokio::test]
+async fn a_restart_closes_the_connections_of_the_run_before() {
+    // SQLite on every run: the store must outlive the process.
+    let server = Server::start_sqlite();
+    let mut ana = server.connect("ana").await;
+    let mut bo = server.connect("bo").await;
+    ana.join("quiet").await;
+    bo.join("quiet").await;
+    let open = |server: &Server| -> Vec<Value> {
+        let out = server.cli(&["connections", "--json"]);
+        serde_json::from_slice(&out.stdout).expect("JSON rows")
+    };
+    assert_eq!(open(&server).len(), 2);
+
+    // Killed while both are connected: no `$disconnect` runs.
+    let server = server.restart_after_kill9();
+    drop((ana, bo));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !open(&server).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still open after the restart: {:?}",
+            open(&server)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = server.cli(&["members", "quiet", "--json"]);
+    let members: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON rows");
+    assert_eq!(members.len(), 2, "still members: {members:?}");
+    assert!(
+        members.iter().all(|m| m["online"] == false),
+        "nobody online: {members:?}"
+    );
+    // And the room goes on with whoever comes back.
+    let mut ana = server.connect("ana").await;
+    ana.join("quiet").await;
+    assert_eq!(ana.say("quiet", "back").await["type"], "sent");
+}
+
 #[tokio::test]
 async fn bad_tokens_fail_the_handshake_with_401_and_store_nothing() {
     use jsonwebtoken::{EncodingKey, Header, encode};

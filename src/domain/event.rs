@@ -59,6 +59,9 @@ pub enum DisconnectReason {
     Closed,
     /// The management API answered 410 Gone while the fan-out posted to it.
     Gone,
+    /// The local server that held it stopped (a crash, or a stop whose `$disconnect`s did not
+    /// all finish); found open when the server started again.
+    ServerStopped,
 }
 
 /// What happened. The stream an event belongs to follows from its body.
