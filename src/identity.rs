@@ -127,14 +127,20 @@ pub fn parse_ttl(s: &str) -> Result<Duration, String> {
     let n: u64 = digits
         .parse()
         .map_err(|_| format!("{s:?} is not a duration like 30m, 1h or 7d"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
+    let unit = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
         _ => return Err(format!("{s:?} is not a duration like 30m, 1h or 7d")),
     };
-    Ok(Duration::from_secs(secs))
+    // A token's `exp` is seconds since 1970 in an i64; a TTL that overflows it would wrap into
+    // the past and issue tokens that are expired at once. A hundred years is plenty.
+    const MAX_SECS: u64 = 100 * 365 * 86_400;
+    match n.checked_mul(unit) {
+        Some(secs) if secs <= MAX_SECS => Ok(Duration::from_secs(secs)),
+        _ => Err(format!("{s:?} is too long: at most 100 years")),
+    }
 }
 
 #[cfg(test)]
@@ -268,5 +274,18 @@ mod tests {
         assert_eq!(parse_ttl("30m").unwrap(), Duration::from_secs(1800));
         assert_eq!(parse_ttl("45").unwrap(), Duration::from_secs(45));
         assert!(parse_ttl("1y").is_err());
+    }
+
+    #[test]
+    fn ttls_that_would_overflow_into_expired_tokens_are_refused() {
+        assert!(parse_ttl("36500d").is_ok());
+        for huge in [
+            "36501d",
+            "213503982334601d",
+            "18446744073709551615s",
+            "99999999999999999999",
+        ] {
+            assert!(parse_ttl(huge).is_err(), "{huge}");
+        }
     }
 }

@@ -102,6 +102,8 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| "palaver=info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour for a person at a terminal; plain text for a file or a log shipper.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match run(cli).await {
@@ -154,6 +156,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Token { user, ttl } => {
             let secret = std::env::var("PALAVER_JWT_SECRET")
                 .map_err(|_| "set PALAVER_JWT_SECRET to the secret the server uses")?;
+            strong_enough(&secret)?;
             let user = UserId::parse(&user)?;
             println!("{}", Identity::new(secret.as_bytes()).issue(&user, ttl));
             Ok(())
@@ -259,7 +262,10 @@ async fn run_serve(
     };
 
     let (secret, generated) = match std::env::var("PALAVER_JWT_SECRET") {
-        Ok(secret) if !secret.is_empty() => (secret, false),
+        Ok(secret) if !secret.is_empty() => {
+            strong_enough(&secret)?;
+            (secret, false)
+        }
         _ => (random_secret(), true),
     };
     let identity = Identity::new(secret.as_bytes());
@@ -337,6 +343,20 @@ async fn run_serve(
         management_keys,
     })
     .await?;
+    Ok(())
+}
+
+/// HS256 keys shorter than its 32-byte hash are easier to guess than the hash is to break: a
+/// token secret must have at least that many bytes.
+fn strong_enough(secret: &str) -> Result<(), Failure> {
+    const MIN: usize = 32;
+    if secret.len() < MIN {
+        return Err(format!(
+            "PALAVER_JWT_SECRET has {} bytes; it needs at least {MIN} (e.g. `openssl rand -hex 32`)",
+            secret.len()
+        )
+        .into());
+    }
     Ok(())
 }
 

@@ -199,3 +199,72 @@ fn listening_beyond_loopback_names_the_address_and_warns() {
     );
     assert!(text.contains("/@connections"), "{text}");
 }
+
+/// A token secret shorter than HS256's 32 bytes is refused by `serve` and `token`, with the
+/// reason; an empty one too for `token` (`serve` makes one up).
+#[test]
+fn short_token_secrets_are_refused() {
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("p.db").display());
+    for secret in ["", "change-me", "0123456789abcdef0123456789abcde"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_palaver"))
+            .args(["token", "ana"])
+            .env("PALAVER_JWT_SECRET", secret)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "token with {secret:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("at least 32"), "{secret:?}: {err}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_palaver"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", &store])
+        .env("PALAVER_JWT_SECRET", "change-me")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 32"));
+    let ok = Command::new(env!("CARGO_BIN_EXE_palaver"))
+        .args(["token", "ana"])
+        .env("PALAVER_JWT_SECRET", "0123456789abcdef0123456789abcdef")
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "32 bytes are enough");
+}
+
+/// Logs written to a file or a pipe are plain text: no terminal colour codes.
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("p.db").display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_palaver"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", &store])
+        .env(
+            "PALAVER_JWT_SECRET",
+            "a-secret-for-this-test-only-0123456789",
+        )
+        .env("RUST_LOG", "palaver=debug")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("serve logs a line as it starts");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!line.contains('\u{1b}'), "colour codes in {line:?}");
+    assert!(line.contains("INFO") || line.contains("DEBUG"), "{line:?}");
+}

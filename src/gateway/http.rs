@@ -28,6 +28,9 @@ pub async fn serve(
     let (stopping, _) = tokio::sync::watch::channel(false);
     let (running, mut finished) = tokio::sync::mpsc::channel::<()>(1);
     tokio::pin!(shutdown);
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(%address, "accepting connections");
+    }
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {

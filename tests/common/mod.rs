@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 
-pub const SECRET: &str = "test-secret-for-palaver";
+pub const SECRET: &str = "test-secret-for-palaver-0123456789abcdef";
 pub const ADMIN: &str = "test-admin-token";
 /// How long a test waits for a frame it expects.
 pub const WAIT: Duration = Duration::from_secs(10);
