@@ -206,6 +206,20 @@ async fn oversized_posts_are_refused_and_the_connection_stays() {
         .await
         .expect_err("too large");
     assert!(error.into_service_error().is_payload_too_large_exception());
+    // An empty post is refused too, as API Gateway refuses it: no empty frame reaches ana.
+    let error = sdk
+        .post_to_connection()
+        .connection_id(&id)
+        .data(Blob::new(Vec::<u8>::new()))
+        .send()
+        .await
+        .expect_err("empty");
+    let response = error.raw_response().expect("an HTTP answer");
+    assert_eq!(response.status().as_u16(), 400);
+    assert_eq!(
+        response.headers().get("x-amzn-errortype"),
+        Some("BadRequestException")
+    );
     sdk.post_to_connection()
         .connection_id(&id)
         .data(Blob::new(r#"{"ok":true}"#))

@@ -311,6 +311,7 @@ async fn every_error_code_answers_and_the_connection_stays_open() {
         ("[1,2,3]".into(), "bad_request"),
         (r#"{"room":"r"}"#.into(), "unknown_action"),
         (r#"{"action":"dance"}"#.into(), "unknown_action"),
+        (r#"{"action":"leaveRoom","action":"joinRoom","room":"r"}"#.into(), "bad_request"),
         (r#"{"action":"joinRoom","room":"no spaces"}"#.into(), "invalid_room"),
         (r#"{"action":"joinRoom","room":""}"#.into(), "invalid_room"),
         (r#"{"action":"sendMessage","room":"r"}"#.into(), "bad_request"),
@@ -338,6 +339,9 @@ async fn every_error_code_answers_and_the_connection_stays_open() {
     ana.send_text(r#"{"action":"sendMessage","room":"r"}"#)
         .await;
     assert_eq!(ana.answer().await["action"], "sendMessage");
+    // An action is read as JSON reads it, escapes and all: this is a joinRoom.
+    ana.send_text(r#"{"action":"joinRoom","room":"r"}"#).await;
+    assert_eq!(ana.answer().await["type"], "joined");
 
     // Nothing of the refused frames reached the log.
     let history = ana

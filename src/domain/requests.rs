@@ -60,11 +60,14 @@ impl Rejection {
 
 /// The route a frame goes to, the way `$request.body.action` selects it: a JSON object whose
 /// `action` names a known route goes there; anything else goes to `$default`.
+///
+/// The value is the parsed string, escapes and all (`"join\u0052oom"` is `joinRoom`), as the
+/// handlers read it; a frame with `action` twice goes to `$default`, which says so.
 pub fn select_route(body: &str) -> &'static str {
     #[derive(serde::Deserialize)]
     struct Action<'a> {
         #[serde(borrow)]
-        action: Option<&'a str>,
+        action: Option<std::borrow::Cow<'a, str>>,
     }
     match serde_json::from_str::<Action>(body) {
         Ok(Action {
@@ -162,6 +165,11 @@ pub fn default_route_rejection(body: &str) -> Rejection {
                 ErrorCode::UnknownAction,
                 "a frame needs an \"action\": one of joinRoom, leaveRoom, sendMessage, getHistory, ping",
             ),
+            // A known name that route selection did not take: it was there more than once.
+            Some(Value::String(action)) if ROUTES.contains(&action.as_str()) => Rejection::new(
+                ErrorCode::BadRequest,
+                "\"action\" appears more than once in this frame",
+            ),
             Some(action) => Rejection::new(
                 ErrorCode::UnknownAction,
                 format!(
@@ -225,6 +233,10 @@ mod tests {
             "sendMessage"
         );
         assert_eq!(select_route(r#"{"action":"dance"}"#), "$default");
+        assert_eq!(select_route(r#"{"action":"join\u0052oom"}"#), "joinRoom");
+        let twice = r#"{"action":"leaveRoom","action":"joinRoom","room":"r"}"#;
+        assert_eq!(select_route(twice), "$default");
+        assert_eq!(default_route_rejection(twice).code, ErrorCode::BadRequest);
         assert_eq!(select_route(r#"{"room":"a"}"#), "$default");
         assert_eq!(select_route("not json"), "$default");
         assert_eq!(select_route(r#"[1,2]"#), "$default");

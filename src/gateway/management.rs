@@ -118,6 +118,14 @@ pub async fn post(
     if body.len() > MAX_POST_BYTES {
         return too_large();
     }
+    if body.is_empty() {
+        // API Gateway refuses an empty `Data`; a client would get an empty frame otherwise.
+        return aws_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequestException",
+            "Invalid request: the data to post is empty".to_owned(),
+        );
+    }
     let Some(link) = state.hub.get(&id) else {
         return gone(&id);
     };
