@@ -116,6 +116,27 @@ async fn operators_see_rooms_members_history_and_connections() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+    assert!(bad.json::<Value>().await.unwrap()["error"].is_string());
+    // The scheme is case-insensitive; the token is checked before the path and query are read,
+    // and every error is JSON.
+    let lower = http
+        .get(format!("{}/admin/rooms", server.url()))
+        .header("authorization", format!("bearer {ADMIN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower.status(), 200);
+    let bad_query = format!("{}/admin/rooms/general/history?after=x", server.url());
+    let without = http.get(&bad_query).send().await.unwrap();
+    assert_eq!(without.status(), 401, "no 400 before the token is checked");
+    let with = http
+        .get(&bad_query)
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with.status(), 400);
+    assert!(with.json::<Value>().await.unwrap()["error"].is_string());
 
     // Health and the page.
     let health = http

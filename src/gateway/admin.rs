@@ -6,8 +6,10 @@ use crate::domain::RoomName;
 use crate::domain::limits::{DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT};
 use crate::operator;
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
@@ -19,11 +21,29 @@ pub struct HistoryQuery {
     limit: Option<usize>,
 }
 
+/// Lets a request through only with the admin token, before anything of it is read: a caller
+/// without the token learns nothing, not even whether its path or query would have been valid.
+pub async fn guard(
+    State(state): State<Arc<GatewayState>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    if authorized(&state, &headers) {
+        next.run(request).await
+    } else {
+        unauthorized()
+    }
+}
+
 fn authorized(state: &GatewayState, headers: &HeaderMap) -> bool {
+    // The scheme is case-insensitive (RFC 7235 §2.1): `bearer` is `Bearer`.
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Bearer"))
+        .map(|(_, token)| token.trim_start());
     match (presented, state.admin_token.as_deref()) {
         // Compare in constant time: the token is a password.
         (Some(p), Some(t)) => {
@@ -68,21 +88,11 @@ fn reply<T: serde::Serialize>(result: Result<T, crate::ports::StoreError>) -> Re
     }
 }
 
-pub async fn rooms(State(state): State<Arc<GatewayState>>, headers: HeaderMap) -> Response {
-    if !authorized(&state, &headers) {
-        return unauthorized();
-    }
+pub async fn rooms(State(state): State<Arc<GatewayState>>) -> Response {
     reply(operator::rooms(&state.store).await)
 }
 
-pub async fn members(
-    State(state): State<Arc<GatewayState>>,
-    headers: HeaderMap,
-    Path(room): Path<String>,
-) -> Response {
-    if !authorized(&state, &headers) {
-        return unauthorized();
-    }
+pub async fn members(State(state): State<Arc<GatewayState>>, Path(room): Path<String>) -> Response {
     match RoomName::parse(&room) {
         Ok(room) => reply(operator::members(&state.store, &room).await),
         Err(error) => bad_room(error),
@@ -91,13 +101,19 @@ pub async fn members(
 
 pub async fn history(
     State(state): State<Arc<GatewayState>>,
-    headers: HeaderMap,
     Path(room): Path<String>,
-    Query(query): Query<HistoryQuery>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> Response {
-    if !authorized(&state, &headers) {
-        return unauthorized();
-    }
+    let Query(query) = match query {
+        Ok(query) => query,
+        Err(rejection) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({ "error": rejection.body_text() })),
+            )
+                .into_response();
+        }
+    };
     let limit = query
         .limit
         .unwrap_or(DEFAULT_HISTORY_LIMIT)

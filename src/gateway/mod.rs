@@ -53,12 +53,18 @@ pub fn router(state: Arc<GatewayState>) -> Router {
             state.clone(),
             management::guard,
         ));
+    let admin = Router::new()
+        .route("/admin/rooms", get(admin::rooms))
+        .route("/admin/rooms/{room}/members", get(admin::members))
+        .route("/admin/rooms/{room}/history", get(admin::history))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin::guard,
+        ));
     Router::new()
         .route("/", get(websocket::root))
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(management)
-        .route("/admin/rooms", get(admin::rooms))
-        .route("/admin/rooms/{room}/members", get(admin::members))
-        .route("/admin/rooms/{room}/history", get(admin::history))
+        .merge(admin)
         .with_state(state)
 }
