@@ -64,6 +64,7 @@ async fn end_to_end(members: usize, messages_each: usize) -> (f64, f64) {
         lifetime: Default::default(),
         fanout_delay: Duration::ZERO,
         management_keys: None,
+        admission: Default::default(),
     }));
 
     let mut clients = Vec::new();

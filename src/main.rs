@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use palaver::domain::{RoomName, UserId};
 use palaver::fanout::change_stream::ChangeSource;
+use palaver::gateway::admission::Admission;
 use palaver::gateway::lifetime::Lifetime;
 use palaver::gateway::sigv4::ManagementKeys;
 use palaver::identity::{Identity, parse_ttl, random_secret};
@@ -45,6 +46,13 @@ enum Command {
         /// Close any connection after this long (API Gateway: 2h); clients reconnect and replay
         #[arg(long, env = "PALAVER_MAX_CONNECTION_AGE", default_value = "2h", value_parser = parse_ttl)]
         max_connection_age: Duration,
+        /// Open connections the server takes at most; more handshakes are answered 429
+        #[arg(long, env = "PALAVER_MAX_CONNECTIONS", default_value_t = palaver::gateway::admission::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+        /// New connections per second one source address may open (bursts of twice that;
+        /// loopback is exempt; 0 = off); more are answered 429
+        #[arg(long, env = "PALAVER_CONNECT_RATE", default_value_t = palaver::gateway::admission::DEFAULT_CONNECT_RATE)]
+        connect_rate: u32,
         /// Drop a connection whose HTTP request head has not fully arrived after this long
         #[arg(long, env = "PALAVER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_ttl)]
         header_timeout: Duration,
@@ -124,13 +132,24 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             max_connection_age,
             header_timeout,
             fanout_delay,
+            max_connections,
+            connect_rate,
         } => {
             let lifetime = Lifetime {
                 idle: idle_timeout,
                 max_age: max_connection_age,
                 header_read: header_timeout,
             };
-            run_serve(&cli.store, &listen, rate_limit, lifetime, fanout_delay).await
+            let admission = Admission::new(max_connections, connect_rate);
+            run_serve(
+                &cli.store,
+                &listen,
+                rate_limit,
+                lifetime,
+                fanout_delay,
+                admission,
+            )
+            .await
         }
         Command::Init => match &cli.store {
             StoreUrl::DynamoDb(prefix) => {
@@ -249,6 +268,7 @@ async fn run_serve(
     rate_limit: u32,
     lifetime: Lifetime,
     fanout_delay: Duration,
+    admission: Admission,
 ) -> Result<(), Failure> {
     let store = open(url).await?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -341,6 +361,7 @@ async fn run_serve(
         lifetime,
         fanout_delay,
         management_keys,
+        admission,
     })
     .await?;
     Ok(())

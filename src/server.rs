@@ -34,6 +34,8 @@ pub struct ServeConfig {
     pub fanout_delay: std::time::Duration,
     /// The key pair management requests must be signed with; `None`: this machine only.
     pub management_keys: Option<crate::gateway::sigv4::ManagementKeys>,
+    /// Caps on open connections and on new ones per source address.
+    pub admission: crate::gateway::admission::Admission,
 }
 
 /// Runs until ctrl-c or SIGTERM.
@@ -48,6 +50,7 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         lifetime,
         fanout_delay,
         management_keys,
+        admission,
     } = config;
     let hub = Hub::new();
     let routes = Routes::new(&store, hub.clone(), identity).remembering_callers();
@@ -97,6 +100,7 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         rate_limit,
         lifetime,
         management_keys,
+        admission,
     });
     let header_timeout = state.lifetime.header_read;
     crate::gateway::http::serve(listener, router(state), header_timeout, async move {

@@ -629,6 +629,43 @@ async fn a_restart_closes_the_connections_of_the_run_before() {
     assert_eq!(ana.say("quiet", "back").await["type"], "sent");
 }
 
+/// Past `--max-connections`, a handshake is answered 429 with `Retry-After` — a clear refusal,
+/// before any token check or `$connect` — and once a connection closes there is room again.
+#[tokio::test]
+async fn a_full_server_refuses_handshakes_with_429_until_there_is_room() {
+    use tokio_tungstenite::tungstenite::Error;
+    let server = Server::start_with(&[("PALAVER_MAX_CONNECTIONS", "2")]);
+    let mut ana = server.connect("ana").await;
+    let bo = server.connect("bo").await;
+    let url = format!("ws://{}/?token={}", server.addr, server.token("cy"));
+    match common::Client::connect(&url, "cy").await {
+        Err(Error::Http(response)) => {
+            assert_eq!(response.status(), 429);
+            assert_eq!(response.headers()["retry-after"], "1");
+        }
+        Err(other) => panic!("refused otherwise: {other}"),
+        Ok(_) => panic!("a third connection was accepted"),
+    }
+    bo.close().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut cy = loop {
+        match common::Client::connect(&url, "cy").await {
+            Ok(cy) => break cy,
+            Err(Error::Http(response)) if response.status() == 429 => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no room after a close"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(other) => panic!("{other}"),
+        }
+    };
+    cy.join("r").await;
+    ana.join("r").await;
+    assert_eq!(cy.say("r", "made it").await["type"], "sent");
+}
+
 #[tokio::test]
 async fn bad_tokens_fail_the_handshake_with_401_and_store_nothing() {
     use jsonwebtoken::{EncodingKey, Header, encode};

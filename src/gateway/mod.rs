@@ -5,6 +5,7 @@
 //! - `/admin/...` — operator queries behind a bearer token; `/healthz`.
 
 mod admin;
+pub mod admission;
 pub mod http;
 pub mod hub;
 pub mod lifetime;
@@ -39,6 +40,8 @@ pub struct GatewayState {
     /// The key pair management requests must be signed with (SigV4); `None`: only requests
     /// from this machine are served.
     pub management_keys: Option<sigv4::ManagementKeys>,
+    /// Caps on open connections and on how fast one address opens them.
+    pub admission: admission::Admission,
 }
 
 /// The gateway's routes.

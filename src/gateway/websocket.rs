@@ -2,6 +2,7 @@
 //! routed by its `action` exactly like `$request.body.action`, the route's answer goes back to
 //! the sender, and the end of the socket runs `$disconnect`.
 
+use super::admission::Refused;
 use super::hub::{CloseReason, Link};
 use super::rate::{RateLimit, Verdict};
 use super::{GatewayState, page, wire};
@@ -50,6 +51,19 @@ pub async fn root(
         Handshake::Refused(why) => return (StatusCode::BAD_REQUEST, why).into_response(),
         Handshake::Accept(accept) => accept,
     };
+    if let Err(refused) = state.admission.admit(peer.ip(), state.hub.len()) {
+        let why = match refused {
+            Refused::Full => "the server holds as many connections as it takes; try again later\n",
+            Refused::TooFast => "too many new connections from this address; slow down\n",
+        };
+        tracing::info!(%peer, ?refused, "handshake refused");
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "1")],
+            why,
+        )
+            .into_response();
+    }
     let upgrade = hyper::upgrade::on(&mut request);
     let user_agent = headers
         .get(header::USER_AGENT)
