@@ -65,6 +65,7 @@ async fn end_to_end(members: usize, messages_each: usize) -> (f64, f64) {
         fanout_delay: Duration::ZERO,
         management_keys: None,
         admission: Default::default(),
+        max_rooms_per_user: palaver::domain::limits::DEFAULT_MAX_ROOMS_PER_USER,
     }));
 
     let mut clients = Vec::new();

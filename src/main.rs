@@ -53,6 +53,9 @@ enum Command {
         /// loopback is exempt; 0 = off); more are answered 429
         #[arg(long, env = "PALAVER_CONNECT_RATE", default_value_t = palaver::gateway::admission::DEFAULT_CONNECT_RATE)]
         connect_rate: u32,
+        /// Rooms one user may be a member of at once; joinRoom past it answers `limit`
+        #[arg(long, env = "PALAVER_MAX_ROOMS_PER_USER", default_value_t = palaver::domain::limits::DEFAULT_MAX_ROOMS_PER_USER)]
+        max_rooms_per_user: usize,
         /// Drop a connection whose HTTP request head has not fully arrived after this long
         #[arg(long, env = "PALAVER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_ttl)]
         header_timeout: Duration,
@@ -134,6 +137,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             fanout_delay,
             max_connections,
             connect_rate,
+            max_rooms_per_user,
         } => {
             let lifetime = Lifetime {
                 idle: idle_timeout,
@@ -141,15 +145,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 header_read: header_timeout,
             };
             let admission = Admission::new(max_connections, connect_rate);
-            run_serve(
-                &cli.store,
-                &listen,
+            let settings = Settings {
                 rate_limit,
                 lifetime,
                 fanout_delay,
                 admission,
-            )
-            .await
+                max_rooms_per_user,
+            };
+            run_serve(&cli.store, &listen, settings).await
         }
         Command::Init => match &cli.store {
             StoreUrl::DynamoDb(prefix) => {
@@ -262,14 +265,23 @@ fn print<T: serde::Serialize>(
     Ok(())
 }
 
-async fn run_serve(
-    url: &StoreUrl,
-    listen: &str,
+/// `serve`'s settings, as the command line and the environment give them.
+struct Settings {
     rate_limit: u32,
     lifetime: Lifetime,
     fanout_delay: Duration,
     admission: Admission,
-) -> Result<(), Failure> {
+    max_rooms_per_user: usize,
+}
+
+async fn run_serve(url: &StoreUrl, listen: &str, settings: Settings) -> Result<(), Failure> {
+    let Settings {
+        rate_limit,
+        lifetime,
+        fanout_delay,
+        admission,
+        max_rooms_per_user,
+    } = settings;
     let store = open(url).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -362,6 +374,7 @@ async fn run_serve(
         fanout_delay,
         management_keys,
         admission,
+        max_rooms_per_user,
     })
     .await?;
     Ok(())

@@ -36,6 +36,8 @@ pub struct ServeConfig {
     pub management_keys: Option<crate::gateway::sigv4::ManagementKeys>,
     /// Caps on open connections and on new ones per source address.
     pub admission: crate::gateway::admission::Admission,
+    /// Rooms one user may be a member of at once.
+    pub max_rooms_per_user: usize,
 }
 
 /// Runs until ctrl-c or SIGTERM.
@@ -51,9 +53,12 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         fanout_delay,
         management_keys,
         admission,
+        max_rooms_per_user,
     } = config;
     let hub = Hub::new();
-    let routes = Routes::new(&store, hub.clone(), identity).remembering_callers();
+    let routes = Routes::new(&store, hub.clone(), identity)
+        .remembering_callers()
+        .with_max_rooms_per_user(max_rooms_per_user);
 
     if let Some(feed) = store.feed.clone() {
         // This process is the store's only writer (memory, SQLite): a connection recorded as

@@ -666,6 +666,37 @@ async fn a_full_server_refuses_handshakes_with_429_until_there_is_room() {
     assert_eq!(cy.say("r", "made it").await["type"], "sent");
 }
 
+/// A user in as many rooms as `--max-rooms-per-user` allows gets `limit` for one more — the
+/// connection stays, nothing is logged — and can join again after leaving one.
+#[tokio::test]
+async fn joining_past_the_rooms_per_user_cap_answers_limit() {
+    let server = Server::start_with(&[("PALAVER_MAX_ROOMS_PER_USER", "2")]);
+    let mut ana = server.connect("ana").await;
+    ana.join("one").await;
+    ana.join("two").await;
+    let refused = ana
+        .request(json!({"action": "joinRoom", "room": "three"}))
+        .await;
+    assert_eq!(
+        (refused["type"].as_str(), refused["code"].as_str()),
+        (Some("error"), Some("limit"))
+    );
+    assert_eq!(refused["action"], "joinRoom");
+    // Joining a room already joined is still the harmless no-op it always was.
+    ana.join("two").await;
+    let history = ana
+        .request(json!({"action": "getHistory", "room": "three"}))
+        .await;
+    assert_eq!(
+        history["code"], "not_member",
+        "nothing was joined: {history}"
+    );
+    ana.request(json!({"action": "leaveRoom", "room": "one"}))
+        .await;
+    ana.join("three").await;
+    assert_eq!(ana.say("three", "made it").await["type"], "sent");
+}
+
 #[tokio::test]
 async fn bad_tokens_fail_the_handshake_with_401_and_store_nothing() {
     use jsonwebtoken::{EncodingKey, Header, encode};

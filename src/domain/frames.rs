@@ -20,6 +20,8 @@ pub enum ErrorCode {
     Internal,
     /// The server no longer knows the connection: the client reconnects.
     Gone,
+    /// A cap on what one user may hold was reached (rooms per user): nothing was changed.
+    Limit,
 }
 
 /// Whether a `member` frame says someone joined or left.

@@ -16,3 +16,7 @@ pub const MAX_PAGE_BYTES: usize = 96 * 1024;
 pub const MAX_CLIENT_MSG_ID_LEN: usize = 128;
 /// `postToConnection` accepts at most this much (API Gateway's message limit, 128 KB).
 pub const MAX_POST_BYTES: usize = 128 * 1024;
+
+/// Rooms one user may be a member of at once, unless set (`--max-rooms-per-user`): every room a
+/// user is in costs a listener row per open connection and a presence frame per connect.
+pub const DEFAULT_MAX_ROOMS_PER_USER: usize = 100;

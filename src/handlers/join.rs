@@ -8,7 +8,8 @@
 
 use super::{Caller, RouteError, Routes};
 use crate::domain::limits::{MAX_HISTORY_LIMIT, MAX_PAGE_BYTES};
-use crate::domain::{EventBody, Expect, RoomName, ServerFrame, Stream};
+use crate::domain::requests::Rejection;
+use crate::domain::{ErrorCode, EventBody, Expect, RoomName, ServerFrame, Stream};
 use crate::ports::StoreError;
 
 pub(super) async fn handle(
@@ -17,6 +18,17 @@ pub(super) async fn handle(
     room: RoomName,
     after: Option<u64>,
 ) -> Result<ServerFrame, RouteError> {
+    let rooms = routes.directory.rooms_of(&caller.user).await?;
+    if rooms.len() >= routes.max_rooms_per_user && !rooms.contains(&room) {
+        // Approximate under races: two joins at once may both pass with one place left.
+        return Err(RouteError::Rejected(Rejection::new(
+            ErrorCode::Limit,
+            format!(
+                "you are in {} rooms, the most one user may be in: leave one first",
+                rooms.len()
+            ),
+        )));
+    }
     let body = EventBody::Joined {
         room: room.clone(),
         user: caller.user.clone(),

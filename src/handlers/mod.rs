@@ -34,6 +34,8 @@ pub struct Routes {
     identity: Identity,
     /// Set when this process runs every `$connect` and `$disconnect` (the local gateway).
     callers: Option<Arc<callers::KnownCallers>>,
+    /// Rooms one user may be a member of at once.
+    max_rooms_per_user: usize,
 }
 
 /// Who sent a frame: the connection and the user it was opened by.
@@ -72,7 +74,14 @@ impl Routes {
             gateway,
             identity,
             callers: None,
+            max_rooms_per_user: crate::domain::limits::DEFAULT_MAX_ROOMS_PER_USER,
         }
+    }
+
+    /// Caps the rooms one user may be a member of at once (`joinRoom` past it answers `limit`).
+    pub fn with_max_rooms_per_user(mut self, rooms: usize) -> Self {
+        self.max_rooms_per_user = rooms;
+        self
     }
 
     /// For a gateway that runs every connection's `$connect` and `$disconnect` through these
