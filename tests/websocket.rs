@@ -940,6 +940,21 @@ async fn pings_bad_handshakes_and_oversized_frames_get_protocol_answers() {
         }
     };
     assert_eq!(close.code, CloseCode::Size, "{close:?}");
+
+    // A text frame that is not UTF-8 closes with 1007 (invalid frame payload data).
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let not_utf8 = Frame::message(vec![0xff, 0xfe, 0x41], OpCode::Data(Data::Text), true);
+    ws.send(Message::Frame(not_utf8)).await.unwrap();
+    let close = loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(frame))) => break frame.expect("a close code"),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close.code, CloseCode::Invalid, "{close:?}");
 }
 
 /// As on API Gateway: a connection that sends nothing for the idle timeout is closed (1001), a

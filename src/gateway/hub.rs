@@ -41,8 +41,10 @@ pub enum CloseReason {
     Lost,
     /// It sent a frame over the hard limit.
     TooBig,
-    /// It broke the WebSocket protocol (bad framing, text that is not UTF-8).
+    /// It broke the WebSocket protocol (bad framing, a bad opcode, a masking error).
     ProtocolError,
+    /// It sent a text frame that is not UTF-8.
+    BadData,
     /// Nothing came from the client for the idle timeout.
     Idle,
     /// It reached the maximum connection age.
@@ -62,6 +64,7 @@ impl CloseReason {
             CloseReason::Lost => (1001, "connection lost"),
             CloseReason::TooBig => (1009, "frame too big"),
             CloseReason::ProtocolError => (1002, "protocol error"),
+            CloseReason::BadData => (1007, "text frame is not UTF-8"),
             CloseReason::Idle => (1001, "idle timeout: reconnect"),
             CloseReason::TooOld => (1001, "maximum connection age reached: reconnect"),
             CloseReason::Forgotten => (1001, "connection gone: reconnect"),

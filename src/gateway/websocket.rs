@@ -287,7 +287,8 @@ fn refusal(error: &tokio_tungstenite::tungstenite::Error) -> Option<CloseReason>
     use tokio_tungstenite::tungstenite::error::{CapacityError, Error};
     match error {
         Error::Capacity(CapacityError::MessageTooLong { .. }) => Some(CloseReason::TooBig),
-        Error::Protocol(_) | Error::Utf8(_) => Some(CloseReason::ProtocolError),
+        Error::Utf8(_) => Some(CloseReason::BadData),
+        Error::Protocol(_) => Some(CloseReason::ProtocolError),
         _ => None,
     }
 }
