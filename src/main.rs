@@ -53,6 +53,9 @@ enum Command {
         /// loopback is exempt; 0 = off); more are answered 429
         #[arg(long, env = "PALAVER_CONNECT_RATE", default_value_t = palaver::gateway::admission::DEFAULT_CONNECT_RATE)]
         connect_rate: u32,
+        /// Connections one user may have open at once; more handshakes are answered 429
+        #[arg(long, env = "PALAVER_MAX_CONNECTIONS_PER_USER", default_value_t = palaver::domain::limits::DEFAULT_MAX_CONNECTIONS_PER_USER)]
+        max_connections_per_user: usize,
         /// Rooms one user may be a member of at once; joinRoom past it answers `limit`
         #[arg(long, env = "PALAVER_MAX_ROOMS_PER_USER", default_value_t = palaver::domain::limits::DEFAULT_MAX_ROOMS_PER_USER)]
         max_rooms_per_user: usize,
@@ -138,6 +141,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             max_connections,
             connect_rate,
             max_rooms_per_user,
+            max_connections_per_user,
         } => {
             let lifetime = Lifetime {
                 idle: idle_timeout,
@@ -151,6 +155,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 fanout_delay,
                 admission,
                 max_rooms_per_user,
+                max_connections_per_user,
             };
             run_serve(&cli.store, &listen, settings).await
         }
@@ -272,6 +277,7 @@ struct Settings {
     fanout_delay: Duration,
     admission: Admission,
     max_rooms_per_user: usize,
+    max_connections_per_user: usize,
 }
 
 async fn run_serve(url: &StoreUrl, listen: &str, settings: Settings) -> Result<(), Failure> {
@@ -281,6 +287,7 @@ async fn run_serve(url: &StoreUrl, listen: &str, settings: Settings) -> Result<(
         fanout_delay,
         admission,
         max_rooms_per_user,
+        max_connections_per_user,
     } = settings;
     let store = open(url).await?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -375,6 +382,7 @@ async fn run_serve(url: &StoreUrl, listen: &str, settings: Settings) -> Result<(
         management_keys,
         admission,
         max_rooms_per_user,
+        max_connections_per_user,
     })
     .await?;
     Ok(())

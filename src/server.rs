@@ -38,6 +38,8 @@ pub struct ServeConfig {
     pub admission: crate::gateway::admission::Admission,
     /// Rooms one user may be a member of at once.
     pub max_rooms_per_user: usize,
+    /// Connections one user may have open at once.
+    pub max_connections_per_user: usize,
 }
 
 /// Runs until ctrl-c or SIGTERM.
@@ -54,11 +56,13 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         management_keys,
         admission,
         max_rooms_per_user,
+        max_connections_per_user,
     } = config;
     let hub = Hub::new();
     let routes = Routes::new(&store, hub.clone(), identity)
         .remembering_callers()
-        .with_max_rooms_per_user(max_rooms_per_user);
+        .with_max_rooms_per_user(max_rooms_per_user)
+        .with_max_connections_per_user(max_connections_per_user);
 
     if let Some(feed) = store.feed.clone() {
         // This process is the store's only writer (memory, SQLite): a connection recorded as

@@ -697,6 +697,41 @@ async fn joining_past_the_rooms_per_user_cap_answers_limit() {
     assert_eq!(ana.say("three", "made it").await["type"], "sent");
 }
 
+/// A user with as many connections open as `--max-connections-per-user` allows gets 429 for
+/// one more, other users do not, and closing one makes room.
+#[tokio::test]
+async fn a_user_past_the_connections_cap_is_refused_with_429() {
+    use tokio_tungstenite::tungstenite::Error;
+    let server = Server::start_with(&[("PALAVER_MAX_CONNECTIONS_PER_USER", "2")]);
+    let first = server.connect("ana").await;
+    let _second = server.connect("ana").await;
+    let url = format!("ws://{}/?token={}", server.addr, server.token("ana"));
+    match common::Client::connect(&url, "ana").await {
+        Err(Error::Http(response)) => assert_eq!(response.status(), 429),
+        Err(other) => panic!("refused otherwise: {other}"),
+        Ok(_) => panic!("a third connection of ana was accepted"),
+    }
+    let mut bo = server.connect("bo").await;
+    bo.join("r").await;
+    first.close().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut ana = loop {
+        match common::Client::connect(&url, "ana").await {
+            Ok(ana) => break ana,
+            Err(Error::Http(response)) if response.status() == 429 => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no room after a close"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(other) => panic!("{other}"),
+        }
+    };
+    ana.join("r").await;
+    assert_eq!(ana.say("r", "back").await["type"], "sent");
+}
+
 #[tokio::test]
 async fn bad_tokens_fail_the_handshake_with_401_and_store_nothing() {
     use jsonwebtoken::{EncodingKey, Header, encode};

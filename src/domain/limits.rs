@@ -20,3 +20,7 @@ pub const MAX_POST_BYTES: usize = 128 * 1024;
 /// Rooms one user may be a member of at once, unless set (`--max-rooms-per-user`): every room a
 /// user is in costs a listener row per open connection and a presence frame per connect.
 pub const DEFAULT_MAX_ROOMS_PER_USER: usize = 100;
+
+/// Connections one user may have open at once, unless set (`--max-connections-per-user`): tabs
+/// and devices, with room to spare; a script opening sockets in a loop is stopped.
+pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 20;

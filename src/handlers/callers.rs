@@ -13,28 +13,56 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 
 #[derive(Default)]
-pub(super) struct KnownCallers(RwLock<HashMap<ConnectionId, UserId>>);
+pub(super) struct KnownCallers(RwLock<Known>);
+
+#[derive(Default)]
+struct Known {
+    users: HashMap<ConnectionId, UserId>,
+    /// Open connections per user, for the per-user cap.
+    open: HashMap<UserId, usize>,
+}
 
 impl KnownCallers {
     pub(super) fn opened(&self, connection: &ConnectionId, user: &UserId) {
-        self.0
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(connection.clone(), user.clone());
+        let mut known = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if known
+            .users
+            .insert(connection.clone(), user.clone())
+            .is_none()
+        {
+            *known.open.entry(user.clone()).or_default() += 1;
+        }
     }
 
     pub(super) fn closed(&self, connection: &ConnectionId) {
-        self.0
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(connection);
+        let mut known = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(user) = known.users.remove(connection)
+            && let Some(count) = known.open.get_mut(&user)
+        {
+            *count -= 1;
+            if *count == 0 {
+                known.open.remove(&user);
+            }
+        }
     }
 
     pub(super) fn user(&self, connection: &ConnectionId) -> Option<UserId> {
         self.0
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .users
             .get(connection)
             .cloned()
+    }
+
+    /// How many connections `user` has open through this process.
+    pub(super) fn open_of(&self, user: &UserId) -> usize {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .open
+            .get(user)
+            .copied()
+            .unwrap_or(0)
     }
 }

@@ -18,6 +18,30 @@ pub(super) async fn handle(
             return status(401, &format!("Unauthorized: {error}"));
         }
     };
+    // Counted from this process's own connections where it runs every `$connect` (no read),
+    // from the registry otherwise. Approximate under a burst of one user's handshakes at once.
+    let open = match &routes.callers {
+        Some(callers) => Ok(callers.open_of(&user)),
+        None => routes
+            .directory
+            .open_connections(Some(&user))
+            .await
+            .map(|open| open.len()),
+    };
+    match open {
+        Ok(open) if open >= routes.max_connections_per_user => {
+            tracing::info!(%connection, %user, open, "connection refused: too many for this user");
+            return status(
+                429,
+                &format!("Too Many Requests: {user} has {open} connections open, the most allowed"),
+            );
+        }
+        Ok(_) => {}
+        Err(error) => {
+            tracing::error!(%connection, %error, "could not count the user's connections");
+            return status(500, "Internal Server Error");
+        }
+    }
     let body = EventBody::Connected {
         connection: connection.clone(),
         user: user.clone(),

@@ -36,6 +36,8 @@ pub struct Routes {
     callers: Option<Arc<callers::KnownCallers>>,
     /// Rooms one user may be a member of at once.
     max_rooms_per_user: usize,
+    /// Connections one user may have open at once.
+    max_connections_per_user: usize,
 }
 
 /// Who sent a frame: the connection and the user it was opened by.
@@ -75,7 +77,14 @@ impl Routes {
             identity,
             callers: None,
             max_rooms_per_user: crate::domain::limits::DEFAULT_MAX_ROOMS_PER_USER,
+            max_connections_per_user: crate::domain::limits::DEFAULT_MAX_CONNECTIONS_PER_USER,
         }
+    }
+
+    /// Caps the connections one user may have open at once (`$connect` past it is a 429).
+    pub fn with_max_connections_per_user(mut self, connections: usize) -> Self {
+        self.max_connections_per_user = connections;
+        self
     }
 
     /// Caps the rooms one user may be a member of at once (`joinRoom` past it answers `limit`).
