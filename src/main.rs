@@ -281,14 +281,6 @@ struct Settings {
 }
 
 async fn run_serve(url: &StoreUrl, listen: &str, settings: Settings) -> Result<(), Failure> {
-    let Settings {
-        rate_limit,
-        lifetime,
-        fanout_delay,
-        admission,
-        max_rooms_per_user,
-        max_connections_per_user,
-    } = settings;
     let store = open(url).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -376,13 +368,13 @@ async fn run_serve(url: &StoreUrl, listen: &str, settings: Settings) -> Result<(
         identity,
         admin_token,
         changes,
-        rate_limit,
-        lifetime,
-        fanout_delay,
+        rate_limit: settings.rate_limit,
+        lifetime: settings.lifetime,
+        fanout_delay: settings.fanout_delay,
         management_keys,
-        admission,
-        max_rooms_per_user,
-        max_connections_per_user,
+        admission: settings.admission,
+        max_rooms_per_user: settings.max_rooms_per_user,
+        max_connections_per_user: settings.max_connections_per_user,
     })
     .await?;
     Ok(())

@@ -629,6 +629,22 @@ async fn a_restart_closes_the_connections_of_the_run_before() {
     assert_eq!(ana.say("quiet", "back").await["type"], "sent");
 }
 
+/// Connects to `url` as soon as the server stops answering 429 (a deadline, not a fixed wait).
+async fn connect_once_there_is_room(url: &str, user: &str) -> common::Client {
+    use tokio_tungstenite::tungstenite::Error;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match common::Client::connect(url, user).await {
+            Ok(client) => return client,
+            Err(Error::Http(response)) if response.status() == 429 => {
+                assert!(std::time::Instant::now() < deadline, "no room for {user}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(other) => panic!("{user}: {other}"),
+        }
+    }
+}
+
 /// Past `--max-connections`, a handshake is answered 429 with `Retry-After` — a clear refusal,
 /// before any token check or `$connect` — and once a connection closes there is room again.
 #[tokio::test]
@@ -647,20 +663,7 @@ async fn a_full_server_refuses_handshakes_with_429_until_there_is_room() {
         Ok(_) => panic!("a third connection was accepted"),
     }
     bo.close().await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let mut cy = loop {
-        match common::Client::connect(&url, "cy").await {
-            Ok(cy) => break cy,
-            Err(Error::Http(response)) if response.status() == 429 => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "no room after a close"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(other) => panic!("{other}"),
-        }
-    };
+    let mut cy = connect_once_there_is_room(&url, "cy").await;
     cy.join("r").await;
     ana.join("r").await;
     assert_eq!(cy.say("r", "made it").await["type"], "sent");
@@ -714,20 +717,7 @@ async fn a_user_past_the_connections_cap_is_refused_with_429() {
     let mut bo = server.connect("bo").await;
     bo.join("r").await;
     first.close().await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let mut ana = loop {
-        match common::Client::connect(&url, "ana").await {
-            Ok(ana) => break ana,
-            Err(Error::Http(response)) if response.status() == 429 => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "no room after a close"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(other) => panic!("{other}"),
-        }
-    };
+    let mut ana = connect_once_there_is_room(&url, "ana").await;
     ana.join("r").await;
     assert_eq!(ana.say("r", "back").await["type"], "sent");
 }

@@ -1,4 +1,4 @@
-//! The projection in SQL: each [`Change`] as one idempotent statement.
+//! The projection in SQL: each kind of [`Change`] as one idempotent, set-based statement.
 //!
 //! Written once and run from both places that project: the committer, inside the transaction that
 //! appends the event, and [`Directory::apply`](crate::ports::Directory::apply). The guards in the
@@ -11,8 +11,8 @@
 //!   `disconnected` closes the row, creating a closed tombstone if the connect was never seen;
 //! - activity and room heads only move forward.
 //!
-//! The committer applies a whole batch at once ([`apply_batch`]): each kind of change is one
-//! set-based statement per batch, so a batch of 200 connects costs what a batch of one does.
+//! The committer applies a whole batch at once ([`apply_batch`]), so a batch of 200 connects costs
+//! what a batch of one does; a single event is a batch of one ([`apply`]).
 
 use super::SqliteError;
 use super::rows::{int, millis};
@@ -22,42 +22,16 @@ use chrono::{DateTime, Utc};
 use sqlx::SqliteConnection;
 use std::collections::HashMap;
 
-const MEMBERSHIP: &str = "\
-    INSERT INTO members (room, user_id, active, joined_at, seq) VALUES (?1, ?2, ?3, ?4, ?5)
-    ON CONFLICT (room, user_id) DO UPDATE SET
-        joined_at = CASE WHEN members.active = 1 AND excluded.active = 1
-                         THEN members.joined_at ELSE excluded.joined_at END,
-        active = excluded.active,
-        seq = excluded.seq
-    WHERE excluded.seq > members.seq";
-
-const CONNECTION_OPENED: &str = "\
-    INSERT INTO connections (id, user_id, connected_at, last_active_at, source_ip, closed_at)
-    VALUES (?1, ?2, ?3, ?3, ?4, NULL)
-    ON CONFLICT (id) DO NOTHING";
-
-const CONNECTION_CLOSED: &str = "\
-    INSERT INTO connections (id, user_id, connected_at, last_active_at, source_ip, closed_at)
-    VALUES (?1, ?2, ?3, ?3, NULL, ?3)
-    ON CONFLICT (id) DO UPDATE SET closed_at = excluded.closed_at
-    WHERE connections.closed_at IS NULL";
-
-const ACTIVITY: &str = "\
-    UPDATE connections SET last_active_at = ?2 WHERE id = ?1 AND last_active_at < ?2";
-
-const ROOM_HEAD: &str = "\
-    INSERT INTO rooms (room, head) VALUES (?1, ?2)
-    ON CONFLICT (room) DO UPDATE SET head = excluded.head WHERE excluded.head > rooms.head";
-
-/// [`ROOM_HEAD`] for many rooms: `?1` is a JSON array of `[room, head]` pairs, one per room.
+/// Room heads, only ever moved forward: `?1` is a JSON array of `[room, head]` pairs, one per room.
 /// (`WHERE true` tells SQLite's parser that `ON CONFLICT` belongs to the upsert, not the join.)
 const ROOM_HEADS: &str = "\
     INSERT INTO rooms (room, head)
     SELECT value ->> 0, value ->> 1 FROM json_each(?1) WHERE true
     ON CONFLICT (room) DO UPDATE SET head = excluded.head WHERE excluded.head > rooms.head";
 
-/// [`MEMBERSHIP`] for many changes: `?1` is a JSON array of `[room, user, active, joined_at,
-/// seq]`, in log order. SQLite upserts the rows of one statement one after another, so a later
+/// Membership changes: `?1` is a JSON array of `[room, user, active, joined_at, seq]`, in log
+/// order. An upsert that only takes effect for a newer room seq; re-joining while still a member
+/// keeps the first `joined_at`. SQLite upserts the rows of one statement one after another, so a later
 /// change of the same member sees what an earlier one did, exactly as separate statements would.
 const MEMBERSHIPS: &str = "\
     INSERT INTO members (room, user_id, active, joined_at, seq)
@@ -70,7 +44,7 @@ const MEMBERSHIPS: &str = "\
         seq = excluded.seq
     WHERE excluded.seq > members.seq";
 
-/// [`CONNECTION_OPENED`] and [`CONNECTION_CLOSED`] for many changes, in log order: `?1` is a JSON
+/// Connection openings and closings, in log order: `?1` is a JSON
 /// array of `[connection, user, at, source_ip, closed_at]`, where an opening has no `closed_at`
 /// and a closing no `source_ip`. An opening of a known connection does nothing (it cannot reopen
 /// a tombstone); a closing closes an open row or leaves a closed tombstone.
@@ -81,20 +55,17 @@ const CONNECTION_CHANGES: &str = "\
     ON CONFLICT (id) DO UPDATE SET closed_at = excluded.closed_at
     WHERE connections.closed_at IS NULL AND excluded.closed_at IS NOT NULL";
 
-/// [`ACTIVITY`] for many connections: `?1` is a JSON array of `[connection, millis]` pairs, one
+/// Last-active times, only ever moved forward: `?1` is a JSON array of `[connection, millis]` pairs, one
 /// per connection.
 const ACTIVITIES: &str = "\
     UPDATE connections SET last_active_at = a.value ->> 1
     FROM json_each(?1) AS a
     WHERE connections.id = a.value ->> 0 AND connections.last_active_at < a.value ->> 1";
 
-/// Applies every change of `event` on `conn`. The caller owns the transaction, so an event's
-/// changes land together (and, in the committer, together with the event).
+/// Applies every change of `event` on `conn`: a batch of one. The caller owns the
+/// transaction, so an event's changes land together.
 pub(super) async fn apply(conn: &mut SqliteConnection, event: &Event) -> Result<(), SqliteError> {
-    for change in changes(event) {
-        apply_change(conn, change).await?;
-    }
-    Ok(())
+    apply_batch(conn, std::iter::once(event)).await
 }
 
 /// A row of [`MEMBERSHIPS`]: room, user, active, joined_at, seq.
@@ -204,48 +175,5 @@ pub(super) async fn apply_batch<'e>(
             .execute(&mut *conn)
             .await?;
     }
-    Ok(())
-}
-
-async fn apply_change(conn: &mut SqliteConnection, change: Change<'_>) -> Result<(), SqliteError> {
-    let statement = match change {
-        Change::Membership {
-            room,
-            user,
-            active,
-            seq,
-            at,
-        } => sqlx::query(MEMBERSHIP)
-            .bind(room.as_str())
-            .bind(user.as_str())
-            .bind(active)
-            .bind(millis(&at))
-            .bind(int(seq)?),
-        Change::ConnectionOpened {
-            connection,
-            user,
-            source_ip,
-            at,
-        } => sqlx::query(CONNECTION_OPENED)
-            .bind(connection.as_str())
-            .bind(user.as_str())
-            .bind(millis(&at))
-            .bind(source_ip),
-        Change::ConnectionClosed {
-            connection,
-            user,
-            at,
-        } => sqlx::query(CONNECTION_CLOSED)
-            .bind(connection.as_str())
-            .bind(user.as_str())
-            .bind(millis(&at)),
-        Change::Activity { connection, at } => sqlx::query(ACTIVITY)
-            .bind(connection.as_str())
-            .bind(millis(&at)),
-        Change::RoomHead { room, seq } => {
-            sqlx::query(ROOM_HEAD).bind(room.as_str()).bind(int(seq)?)
-        }
-    };
-    statement.execute(conn).await?;
     Ok(())
 }
