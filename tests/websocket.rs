@@ -1080,13 +1080,18 @@ async fn a_client_that_stops_reading_is_closed_and_the_room_goes_on() {
         .send(Message::text(r#"{"action":"joinRoom","room":"r"}"#))
         .await
         .unwrap();
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = received.clone();
     let reader = tokio::spawn(async move {
         let mut messages = 0;
         while let Some(Ok(frame)) = from_server.next().await {
             let Message::Text(text) = frame else { continue };
             let frame: Value = serde_json::from_str(text.as_str()).unwrap();
             match frame["type"].as_str() {
-                Some("message") => messages += 1,
+                Some("message") => {
+                    messages += 1;
+                    counted.store(messages, std::sync::atomic::Ordering::Relaxed);
+                }
                 Some("presence") if frame["user"] == "zed" && frame["online"] == false => {
                     return messages;
                 }
@@ -1096,9 +1101,25 @@ async fn a_client_that_stops_reading_is_closed_and_the_room_goes_on() {
         panic!("ana's connection ended before zed went offline");
     });
 
-    // 2,500 messages of 8 KiB: far more than zed's socket buffers and outbox hold.
+    // 2,500 messages of 8 KiB: far more than zed's socket buffers and outbox hold. ana sends
+    // them no further ahead of what she has read than a reading client would be (200), so that
+    // only the client that stopped reading falls behind, however busy this machine is.
     let text = "z".repeat(8 * 1024);
     for i in 0..2500 {
+        if reader.is_finished() {
+            // zed is offline already: what was to be shown is shown.
+            break;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while i >= received.load(std::sync::atomic::Ordering::Relaxed) + 200
+            && !reader.is_finished()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ana stopped receiving at {i}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let frame = json!({"action": "sendMessage", "room": "r", "text": format!("{i} {text}")});
         to_server
             .send(Message::text(frame.to_string()))
