@@ -114,6 +114,7 @@ macro_rules! contract_suite {
                 audience_follows_joins_leaves_connects_and_disconnects_in_any_order,
                 membership_is_checked_with_the_append,
                 racing_joins_log_one_joined,
+                joins_past_the_rooms_cap_are_refused,
                 connections_hear_a_room_live_from_when_they_started_listening,
             );
         }
@@ -133,9 +134,10 @@ macro_rules! contract_tests {
 }
 
 // A local feed is what the local tail follows (memory, SQLite); checkpoints are what the stream
-// fan-out keeps (memory, DynamoDB). Each store is held to the ports it has.
-contract_suite!(memory, memory_store(); feed_wakes_watchers_after_an_append, checkpoints_only_move_forward);
-contract_suite!(sqlite, sqlite_store(); feed_wakes_watchers_after_an_append);
+// fan-out keeps (memory, DynamoDB). Each store is held to the ports it has, and the stores that
+// check a join's room cap atomically (memory, SQLite) to that.
+contract_suite!(memory, memory_store(); feed_wakes_watchers_after_an_append, checkpoints_only_move_forward, racing_joins_take_the_last_place_once);
+contract_suite!(sqlite, sqlite_store(); feed_wakes_watchers_after_an_append, racing_joins_take_the_last_place_once);
 contract_suite!(dynamodb, dynamodb_store(); checkpoints_only_move_forward);
 
 fn room(name: &str) -> RoomName {
@@ -756,6 +758,74 @@ mod contract {
             not_member
         );
         assert_eq!(log.head(&Stream::Room(room("club"))).await.unwrap(), 3);
+    }
+
+    /// A capped join (`Expect::Join`) is refused once its user is in `max_rooms` rooms; a join
+    /// of a room the user is in already is still just `AlreadyMember`; a leave makes a place.
+    pub async fn joins_past_the_rooms_cap_are_refused(store: &Store) {
+        let log = &store.log;
+        let cap = Expect::Join { max_rooms: 2 };
+        for name in ["one", "two"] {
+            log.append(joined(name, "ana"), cap)
+                .await
+                .expect("a join under the cap");
+        }
+        match log.append(joined("three", "ana"), cap).await {
+            Err(StoreError::Refused(Refusal::TooManyRooms { user: who, rooms })) => {
+                assert_eq!((who, rooms), (user("ana"), 2));
+            }
+            other => panic!("expected TooManyRooms, got {other:?}"),
+        }
+        assert_eq!(log.head(&Stream::Room(room("three"))).await.unwrap(), 0);
+        match log.append(joined("two", "ana"), cap).await {
+            Err(StoreError::Refused(Refusal::AlreadyMember { .. })) => {}
+            other => panic!("expected AlreadyMember, got {other:?}"),
+        }
+        // Another user is not counted against ana's cap.
+        log.append(joined("three", "ben"), cap)
+            .await
+            .expect("ben's first room");
+        log.append(left("one", "ana"), Expect::Membership)
+            .await
+            .expect("leave");
+        let third = log.append(joined("three", "ana"), cap).await;
+        assert_eq!(third.expect("a place was made").event.seq, 2);
+        assert_eq!(
+            store.directory.rooms_of(&user("ana")).await.unwrap(),
+            [room("three"), room("two")]
+        );
+    }
+
+    /// Where the cap is checked in the same atomic step as the append (memory, SQLite), eight
+    /// joins at once for the last place log exactly one `joined`.
+    pub async fn racing_joins_take_the_last_place_once(store: &Store) {
+        let cap = Expect::Join { max_rooms: 2 };
+        store
+            .log
+            .append(joined("home", "ana"), cap)
+            .await
+            .expect("first room");
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let log = store.log.clone();
+                tokio::spawn(
+                    async move { log.append(joined(&format!("room{i}"), "ana"), cap).await },
+                )
+            })
+            .collect();
+        let mut appended = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(_) => appended += 1,
+                Err(StoreError::Refused(Refusal::TooManyRooms { rooms: 2, .. })) => {}
+                Err(other) => panic!("unexpected {other}"),
+            }
+        }
+        assert_eq!(appended, 1, "exactly one join takes the last place");
+        assert_eq!(
+            store.directory.rooms_of(&user("ana")).await.unwrap().len(),
+            2
+        );
     }
 
     /// Two connections of one user join at once, twice over: one `joined` each time.

@@ -211,6 +211,25 @@ pub enum Expect {
     /// log one `joined` and no message follows its sender's `left`. Otherwise
     /// [`Refusal`](crate::domain::Refusal).
     Membership,
+    /// What a `joinRoom` asks: [`Expect::Membership`], and the join leaves its user a member of
+    /// at most `max_rooms` rooms; otherwise [`Refusal::TooManyRooms`]. Checked with the append,
+    /// like membership, so two joins at once cannot both take the last place.
+    Join { max_rooms: usize },
+}
+
+impl Expect {
+    /// Whether the append is refused when it contradicts its user's membership.
+    pub fn checks_membership(self) -> bool {
+        matches!(self, Expect::Membership | Expect::Join { .. })
+    }
+
+    /// The most rooms the event's user may be a member of once it is appended, if capped.
+    pub fn max_rooms(self) -> Option<usize> {
+        match self {
+            Expect::Join { max_rooms } => Some(max_rooms),
+            _ => None,
+        }
+    }
 }
 
 /// An event the log does not take, because it would contradict membership: a message or a leave
@@ -223,6 +242,8 @@ pub enum Refusal {
     NotMember { room: RoomName, user: UserId },
     #[error("{user} is a member of {room} already")]
     AlreadyMember { room: RoomName, user: UserId },
+    #[error("{user} is a member of {rooms} rooms, the most one user may be in")]
+    TooManyRooms { user: UserId, rooms: usize },
 }
 
 /// The outcome of an append.

@@ -9,7 +9,7 @@
 use super::{Caller, RouteError, Routes};
 use crate::domain::limits::{MAX_HISTORY_LIMIT, MAX_PAGE_BYTES};
 use crate::domain::requests::Rejection;
-use crate::domain::{ErrorCode, EventBody, Expect, RoomName, ServerFrame, Stream};
+use crate::domain::{ErrorCode, EventBody, Expect, Refusal, RoomName, ServerFrame, Stream};
 use crate::ports::StoreError;
 
 pub(super) async fn handle(
@@ -18,24 +18,22 @@ pub(super) async fn handle(
     room: RoomName,
     after: Option<u64>,
 ) -> Result<ServerFrame, RouteError> {
-    let rooms = routes.directory.rooms_of(&caller.user).await?;
-    if rooms.len() >= routes.max_rooms_per_user && !rooms.contains(&room) {
-        // Approximate under races: two joins at once may both pass with one place left.
-        return Err(RouteError::Rejected(Rejection::new(
-            ErrorCode::Limit,
-            format!(
-                "you are in {} rooms, the most one user may be in: leave one first",
-                rooms.len()
-            ),
-        )));
-    }
     let body = EventBody::Joined {
         room: room.clone(),
         user: caller.user.clone(),
     };
     let stream = Stream::Room(room.clone());
-    let mut head = match routes.log.append(body, Expect::Membership).await {
+    let expect = Expect::Join {
+        max_rooms: routes.max_rooms_per_user,
+    };
+    let mut head = match routes.log.append(body, expect).await {
         Ok(appended) => appended.event.seq,
+        Err(StoreError::Refused(Refusal::TooManyRooms { rooms, .. })) => {
+            return Err(RouteError::Rejected(Rejection::new(
+                ErrorCode::Limit,
+                format!("you are in {rooms} rooms, the most one user may be in: leave one first"),
+            )));
+        }
         // A member already: joining again changes nothing.
         Err(StoreError::Refused(_)) => routes.log.head(&stream).await?,
         Err(error) => return Err(error.into()),

@@ -5,7 +5,9 @@
 
 use crate::domain::event::now;
 use crate::domain::projection::{Change, changes};
-use crate::domain::{Appended, ConnectionId, Event, EventBody, Expect, RoomName, Stream, UserId};
+use crate::domain::{
+    Appended, ConnectionId, Event, EventBody, Expect, Refusal, RoomName, Stream, UserId,
+};
 use crate::ports::{
     Checkpoint, Checkpoints, ConnectionRecord, Directory, EventLog, Listener, LogFeed,
     MemberRecord, RoomRecord, Store, StoreError, StoreResult,
@@ -75,6 +77,14 @@ impl MemoryStore {
 }
 
 impl State {
+    /// The rooms `user` is an active member of.
+    fn rooms_of<'s>(&'s self, user: &'s UserId) -> impl Iterator<Item = &'s RoomName> + 's {
+        self.members
+            .iter()
+            .filter(move |((_, u), m)| u == user && m.active)
+            .map(|((room, _), _)| room)
+    }
+
     fn apply(&mut self, event: &Event) {
         for change in changes(event) {
             self.apply_change(change);
@@ -224,7 +234,7 @@ impl EventLog for MemoryStore {
                 });
             }
         }
-        if expect == Expect::Membership
+        if expect.checks_membership()
             && let Some((room, user, _)) = body.membership_needed()
         {
             let member = state
@@ -232,6 +242,16 @@ impl EventLog for MemoryStore {
                 .get(room)
                 .is_some_and(|m| m.contains(user));
             body.check_membership(member)?;
+            if let Some(max_rooms) = expect.max_rooms() {
+                let rooms = state.rooms_of(user).count();
+                if rooms >= max_rooms {
+                    return Err(Refusal::TooManyRooms {
+                        user: user.clone(),
+                        rooms,
+                    }
+                    .into());
+                }
+            }
         }
         let next = state.stream_head(&key) + 1;
         if let Expect::Seq(expected) = expect
@@ -336,13 +356,7 @@ impl Directory for MemoryStore {
     }
 
     async fn rooms_of(&self, user: &UserId) -> StoreResult<Vec<RoomName>> {
-        let state = self.lock();
-        Ok(state
-            .members
-            .iter()
-            .filter(|((_, u), m)| u == user && m.active)
-            .map(|((room, _), _)| room.clone())
-            .collect())
+        Ok(self.lock().rooms_of(user).cloned().collect())
     }
 
     async fn rooms(&self) -> StoreResult<Vec<RoomRecord>> {

@@ -7,7 +7,7 @@ use super::writes::{put_new, writes};
 use super::{CONDITION_FAILED, DynamoStore, TRANSACTION_CONFLICT, condition_failed};
 use crate::domain::event::now;
 use crate::domain::projection::changes;
-use crate::domain::{Appended, Event, EventBody, Expect, Stream};
+use crate::domain::{Appended, Event, EventBody, Expect, Refusal, Stream};
 use crate::ports::{Directory, EventLog, StoreError, StoreResult};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::TransactWriteItem;
@@ -208,10 +208,18 @@ impl EventLog for DynamoStore {
         // condition on the member row would turn every message's single PutItem into a
         // transaction, doubling its cost. The window it leaves is a leave (or join) by another
         // connection of the same user landing between this read and the write.
-        if expect == Expect::Membership
+        if expect.checks_membership()
             && let Some((room, user, _)) = body.membership_needed()
         {
             body.check_membership(Directory::is_member(self, room, user).await?)?;
+            // Approximate in the same way: two joins at once may both take the last place.
+            if let Some(max_rooms) = expect.max_rooms() {
+                let rooms = Directory::rooms_of(self, user).await?.len();
+                if rooms >= max_rooms {
+                    let user = user.clone();
+                    return Err(Refusal::TooManyRooms { user, rooms }.into());
+                }
+            }
         }
         for attempt in 0..MAX_ATTEMPTS {
             let head = match *known_head {

@@ -4,7 +4,8 @@
 //! append one at a time (was this `clientMsgId` used? where is this stream's head?) costs more
 //! than writing the batch. [`Plan::decide`] asks once per batch instead: the heads of every
 //! stream the batch touches, and which of its `(stream, user, clientMsgId)` triples are in the
-//! log already, and which of its senders and joiners are members of their rooms. It then walks
+//! log already, which of its senders and joiners are members of their rooms, and how many rooms its
+//! joiners are in. It then walks
 //! the jobs in order and settles each one against that snapshot plus
 //! what the earlier jobs of the same batch did: seqs follow on from heads this batch already
 //! moved, a `clientMsgId` repeated within the batch answers with the first one's event, and an
@@ -21,7 +22,7 @@
 use super::SqliteError;
 use super::rows::{self, EventRow, event_columns, int, uint};
 use crate::domain::event::now;
-use crate::domain::{Appended, Event, EventBody, Expect};
+use crate::domain::{Appended, Event, EventBody, Expect, Refusal};
 use sqlx::SqliteConnection;
 use std::collections::{HashMap, HashSet};
 
@@ -71,7 +72,7 @@ impl Plan {
         let (last, mut heads) = heads(conn, &streams).await?;
         let mut next_pos = last + 1;
         let logged = logged(conn, &requests, &streams).await?;
-        let mut members = members(conn, &requests).await?;
+        let mut members = Members::read(conn, &requests).await?;
 
         // One clock reading for the batch: its events are one commit, and with equal times the
         // batch's aggregated projection (`project::apply_batch`) is exactly what applying each
@@ -112,9 +113,9 @@ impl Plan {
             let membership = body
                 .membership_needed()
                 .map(|(room, user, _)| (room.as_str().to_owned(), user.as_str().to_owned()));
-            if expect == Expect::Membership
+            if expect.checks_membership()
                 && let Some(key) = &membership
-                && let Err(refusal) = body.check_membership(members.contains(key))
+                && let Err(refusal) = members.check(&body, expect, key)
             {
                 outcomes.push(Outcome::Failed(SqliteError::Refused(refusal)));
                 continue;
@@ -144,14 +145,8 @@ impl Plan {
                 }
             };
 
-            match (&event.body, membership) {
-                (EventBody::Joined { .. }, Some(key)) => {
-                    members.insert(key);
-                }
-                (EventBody::Left { .. }, Some(key)) => {
-                    members.remove(&key);
-                }
-                _ => {}
+            if let Some(key) = membership {
+                members.record(&event.body, key);
             }
             heads.insert(stream.clone(), next);
             last = Some(next_pos);
@@ -233,32 +228,104 @@ async fn heads(
     Ok((last, heads))
 }
 
-/// Which of the batch's `(room, user)` pairs are active members now, read in one statement.
-async fn members(
-    conn: &mut SqliteConnection,
-    requests: &[(EventBody, Expect)],
-) -> Result<HashSet<(String, String)>, SqliteError> {
-    let wanted: HashSet<(&str, &str)> = requests
-        .iter()
-        .filter(|(_, expect)| *expect == Expect::Membership)
-        .filter_map(|(body, _)| {
-            let (room, user, _) = body.membership_needed()?;
-            Some((room.as_str(), user.as_str()))
-        })
-        .collect();
-    if wanted.is_empty() {
-        return Ok(HashSet::new());
+/// Membership as the batch goes: which of its `(room, user)` pairs are active members, and how
+/// many rooms each of its capped joiners ([`Expect::Join`]) is a member of.
+struct Members {
+    active: HashSet<(String, String)>,
+    rooms: HashMap<String, usize>,
+}
+
+impl Members {
+    /// Reads both in one statement: one seek into the primary key `(room, user_id)` per pair,
+    /// one count over `members_rooms_of` per capped joiner.
+    async fn read(
+        conn: &mut SqliteConnection,
+        requests: &[(EventBody, Expect)],
+    ) -> Result<Members, SqliteError> {
+        let mut pairs: HashSet<(&str, &str)> = HashSet::new();
+        let mut joiners: HashSet<&str> = HashSet::new();
+        for (body, expect) in requests {
+            if let Some((room, user, _)) = body.membership_needed()
+                && expect.checks_membership()
+            {
+                pairs.insert((room.as_str(), user.as_str()));
+                if expect.max_rooms().is_some() {
+                    joiners.insert(user.as_str());
+                }
+            }
+        }
+        let mut members = Members {
+            active: HashSet::new(),
+            rooms: HashMap::new(),
+        };
+        if pairs.is_empty() {
+            return Ok(members);
+        }
+        let pairs = serde_json::to_string(&pairs).map_err(SqliteError::Encode)?;
+        let joiners = serde_json::to_string(&joiners).map_err(SqliteError::Encode)?;
+        let found: Vec<(Option<String>, String, i64)> = sqlx::query_as(
+            "SELECT room, user_id, 1 FROM members WHERE active = 1 \
+               AND (room, user_id) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?1)) \
+             UNION ALL \
+             SELECT NULL, user_id, COUNT(*) FROM members WHERE active = 1 \
+               AND user_id IN (SELECT value FROM json_each(?2)) GROUP BY user_id",
+        )
+        .bind(pairs)
+        .bind(joiners)
+        .fetch_all(&mut *conn)
+        .await?;
+        for (room, user, count) in found {
+            match room {
+                Some(room) => {
+                    members.active.insert((room, user));
+                }
+                None => {
+                    members
+                        .rooms
+                        .insert(user, uint(count, "room count")? as usize);
+                }
+            }
+        }
+        Ok(members)
     }
-    let keys = serde_json::to_string(&wanted).map_err(SqliteError::Encode)?;
-    // One seek into the primary key (room, user_id) per pair.
-    let found: Vec<(String, String)> = sqlx::query_as(
-        "SELECT room, user_id FROM members WHERE active = 1 \
-           AND (room, user_id) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?1))",
-    )
-    .bind(keys)
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(found.into_iter().collect())
+
+    /// Whether the log may take `body` (whose `(room, user)` is `key`) as things stand.
+    fn check(
+        &self,
+        body: &EventBody,
+        expect: Expect,
+        key: &(String, String),
+    ) -> Result<(), Refusal> {
+        body.check_membership(self.active.contains(key))?;
+        if let (Some(max_rooms), EventBody::Joined { user, .. }) = (expect.max_rooms(), body) {
+            let rooms = self.rooms.get(&key.1).copied().unwrap_or(0);
+            if rooms >= max_rooms {
+                return Err(Refusal::TooManyRooms {
+                    user: user.clone(),
+                    rooms,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows an event this batch appends.
+    fn record(&mut self, body: &EventBody, key: (String, String)) {
+        match body {
+            EventBody::Joined { .. } => {
+                *self.rooms.entry(key.1.clone()).or_default() += 1;
+                self.active.insert(key);
+            }
+            EventBody::Left { .. } => {
+                if self.active.remove(&key)
+                    && let Some(rooms) = self.rooms.get_mut(&key.1)
+                {
+                    *rooms = rooms.saturating_sub(1);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The events already in the log for the batch's `clientMsgId`s, by [`MsgKey`]; one statement,
