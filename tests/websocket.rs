@@ -966,6 +966,20 @@ async fn pings_bad_handshakes_and_oversized_frames_get_protocol_answers() {
     };
     assert_eq!(close.code, CloseCode::Size, "{close:?}");
 
+    // So does a 20 MB frame, which the server refuses at its header: the client's send still
+    // completes (no broken pipe, no reset), then it hears 1009.
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let sent = ws.send(Message::text("x".repeat(20 * 1024 * 1024))).await;
+    assert!(sent.is_ok(), "the send of 20 MB failed: {sent:?}");
+    let close = loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(frame))) => break frame.expect("a close code"),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame (send: {sent:?}), got {other:?}"),
+        }
+    };
+    assert_eq!(close.code, CloseCode::Size, "{close:?}");
+
     // A text frame that is not UTF-8 closes with 1007 (invalid frame payload data).
     use tokio_tungstenite::tungstenite::protocol::frame::Frame;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};

@@ -198,6 +198,7 @@ async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: Socket) {
 
     let mut rate = RateLimit::new(state.rate_limit);
     let mut pipeline = Pipeline::default();
+    let mut refused_a_frame = false;
     // One timer per connection, re-armed only when it fires: a frame just notes the time.
     let (opened, mut heard) = (Instant::now(), Instant::now());
     let expiry = tokio::time::sleep_until(state.lifetime.deadline(opened, heard));
@@ -256,6 +257,7 @@ async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: Socket) {
                 tracing::debug!(connection = %link.id, %error, "socket error");
                 if let Some(code) = refusal(&error) {
                     link.close(code);
+                    refused_a_frame = true;
                 }
                 break;
             }
@@ -280,6 +282,28 @@ async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: Socket) {
     // Let the writer flush what is queued and the close frame, but not forever.
     link.close(CloseReason::Deleted);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    if refused_a_frame {
+        // Boxed for the same reason.
+        Box::pin(linger(stream.get_mut())).await;
+    }
+}
+
+/// How long the server keeps reading, and discarding, what a client is still sending after one
+/// of its frames was refused.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Reads and discards the rest of what the client sends, until it closes its side or for
+/// [`LINGER`]. A socket closed with unread data answers the client with a reset, and a client
+/// still writing (the rest of a 20 MB frame refused at its header) then fails with a broken
+/// pipe, and may never read the close frame saying why. RFC 6455 §7.1.1 has the server close the
+/// TCP connection only once the close handshake is done, as an HTTP server lingers on close.
+async fn linger(reading: &mut (impl AsyncRead + Unpin)) {
+    use tokio::io::AsyncReadExt;
+    let mut discard = vec![0; 64 * 1024];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(1..) = reading.read(&mut discard).await {}
+    })
+    .await;
 }
 
 /// The close a protocol error earns, when the client should hear why.
