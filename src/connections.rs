@@ -7,7 +7,7 @@
 //! not deliver, and the fan-out does not call a route.
 
 use crate::domain::{ConnectionId, DisconnectReason, EventBody, Expect};
-use crate::ports::{ConnectionRecord, Directory, EventLog, StoreError};
+use crate::ports::{ConnectionRecord, Directory, EventLog, Retention, StoreError};
 use std::time::Duration;
 
 /// How long after `$connect` a 410 from API Gateway does not mean the connection is gone.
@@ -93,5 +93,52 @@ async fn close_record(
         }
         Err(StoreError::Conflict { .. }) => Ok(()),
         Err(error) => Err(error),
+    }
+}
+
+/// A connection retention as operators write it: a duration (`1h`, `7d`), or `forever`.
+pub fn parse_retention(s: &str) -> Result<Option<Duration>, String> {
+    match s.trim() {
+        "forever" => Ok(None),
+        s => crate::identity::parse_ttl(s).map(Some),
+    }
+}
+
+/// Connections forgotten per write: small enough that the committer waits a few milliseconds at
+/// most for the write lock.
+const FORGET_BATCH: usize = 500;
+
+/// Forgets connections closed more than `retention` ago, for ever: every tenth of `retention`
+/// (at least every second, at most every ten minutes) it forgets them all, [`FORGET_BATCH`] at a
+/// time, pausing between batches so appends take turns with it.
+pub async fn forget_closed(store: std::sync::Arc<dyn Retention>, retention: Duration) {
+    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    let Ok(retention) = chrono::TimeDelta::from_std(retention) else {
+        return; // Longer than chrono can count: nothing will ever be old enough.
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(closed_before) = crate::domain::event::now().checked_sub_signed(retention) else {
+            continue;
+        };
+        let mut forgotten = 0;
+        loop {
+            match store.forget_connections(closed_before, FORGET_BATCH).await {
+                Ok(0) => break,
+                Ok(batch) => {
+                    forgotten += batch;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not forget old connections; trying again later");
+                    break;
+                }
+            }
+        }
+        if forgotten > 0 {
+            tracing::info!(forgotten, "forgot connections closed before the retention");
+        }
     }
 }

@@ -91,6 +91,9 @@ pub struct LambdaConfig {
     /// closed when a post to it answers 410 (API Gateway's answer while the handshake that ran
     /// `$connect` is still finishing).
     pub handshake_grace: std::time::Duration,
+    /// `PALAVER_CONNECTION_RETENTION` (default 7d; `forever`): how long a closed connection's
+    /// events and registry row are kept, as the tables' TTL.
+    pub connection_retention: Option<std::time::Duration>,
 }
 
 impl LambdaConfig {
@@ -165,6 +168,15 @@ impl LambdaConfig {
                     })?)
                 }
             },
+            connection_retention: match var("PALAVER_CONNECTION_RETENTION") {
+                None => Some(crate::domain::limits::DEFAULT_CONNECTION_RETENTION),
+                Some(kept) => {
+                    crate::connections::parse_retention(&kept).map_err(|problem| ConfigError {
+                        name: "PALAVER_CONNECTION_RETENTION",
+                        problem,
+                    })?
+                }
+            },
         })
     }
 }
@@ -204,7 +216,12 @@ impl Aws {
     /// The same, on an AWS configuration already loaded.
     pub fn with_sdk(config: &LambdaConfig, sdk: aws_config::SdkConfig) -> Aws {
         let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
-        let store = DynamoStore::new(dynamodb, &config.table_prefix).store();
+        let store = DynamoStore::keeping_connections(
+            dynamodb,
+            &config.table_prefix,
+            config.connection_retention,
+        )
+        .store();
         let gateway = Arc::new(ManagementApi::new(&sdk, &config.management_endpoint));
         Aws {
             sdk,
@@ -378,6 +395,10 @@ mod tests {
         assert_eq!(config.delivery_queue_url, None);
         assert_eq!(config.shard_threshold, DEFAULT_SHARD_THRESHOLD);
         assert_eq!(config.shard_size, DEFAULT_SHARD_SIZE);
+        assert_eq!(
+            config.connection_retention,
+            Some(crate::domain::limits::DEFAULT_CONNECTION_RETENTION)
+        );
     }
 
     #[test]
@@ -388,8 +409,13 @@ mod tests {
             ("PALAVER_DELIVERY_QUEUE_URL", "https://sqs/q"),
             ("PALAVER_FANOUT_SHARD_THRESHOLD", "10"),
             ("PALAVER_FANOUT_SHARD_SIZE", "5"),
+            ("PALAVER_CONNECTION_RETENTION", "2d"),
         ]);
         let config = config(&vars).unwrap();
+        assert_eq!(
+            config.connection_retention,
+            Some(std::time::Duration::from_secs(2 * 86_400))
+        );
         assert_eq!(config.jwt_secret.as_deref(), Some("s3cret"));
         assert_eq!(config.delivery_queue_url.as_deref(), Some("https://sqs/q"));
         assert_eq!((config.shard_threshold, config.shard_size), (10, 5));
@@ -406,6 +432,15 @@ mod tests {
         let mut vars = BASE.to_vec();
         vars.push(("PALAVER_FANOUT_SHARD_SIZE", "0"));
         assert_eq!(config(&vars).unwrap_err().name, "PALAVER_FANOUT_SHARD_SIZE");
+        let mut vars = BASE.to_vec();
+        vars.push(("PALAVER_CONNECTION_RETENTION", "a week"));
+        assert_eq!(
+            config(&vars).unwrap_err().name,
+            "PALAVER_CONNECTION_RETENTION"
+        );
+        vars.pop();
+        vars.push(("PALAVER_CONNECTION_RETENTION", "forever"));
+        assert_eq!(config(&vars).unwrap().connection_retention, None);
         let mut vars = BASE.to_vec();
         vars[1].1 = "abc.execute-api.eu-west-1.amazonaws.com/prod";
         assert_eq!(

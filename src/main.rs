@@ -66,6 +66,10 @@ enum Command {
         /// of DynamoDB's stream on AWS, to try a client's reconnect and replay against
         #[arg(long, env = "PALAVER_FANOUT_DELAY", default_value = "0s", value_parser = parse_ttl)]
         fanout_delay: Duration,
+        /// How long a closed connection's events and registry row are kept (1h, 7d), or
+        /// `forever`; room streams are always kept
+        #[arg(long, env = "PALAVER_CONNECTION_RETENTION", default_value = "7d", value_parser = parse_retention)]
+        connection_retention: Retention,
     },
     /// Create the store's tables (DynamoDB; SQLite and memory need nothing)
     Init,
@@ -142,6 +146,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             connect_rate,
             max_rooms_per_user,
             max_connections_per_user,
+            connection_retention,
         } => {
             let lifetime = Lifetime {
                 idle: idle_timeout,
@@ -156,6 +161,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 admission,
                 max_rooms_per_user,
                 max_connections_per_user,
+                connection_retention: connection_retention.0,
             };
             run_serve(&cli.store, &listen, settings).await
         }
@@ -251,8 +257,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// Opens the store for an operator command, which writes nothing.
 async fn open(url: &StoreUrl) -> Result<Store, Failure> {
-    store::open(url).await
+    store::open(
+        url,
+        Some(palaver::domain::limits::DEFAULT_CONNECTION_RETENTION),
+    )
+    .await
+}
+
+/// `--connection-retention`: a duration, or `forever`.
+#[derive(Clone, Copy, Debug)]
+struct Retention(Option<Duration>);
+
+fn parse_retention(s: &str) -> Result<Retention, String> {
+    palaver::connections::parse_retention(s).map(Retention)
 }
 
 fn print<T: serde::Serialize>(
@@ -278,10 +297,11 @@ struct Settings {
     admission: Admission,
     max_rooms_per_user: usize,
     max_connections_per_user: usize,
+    connection_retention: Option<Duration>,
 }
 
 async fn run_serve(url: &StoreUrl, listen: &str, settings: Settings) -> Result<(), Failure> {
-    let store = open(url).await?;
+    let store = store::open(url, settings.connection_retention).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -375,6 +395,7 @@ async fn run_serve(url: &StoreUrl, listen: &str, settings: Settings) -> Result<(
         admission: settings.admission,
         max_rooms_per_user: settings.max_rooms_per_user,
         max_connections_per_user: settings.max_connections_per_user,
+        connection_retention: settings.connection_retention,
     })
     .await?;
     Ok(())

@@ -297,11 +297,28 @@ pub trait DeliveryQueue: Send + Sync {
     async fn enqueue(&self, jobs: Vec<DeliveryJob>) -> Result<(), QueueError>;
 }
 
-/// A store: its log, its projection, and its feed or checkpoints where it has them.
+/// Forgetting what nobody reads back: the streams and registry rows of connections closed long
+/// ago, for stores that keep everything unless told (SQLite). DynamoDB forgets them by itself,
+/// through the tables' TTL attribute; the memory store forgets everything at exit.
+#[async_trait]
+pub trait Retention: Send + Sync {
+    /// Deletes the events and registry rows of at most `at_most` connections closed before
+    /// `closed_before`, oldest first, in one short write; returns how many it forgot. Room
+    /// streams, open connections, and the log's last event (which fixes the next position) are
+    /// kept.
+    async fn forget_connections(
+        &self,
+        closed_before: DateTime<Utc>,
+        at_most: usize,
+    ) -> StoreResult<usize>;
+}
+
+/// A store: its log, its projection, and its feed, checkpoints and retention where it has them.
 #[derive(Clone)]
 pub struct Store {
     pub log: Arc<dyn EventLog>,
     pub directory: Arc<dyn Directory>,
     pub feed: Option<Arc<dyn LogFeed>>,
     pub checkpoints: Option<Arc<dyn Checkpoints>>,
+    pub retention: Option<Arc<dyn Retention>>,
 }

@@ -40,6 +40,8 @@ pub struct ServeConfig {
     pub max_rooms_per_user: usize,
     /// Connections one user may have open at once.
     pub max_connections_per_user: usize,
+    /// How long a closed connection's events and registry row are kept; `None`: for ever.
+    pub connection_retention: Option<std::time::Duration>,
 }
 
 /// Runs until ctrl-c or SIGTERM.
@@ -57,6 +59,7 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         admission,
         max_rooms_per_user,
         max_connections_per_user,
+        connection_retention,
     } = config;
     let hub = Hub::new();
     let routes = Routes::new(&store, hub.clone(), identity)
@@ -98,6 +101,10 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         tokio::spawn(tail.run(stream_fanout));
     } else {
         tracing::warn!("this store has no local feed: nothing will be broadcast");
+    }
+
+    if let (Some(retention), Some(store)) = (connection_retention, store.retention.clone()) {
+        tokio::spawn(crate::connections::forget_closed(store, retention));
     }
 
     let state = Arc::new(GatewayState {

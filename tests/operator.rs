@@ -4,6 +4,7 @@ mod common;
 
 use common::{ADMIN, Server};
 use serde_json::{Value, json};
+use std::time::Duration;
 
 #[tokio::test]
 async fn operators_see_rooms_members_history_and_connections() {
@@ -288,4 +289,49 @@ fn logs_to_a_pipe_carry_no_colour_codes() {
     let _ = child.wait();
     assert!(!line.contains('\u{1b}'), "colour codes in {line:?}");
     assert!(line.contains("INFO") || line.contains("DEBUG"), "{line:?}");
+}
+
+/// A closed connection's events and registry row go once it has been closed longer than
+/// `--connection-retention` (here 1 s), by the server's own periodic prune; the messages its user
+/// sent stay in the room's history, and open connections stay.
+#[tokio::test]
+async fn closed_connections_are_forgotten_after_the_retention() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = format!("sqlite://{}", dir.path().join("palaver.db").display());
+    let server = Server::start_with_env(dir, &store, &[("PALAVER_CONNECTION_RETENTION", "1s")]);
+    let mut ana = server.connect("ana").await;
+    ana.join("hall").await;
+    ana.say("hall", "still here after she left").await;
+    ana.close().await;
+    let mut bo = server.connect("bo").await;
+    bo.join("hall").await;
+    bo.say("hall", "the last word").await;
+
+    let db = server.db_path();
+    let anas = "SELECT (SELECT COUNT(*) FROM events WHERE stream LIKE 'c:%' AND user_id = 'ana') \
+                     + (SELECT COUNT(*) FROM connections WHERE user_id = 'ana')";
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while common::count_outside(&db, anas).await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ana's connection was never forgotten"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let bos = "SELECT COUNT(*) FROM events WHERE stream LIKE 'c:%' AND user_id = 'bo'";
+    assert_eq!(
+        common::count_outside(&db, bos).await,
+        1,
+        "bo's open connection is kept"
+    );
+    let history = bo
+        .request(json!({"action": "getHistory", "room": "hall", "after": 0}))
+        .await;
+    let texts: Vec<&str> = history["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["text"].as_str())
+        .collect();
+    assert_eq!(texts, ["still here after she left", "the last word"]);
 }

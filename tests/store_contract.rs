@@ -137,7 +137,7 @@ macro_rules! contract_tests {
 // fan-out keeps (memory, DynamoDB). Each store is held to the ports it has, and the stores that
 // check a join's room cap atomically (memory, SQLite) to that.
 contract_suite!(memory, memory_store(); feed_wakes_watchers_after_an_append, checkpoints_only_move_forward, racing_joins_take_the_last_place_once);
-contract_suite!(sqlite, sqlite_store(); feed_wakes_watchers_after_an_append, racing_joins_take_the_last_place_once);
+contract_suite!(sqlite, sqlite_store(); feed_wakes_watchers_after_an_append, racing_joins_take_the_last_place_once, closed_connections_are_forgotten_after_the_retention);
 contract_suite!(dynamodb, dynamodb_store(); checkpoints_only_move_forward);
 
 fn room(name: &str) -> RoomName {
@@ -828,6 +828,79 @@ mod contract {
         );
     }
 
+    /// Retention (SQLite): closed connections past the cut-off are forgotten, oldest first and
+    /// at most a batch at a time — their events and registry rows — while open connections,
+    /// recent closes, room streams and the log's last event stay, and the log's positions go on
+    /// from where they were.
+    pub async fn closed_connections_are_forgotten_after_the_retention(store: &Store) {
+        let retention = store.retention.as_ref().expect("this store forgets");
+        let feed = store.feed.as_ref().expect("this store has a feed");
+        for (c, u) in [("old1", "ana"), ("old2", "bo"), ("old3", "cy")] {
+            append(store, connected(c, u)).await;
+            append(store, disconnected(c, u)).await;
+        }
+        append(store, connected("open", "ana")).await;
+        append(store, joined("hall", "ana")).await;
+        append(store, say("hall", "ana", "kept")).await;
+        let cut_off = now() + chrono::TimeDelta::seconds(1);
+        // Closed after the cut-off: kept.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        append(store, connected("recent", "bo")).await;
+        append(store, disconnected("recent", "bo")).await;
+        append(store, say("hall", "ana", "last")).await;
+        let last = feed.read_all(0, 1000).await.unwrap().last().unwrap().0;
+
+        assert_eq!(retention.forget_connections(cut_off, 2).await.unwrap(), 2);
+        assert_eq!(retention.forget_connections(cut_off, 2).await.unwrap(), 1);
+        assert_eq!(retention.forget_connections(cut_off, 2).await.unwrap(), 0);
+        for c in ["old1", "old2", "old3"] {
+            let stream = Stream::Connection(conn(c));
+            assert!(
+                store.log.read(&stream, 0, 10).await.unwrap().is_empty(),
+                "{c}"
+            );
+            assert_eq!(
+                store.directory.connection(&conn(c)).await.unwrap(),
+                None,
+                "{c}"
+            );
+        }
+        for c in ["open", "recent"] {
+            assert!(
+                store
+                    .directory
+                    .connection(&conn(c))
+                    .await
+                    .unwrap()
+                    .is_some(),
+                "{c}"
+            );
+        }
+        let hall = store
+            .log
+            .read(&Stream::Room(room("hall")), 0, 10)
+            .await
+            .unwrap();
+        assert_eq!(seqs(&hall), [1, 2, 3]);
+
+        // The log's last event is never forgotten, even a forgotten connection's: the next
+        // position follows on from it.
+        append(store, disconnected("open", "ana")).await;
+        let closed = now() + chrono::TimeDelta::seconds(1);
+        assert_eq!(
+            retention.forget_connections(closed, 10).await.unwrap(),
+            1,
+            "recent, not open"
+        );
+        let stream = Stream::Connection(conn("open"));
+        assert_eq!(store.log.read(&stream, 0, 10).await.unwrap().len(), 2);
+        let next = append(store, say("hall", "ana", "after")).await;
+        let after = feed.read_all(last, 10).await.unwrap();
+        let positions: Vec<u64> = after.iter().map(|(pos, _)| *pos).collect();
+        assert_eq!(positions, [last + 1, last + 2], "positions go on");
+        assert_eq!(after[1].1, next.event);
+    }
+
     /// Two connections of one user join at once, twice over: one `joined` each time.
     pub async fn racing_joins_log_one_joined(store: &Store) {
         for round in 0..2 {
@@ -1430,6 +1503,121 @@ mod dynamodb_only {
         assert_eq!(d.audience(&room("hall")).await.unwrap(), everyone);
         append(store, left("hall", "bo")).await;
         assert!(d.audience(&room("hall")).await.unwrap().is_empty());
+    }
+}
+
+mod dynamodb_retention {
+    use super::*;
+    use aws_sdk_dynamodb::types::{AttributeValue, TimeToLiveStatus};
+    use std::time::Duration;
+
+    /// The item at `(key name = key value, sort name = sort value)` of `table`.
+    async fn item(
+        client: &aws_sdk_dynamodb::Client,
+        table: &str,
+        key: [(&str, AttributeValue); 2],
+    ) -> std::collections::HashMap<String, AttributeValue> {
+        client
+            .get_item()
+            .table_name(table)
+            .set_key(Some(
+                key.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            ))
+            .consistent_read(true)
+            .send()
+            .await
+            .expect("get_item")
+            .item
+            .expect("the item exists")
+    }
+
+    fn expires(item: &std::collections::HashMap<String, AttributeValue>) -> Option<i64> {
+        item.get("expires")
+            .map(|v| v.as_n().expect("a number").parse().expect("an integer"))
+    }
+
+    fn s(v: &str) -> AttributeValue {
+        AttributeValue::S(v.to_owned())
+    }
+
+    fn n(v: u64) -> AttributeValue {
+        AttributeValue::N(v.to_string())
+    }
+
+    /// On DynamoDB the tables' TTL forgets closed connections: both tables expire by `expires`;
+    /// a connection's events and its closed registry row carry the retention after the close
+    /// (`connected`, written before anyone knows when that is, from the latest it can be), and
+    /// room events carry none. With `forever`, nothing of a connection expires once closed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn closed_connections_expire_by_ttl() {
+        let fixture = dynamodb_store().await;
+        let prefix = fixture.prefix.clone().expect("a prefix");
+        let tables = dynamo::Tables::new(&prefix);
+        let client = palaver::store::aws_client().await;
+        for table in [&tables.events, &tables.state] {
+            let ttl = client
+                .describe_time_to_live()
+                .table_name(table)
+                .send()
+                .await
+                .unwrap();
+            let ttl = ttl.time_to_live_description().expect("a TTL description");
+            assert_eq!(ttl.attribute_name(), Some("expires"), "{table}");
+            assert_eq!(
+                ttl.time_to_live_status(),
+                Some(&TimeToLiveStatus::Enabled),
+                "{table}"
+            );
+        }
+
+        let day = Duration::from_secs(86_400);
+        for (retention, c) in [(Some(day), "kept-a-day"), (None, "kept-forever")] {
+            let store =
+                dynamo::DynamoStore::keeping_connections(client.clone(), &prefix, retention)
+                    .store();
+            let opened = append(&store, connected(c, "ana")).await.event;
+            append(&store, joined("hall", "ana")).await;
+            let closed = append(&store, disconnected(c, "ana")).await.event;
+            let stream = s(&format!("c:{c}"));
+            let connected_item = item(
+                &client,
+                &tables.events,
+                [("stream", stream.clone()), ("seq", n(1))],
+            )
+            .await;
+            let disconnected_item =
+                item(&client, &tables.events, [("stream", stream), ("seq", n(2))]).await;
+            let row = item(
+                &client,
+                &tables.state,
+                [("pk", s(&format!("conn#{c}"))), ("sk", s("conn"))],
+            )
+            .await;
+            match retention {
+                Some(kept) => {
+                    let kept = kept.as_secs() as i64;
+                    let latest_close = opened.at.timestamp() + dynamo::CONNECTION_TTL_SECS;
+                    assert_eq!(expires(&connected_item), Some(latest_close + kept));
+                    assert_eq!(
+                        expires(&disconnected_item),
+                        Some(closed.at.timestamp() + kept)
+                    );
+                    assert_eq!(expires(&row), Some(closed.at.timestamp() + kept));
+                }
+                None => {
+                    assert_eq!(expires(&connected_item), None);
+                    assert_eq!(expires(&disconnected_item), None);
+                    assert_eq!(expires(&row), None);
+                }
+            }
+        }
+        let room_event = item(
+            &client,
+            &tables.events,
+            [("stream", s("r:hall")), ("seq", n(1))],
+        )
+        .await;
+        assert_eq!(expires(&room_event), None, "room streams are kept");
     }
 }
 

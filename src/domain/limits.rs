@@ -24,3 +24,10 @@ pub const DEFAULT_MAX_ROOMS_PER_USER: usize = 100;
 /// Connections one user may have open at once, unless set (`--max-connections-per-user`): tabs
 /// and devices, with room to spare; a script opening sockets in a loop is stopped.
 pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 20;
+
+/// How long a closed connection's stream (its `connected` and `disconnected` events) and its
+/// registry row are kept, unless set (`--connection-retention`): nobody reads them back once the
+/// connection is gone, and a busy server would otherwise keep two events per connection forever.
+/// Room streams are kept.
+pub const DEFAULT_CONNECTION_RETENTION: std::time::Duration =
+    std::time::Duration::from_secs(7 * 24 * 60 * 60);

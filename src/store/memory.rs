@@ -66,6 +66,7 @@ impl MemoryStore {
             directory: store.clone(),
             feed: Some(store.clone()),
             checkpoints: Some(store),
+            retention: None,
         }
     }
 

@@ -52,14 +52,22 @@ impl std::str::FromStr for StoreUrl {
     }
 }
 
-/// Opens (and for SQLite, creates and migrates) the store.
-pub async fn open(url: &StoreUrl) -> Result<Store, Box<dyn std::error::Error + Send + Sync>> {
+/// Opens (and for SQLite, creates and migrates) the store. `connection_retention` is how long
+/// DynamoDB's TTL keeps a closed connection (`None`: for ever); the stores that keep everything
+/// until told forget on their [`Retention`](crate::ports::Retention) port instead.
+pub async fn open(
+    url: &StoreUrl,
+    connection_retention: Option<std::time::Duration>,
+) -> Result<Store, Box<dyn std::error::Error + Send + Sync>> {
     match url {
         StoreUrl::Memory => Ok(memory::MemoryStore::store()),
         StoreUrl::Sqlite(path) => Ok(sqlite::SqliteStore::open(path).await?.store()),
-        StoreUrl::DynamoDb(prefix) => {
-            Ok(dynamodb::DynamoStore::new(aws_client().await, prefix).store())
-        }
+        StoreUrl::DynamoDb(prefix) => Ok(dynamodb::DynamoStore::keeping_connections(
+            aws_client().await,
+            prefix,
+            connection_retention,
+        )
+        .store()),
     }
 }
 

@@ -424,6 +424,16 @@ impl Client {
     }
 }
 
+/// The number `sql` counts in a SQLite database file, read from a connection of its own.
+pub async fn count_outside(path: &std::path::Path, sql: &str) -> i64 {
+    use sqlx::Connection;
+    let url = format!("sqlite://{}", path.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let count = sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+    count
+}
+
 /// Runs `sql` on a SQLite database file from a connection of its own, as another process (an
 /// operator's shell, a broken disk) would: how tests inject failures and damage.
 pub async fn sql_outside(path: &std::path::Path, sql: &str) {

@@ -128,8 +128,12 @@ impl Directory for DynamoStore {
             match Scope::of(&change) {
                 Some(scope) => self.apply_with_listeners(scope, &change).await?,
                 None => {
-                    self.apply_writes(writes(&self.tables.state, &change)?)
-                        .await?
+                    self.apply_writes(writes(
+                        &self.tables.state,
+                        &change,
+                        self.connection_retention,
+                    )?)
+                    .await?
                 }
             }
         }

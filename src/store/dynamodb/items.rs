@@ -1,7 +1,8 @@
 //! The two tables' items: keys, and encoding events and records to and from attribute maps.
 //!
 //! Events table (`PREFIX-events`): `stream` (S, partition) + `seq` (N, sort), then `id`, `at`
-//! (Unix ms), `kind`, `user` and `body` (the event as JSON). Its stream feeds the fan-out.
+//! (Unix ms), `kind`, `user` and `body` (the event as JSON), and on a connection's events
+//! `expires`, the table's TTL attribute (see [`event_item`]). Its stream feeds the fan-out.
 //!
 //! State table (`PREFIX-state`), `pk` + `sk`, both S, one kind of item per key shape:
 //!
@@ -12,7 +13,7 @@
 //! | `user#U` | `room#R` | the same membership seen from the user: `active`, `seq` |
 //! | `user#U` | `conn#C` | C is one of U's open connections: `connectedAt`, `expires` |
 //! | `user#U` | `version` | `v`, bumped by every change to U's memberships or connections |
-//! | `conn#C` | `conn` | the connection registry: `user`, `connectedAt`, `lastActiveAt`, `sourceIp`, `closedAt`, `expires` |
+//! | `conn#C` | `conn` | the connection registry: `user`, `connectedAt`, `lastActiveAt`, `sourceIp`, `closedAt`, `expires` (once closed: the connection retention after `closedAt`) |
 //! | `rooms` | `R` | R has a log |
 //! | `msg#R` | `U#M` | U's message with clientMsgId M in R is `seq` |
 //! | `delivered#S` | `-` | the fan-out delivered log stream S up to `seq` |
@@ -32,6 +33,7 @@ use crate::domain::{ConnectionId, Event, EventBody, RoomName, Stream, UserId};
 use aws_sdk_dynamodb::types::AttributeValue;
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
+use std::time::Duration;
 use ulid::Ulid;
 
 pub type Item = HashMap<String, AttributeValue>;
@@ -56,6 +58,13 @@ pub fn ms(at: &DateTime<Utc>) -> AttributeValue {
 /// The TTL (Unix seconds) of a connection seen at `at`.
 pub fn expires(at: &DateTime<Utc>) -> AttributeValue {
     n(at.timestamp() + CONNECTION_TTL_SECS)
+}
+
+/// The TTL (Unix seconds) of what a connection leaves once closed at `closed` (its registry row,
+/// its `disconnected` event): `retention` later; `None` keeps it.
+pub fn kept_until(closed: &DateTime<Utc>, retention: Option<Duration>) -> Option<AttributeValue> {
+    let retention = i64::try_from(retention?.as_secs()).ok()?;
+    Some(n(closed.timestamp().checked_add(retention)?))
 }
 
 pub fn member_key(room: &RoomName, user: &UserId) -> Item {
@@ -99,9 +108,14 @@ fn key(pk: String, sk: String) -> Item {
 }
 
 /// The events-table item of `event`.
-pub fn event_item(event: &Event) -> Result<Item, DynamoError> {
+///
+/// A connection's events carry the table's TTL attribute `expires`, so that they go
+/// `retention` after the connection closed: `disconnected` from its own time, `connected` from
+/// the latest its connection can close (it is written before anyone knows when that will be, and
+/// no connection outlives [`CONNECTION_TTL_SECS`]). Room events are kept.
+pub fn event_item(event: &Event, retention: Option<Duration>) -> Result<Item, DynamoError> {
     let body = serde_json::to_string(&event.body).map_err(DynamoError::Encode)?;
-    Ok(HashMap::from([
+    let mut item = HashMap::from([
         ("stream".to_owned(), s(event.stream.key())),
         ("seq".to_owned(), n(event.seq)),
         ("id".to_owned(), s(event.id.to_string())),
@@ -109,7 +123,18 @@ pub fn event_item(event: &Event) -> Result<Item, DynamoError> {
         ("kind".to_owned(), s(event.body.kind())),
         ("user".to_owned(), s(event.body.user().as_str())),
         ("body".to_owned(), s(body)),
-    ]))
+    ]);
+    let closes_by = match event.body {
+        EventBody::Connected { .. } => event
+            .at
+            .checked_add_signed(chrono::TimeDelta::seconds(CONNECTION_TTL_SECS)),
+        EventBody::Disconnected { .. } => Some(event.at),
+        _ => None,
+    };
+    if let Some(expires) = closes_by.and_then(|at| kept_until(&at, retention)) {
+        item.insert("expires".to_owned(), expires);
+    }
+    Ok(item)
 }
 
 /// Reads an events-table item back.

@@ -360,7 +360,7 @@ impl DynamoStore {
         let table = &self.tables.state;
         for _ in 0..MAX_RACES {
             let state = self.user_state(scope).await?;
-            let core = writes(table, change)?;
+            let core = writes(table, change, self.connection_retention)?;
             let mut plan = Plan::new(table, scope, change, state.clone(), core.len())?;
             let mut items = vec![plan.guard.clone()];
             items.extend(core);

@@ -98,7 +98,7 @@ impl DynamoStore {
     /// [`listeners`]: super::listeners
     async fn write(&self, event: &Event) -> Result<(), Missed> {
         let table = &self.tables.state;
-        let item = event_item(event).map_err(Missed::Failed)?;
+        let item = event_item(event, self.connection_retention).map_err(Missed::Failed)?;
         let mut extra: Vec<TransactWriteItem> = Vec::new();
         if let Some(client_msg_id) = event.body.client_msg_id() {
             let mut key = dedupe_key(&event.stream, event.body.user(), client_msg_id);
@@ -111,7 +111,7 @@ impl DynamoStore {
             changes(event)
         };
         for change in &changes {
-            extra.extend(writes(table, change).map_err(Missed::Failed)?);
+            extra.extend(writes(table, change, self.connection_retention).map_err(Missed::Failed)?);
         }
         let mut plan = None;
         if let Some((scope, change)) = changes

@@ -24,6 +24,7 @@ mod tables;
 mod writes;
 
 pub use error::DynamoError;
+pub use items::CONNECTION_TTL_SECS;
 pub use tables::{Tables, init};
 
 use crate::ports::Store;
@@ -33,6 +34,7 @@ use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::TransactWriteItem;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// How many rooms' append locks (and remembered heads) one process keeps.
 pub const ROOM_LOCKS: usize = 4096;
@@ -43,14 +45,35 @@ pub struct DynamoStore {
     tables: Tables,
     /// Per log stream: appends from this process take turns, and the last head seen.
     streams: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<u64>>>>>,
+    /// How long a closed connection's events and registry row are kept (their TTL); `None`: for
+    /// ever.
+    connection_retention: Option<Duration>,
 }
 
 impl DynamoStore {
+    /// The store on tables `PREFIX-events` and `PREFIX-state`, keeping closed connections for
+    /// [`DEFAULT_CONNECTION_RETENTION`].
+    ///
+    /// [`DEFAULT_CONNECTION_RETENTION`]: crate::domain::limits::DEFAULT_CONNECTION_RETENTION
     pub fn new(client: Client, prefix: &str) -> Arc<Self> {
+        Self::keeping_connections(
+            client,
+            prefix,
+            Some(crate::domain::limits::DEFAULT_CONNECTION_RETENTION),
+        )
+    }
+
+    /// The same, keeping closed connections for `retention` (`None`: for ever).
+    pub fn keeping_connections(
+        client: Client,
+        prefix: &str,
+        retention: Option<Duration>,
+    ) -> Arc<Self> {
         Arc::new(DynamoStore {
             client,
             tables: Tables::new(prefix),
             streams: Mutex::new(HashMap::new()),
+            connection_retention: retention,
         })
     }
 
@@ -62,6 +85,7 @@ impl DynamoStore {
             directory: self.clone(),
             feed: None,
             checkpoints: Some(self.clone()),
+            retention: None,
         }
     }
 

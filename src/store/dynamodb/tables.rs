@@ -5,7 +5,7 @@ use super::error::DynamoError;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-    StreamSpecification, StreamViewType, TableStatus, TimeToLiveSpecification,
+    StreamSpecification, StreamViewType, TableStatus, TimeToLiveSpecification, TimeToLiveStatus,
 };
 use std::time::Duration;
 
@@ -62,21 +62,45 @@ pub async fn init(client: &Client, tables: &Tables) -> Result<Vec<String>, Dynam
     for table in [&tables.events, &tables.state] {
         wait_active(client, table).await?;
     }
-    if created.contains(&tables.state) {
-        client
-            .update_time_to_live()
-            .table_name(&tables.state)
-            .time_to_live_specification(
-                TimeToLiveSpecification::builder()
-                    .enabled(true)
-                    .attribute_name("expires")
-                    .build()?,
-            )
-            .send()
-            .await
-            .map_err(DynamoError::sdk)?;
+    // Both tables expire items by `expires`: the state table its connection rows, the events
+    // table its connection streams. Checked on every init, so tables made before the events
+    // table had a TTL get one too.
+    for table in [&tables.events, &tables.state] {
+        expire_by_ttl(client, table).await?;
     }
     Ok(created)
+}
+
+/// Turns on the table's TTL on `expires`, unless it is on already.
+async fn expire_by_ttl(client: &Client, table: &str) -> Result<(), DynamoError> {
+    let described = client
+        .describe_time_to_live()
+        .table_name(table)
+        .send()
+        .await
+        .map_err(DynamoError::sdk)?;
+    let status = described
+        .time_to_live_description()
+        .and_then(|ttl| ttl.time_to_live_status());
+    if matches!(
+        status,
+        Some(TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling)
+    ) {
+        return Ok(());
+    }
+    client
+        .update_time_to_live()
+        .table_name(table)
+        .time_to_live_specification(
+            TimeToLiveSpecification::builder()
+                .enabled(true)
+                .attribute_name("expires")
+                .build()?,
+        )
+        .send()
+        .await
+        .map_err(DynamoError::sdk)?;
+    Ok(())
 }
 
 /// `true` if created, `false` if it was already there.

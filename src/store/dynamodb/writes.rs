@@ -12,12 +12,13 @@
 
 use super::error::DynamoError;
 use super::items::{
-    Item, connection_key, expires, member_key, ms, n, room_key, s, user_connection_key,
+    Item, connection_key, expires, kept_until, member_key, ms, n, room_key, s, user_connection_key,
     user_room_key,
 };
 use crate::domain::projection::Change;
 use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, TransactWriteItem, Update};
 use std::collections::HashMap;
+use std::time::Duration;
 
 /// Builds one `Update` with its expression's names and values.
 struct UpdateOf {
@@ -104,7 +105,13 @@ fn delete(table: &str, key: Item) -> Result<TransactWriteItem, DynamoError> {
 
 /// The writes of one change to the state table `table`. They belong together: applied alone,
 /// they go in one transaction.
-pub fn writes(table: &str, change: &Change<'_>) -> Result<Vec<TransactWriteItem>, DynamoError> {
+///
+/// `retention` is how long a closed connection's registry row is kept.
+pub fn writes(
+    table: &str,
+    change: &Change<'_>,
+    retention: Option<Duration>,
+) -> Result<Vec<TransactWriteItem>, DynamoError> {
     const NEWER: &str = "attribute_not_exists(#seq) OR #seq < :seq";
     match *change {
         Change::Membership {
@@ -183,23 +190,32 @@ pub fn writes(table: &str, change: &Change<'_>) -> Result<Vec<TransactWriteItem>
             user,
             at,
         } => {
-            let row = UpdateOf::new(
-                table,
-                connection_key(connection),
+            // A closed connection's row is kept for the retention after it closed (not the
+            // TTL it had while open, a safety net for a `$disconnect` that never came), or for
+            // ever. Re-applied, the close writes the same.
+            let kept = kept_until(&at, retention);
+            let expression = format!(
                 "SET #closed = if_not_exists(#closed, :at), \
                  #user = if_not_exists(#user, :user), \
                  #connected = if_not_exists(#connected, :at), \
-                 #active = if_not_exists(#active, :at), \
-                 #expires = if_not_exists(#expires, :expires)",
-            )
-            .name("closed", "closedAt")
-            .name("user", "user")
-            .name("connected", "connectedAt")
-            .name("active", "lastActiveAt")
-            .name("expires", "expires")
-            .value("user", s(user.as_str()))
-            .value("at", ms(&at))
-            .value("expires", expires(&at));
+                 #active = if_not_exists(#active, :at){}",
+                if kept.is_some() {
+                    ", #expires = :expires"
+                } else {
+                    " REMOVE #expires"
+                }
+            );
+            let mut row = UpdateOf::new(table, connection_key(connection), &expression)
+                .name("closed", "closedAt")
+                .name("user", "user")
+                .name("connected", "connectedAt")
+                .name("active", "lastActiveAt")
+                .name("expires", "expires")
+                .value("user", s(user.as_str()))
+                .value("at", ms(&at));
+            if let Some(kept) = kept {
+                row = row.value("expires", kept);
+            }
             Ok(vec![
                 row.build()?,
                 delete(table, user_connection_key(user, connection))?,

@@ -11,6 +11,7 @@ mod commit;
 mod error;
 mod insert;
 mod project;
+mod retention;
 mod rows;
 
 pub use error::SqliteError;
@@ -112,6 +113,7 @@ impl SqliteStore {
             directory: self.clone(),
             feed: Some(self.clone()),
             checkpoints: None,
+            retention: Some(self.clone()),
         }
     }
 
