@@ -68,6 +68,7 @@ async fn end_to_end(members: usize, messages_each: usize) -> (f64, f64) {
         max_rooms_per_user: palaver::domain::limits::DEFAULT_MAX_ROOMS_PER_USER,
         max_connections_per_user: palaver::domain::limits::DEFAULT_MAX_CONNECTIONS_PER_USER,
         connection_retention: None,
+        node: "bench".to_owned(),
     }));
 
     let mut clients = Vec::new();

@@ -50,17 +50,23 @@ pub async fn close(
     }
 }
 
-/// Closes every connection the registry holds open, `reason` given: for a local server starting
-/// on a store only it writes, where every connection recorded open belonged to its previous run
-/// and is gone with it. Returns how many were closed. Their users' rooms hear that they went
-/// offline, through the fan-out, like any other close.
+/// Closes every connection the registry holds open — or, with `held_by`, every one that node
+/// holds — `reason` given: for a `palaver serve` starting again, whose sockets all went with its
+/// previous run. On a store only it writes (SQLite, memory) that is every open connection; on
+/// one it shares (DynamoDB, with API Gateway or other nodes) only those recorded as its own.
+/// Returns how many were closed. Their users' rooms hear that they went offline, through the
+/// fan-out, like any other close.
 pub async fn close_all_open(
     log: &dyn EventLog,
     directory: &dyn Directory,
+    held_by: Option<&str>,
     reason: DisconnectReason,
 ) -> Result<usize, StoreError> {
     use futures_util::StreamExt;
-    let open = directory.open_connections(None).await?;
+    let mut open = directory.open_connections(None).await?;
+    if let Some(node) = held_by {
+        open.retain(|record| record.node.as_deref() == Some(node));
+    }
     let count = open.len();
     // Many at once, so that they share group commits.
     let mut closes = futures_util::stream::iter(open)

@@ -70,6 +70,11 @@ enum Command {
         /// `forever`; room streams are always kept
         #[arg(long, env = "PALAVER_CONNECTION_RETENTION", default_value = "7d", value_parser = parse_retention)]
         connection_retention: Retention,
+        /// This server's name among the nodes sharing a DynamoDB store, recorded with each
+        /// connection it opens: started again, it closes the connections it held and no one
+        /// else's. Default: HOSTNAME:PORT (set it when the port is not fixed)
+        #[arg(long, env = "PALAVER_NODE_ID")]
+        node_id: Option<String>,
     },
     /// Create the store's tables (DynamoDB; SQLite and memory need nothing)
     Init,
@@ -147,6 +152,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             max_rooms_per_user,
             max_connections_per_user,
             connection_retention,
+            node_id,
         } => {
             let lifetime = Lifetime {
                 idle: idle_timeout,
@@ -162,6 +168,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 max_rooms_per_user,
                 max_connections_per_user,
                 connection_retention: connection_retention.0,
+                node_id,
             };
             run_serve(&cli.store, &listen, settings).await
         }
@@ -298,6 +305,7 @@ struct Settings {
     max_rooms_per_user: usize,
     max_connections_per_user: usize,
     connection_retention: Option<Duration>,
+    node_id: Option<String>,
 }
 
 async fn run_serve(url: &StoreUrl, listen: &str, settings: Settings) -> Result<(), Failure> {
@@ -396,9 +404,22 @@ async fn run_serve(url: &StoreUrl, listen: &str, settings: Settings) -> Result<(
         max_rooms_per_user: settings.max_rooms_per_user,
         max_connections_per_user: settings.max_connections_per_user,
         connection_retention: settings.connection_retention,
+        node: settings
+            .node_id
+            .unwrap_or_else(|| format!("{}:{}", hostname(), addr.port())),
     })
     .await?;
     Ok(())
+}
+
+/// The machine's name, for the default node id.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "palaver".to_owned())
 }
 
 /// HS256 keys shorter than its 32-byte hash are easier to guess than the hash is to break: a

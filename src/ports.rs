@@ -88,6 +88,8 @@ pub struct ConnectionRecord {
     pub connected_at: DateTime<Utc>,
     pub last_active_at: DateTime<Utc>,
     pub source_ip: Option<String>,
+    /// The `palaver serve` node holding it, if one does (not on API Gateway).
+    pub node: Option<String>,
     pub open: bool,
 }
 

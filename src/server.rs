@@ -42,6 +42,8 @@ pub struct ServeConfig {
     pub max_connections_per_user: usize,
     /// How long a closed connection's events and registry row are kept; `None`: for ever.
     pub connection_retention: Option<std::time::Duration>,
+    /// This node's name, recorded with every connection it opens (`--node-id`).
+    pub node: String,
 }
 
 /// Runs until ctrl-c or SIGTERM.
@@ -60,28 +62,34 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         max_rooms_per_user,
         max_connections_per_user,
         connection_retention,
+        node,
     } = config;
     let hub = Hub::new();
     let routes = Routes::new(&store, hub.clone(), identity)
+        .on_node(node.clone())
         .remembering_callers()
         .with_max_rooms_per_user(max_rooms_per_user)
         .with_max_connections_per_user(max_connections_per_user);
 
+    // The connections an earlier run of this node held went with it. On a store only this
+    // process writes (memory, SQLite) that is every connection recorded as open; on one it
+    // shares (DynamoDB) those recorded as this node's. Closed before anything is delivered, so
+    // that presence is right at once.
+    let held_by = store.feed.is_none().then_some(node.as_str());
+    match crate::connections::close_all_open(
+        store.log.as_ref(),
+        store.directory.as_ref(),
+        held_by,
+        crate::domain::DisconnectReason::ServerStopped,
+    )
+    .await
+    {
+        Ok(0) => {}
+        Ok(closed) => tracing::info!(closed, %node, "closed the connections of the previous run"),
+        Err(error) => tracing::error!(%error, "could not close the previous run's connections"),
+    }
+
     if let Some(feed) = store.feed.clone() {
-        // This process is the store's only writer (memory, SQLite): a connection recorded as
-        // open belonged to an earlier run and is gone with it. Close them before anything is
-        // delivered, so that presence is right at once.
-        match crate::connections::close_all_open(
-            store.log.as_ref(),
-            store.directory.as_ref(),
-            crate::domain::DisconnectReason::ServerStopped,
-        )
-        .await
-        {
-            Ok(0) => {}
-            Ok(closed) => tracing::info!(closed, "closed the connections of the previous run"),
-            Err(error) => tracing::error!(%error, "could not close the previous run's connections"),
-        }
         let fanout = FanOut::new(&store, hub.clone()).with_delay(fanout_delay);
         // Connections of an earlier run are gone with it; new ones replay with joinRoom{after}.
         let start = tail::current_position(feed.as_ref()).await;

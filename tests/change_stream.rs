@@ -163,6 +163,7 @@ async fn ana_online(store: &Store) {
             connection: ConnectionId::new("c1"),
             user: UserId::parse("ana").unwrap(),
             source_ip: None,
+            node: None,
         },
     )
     .await;

@@ -1,10 +1,10 @@
 //! Crashes: what was acknowledged survives `kill -9`, and connections the dead process left in
-//! the registry are closed — when the server starts again on a store it owns (SQLite), by the
-//! first fan-out that posts to them on one it shares (DynamoDB).
+//! the registry are closed when it starts again — all of them on a store it owns (SQLite), its
+//! own on one it shares with other nodes (DynamoDB).
 
 mod common;
 
-use common::{Server, TestStore};
+use common::Server;
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -56,26 +56,17 @@ async fn kill_9_loses_no_acknowledged_message_and_stale_connections_are_cleaned_
             .map(|c| c["user"].as_str().unwrap().to_owned())
             .collect()
     };
-    if TestStore::from_env() == TestStore::DynamoDb {
-        // A store shared with AWS's functions: the dead process's two connections are still
-        // registered as open…
-        assert_eq!(open(&server).len(), 2, "{:?}", open(&server));
-        let members: Vec<Value> =
-            serde_json::from_slice(&server.cli(&["members", "ops", "--json"]).stdout).unwrap();
-        assert!(members.iter().all(|m| m["online"] == true), "{members:?}");
-        // …until the first fan-out to the room finds them gone.
-    } else {
-        // A store this server owns: it closes them as it starts.
-        let mut closed = false;
-        for _ in 0..200 {
-            if open(&server).is_empty() {
-                closed = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    // The restarted node closes the connections it held as it starts — every open one on a
+    // store it owns, those recorded as its own on DynamoDB (see the next test).
+    let mut closed = false;
+    for _ in 0..200 {
+        if open(&server).is_empty() {
+            closed = true;
+            break;
         }
-        assert!(closed, "closed at start: {:?}", open(&server));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(closed, "closed at start: {:?}", open(&server));
     let mut cy = server.connect("cy").await;
     cy.join("ops").await;
     let mut cleaned = false;
@@ -103,4 +94,46 @@ async fn kill_9_loses_no_acknowledged_message_and_stale_connections_are_cleaned_
         sent["seq"].as_u64().unwrap(),
         acknowledged.last().unwrap().0 + 2
     );
+}
+
+/// Two nodes on one DynamoDB store: one is killed and started again under its name. It closes
+/// the connection it held at once (its user shows offline) and leaves the other node's alone.
+#[tokio::test]
+async fn a_restarted_node_closes_its_own_connections_and_no_one_elses() {
+    let first = Server::start_dynamodb();
+    let second = Server::start_with_env(
+        tempfile::tempdir().expect("temp dir"),
+        &first.store,
+        &[("PALAVER_NODE_ID", "the-other-node")],
+    );
+    let mut ana = first.connect("ana").await;
+    let mut bo = second.connect("bo").await;
+    ana.join("ops").await;
+    bo.join("ops").await;
+    let first = first.restart_after_kill9();
+    drop(ana);
+
+    let online = |server: &Server| -> Vec<(String, bool)> {
+        let out = server.cli(&["members", "ops", "--json"]);
+        let members: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        members
+            .iter()
+            .map(|m| (m["user"].as_str().unwrap().to_owned(), m["online"] == true))
+            .collect()
+    };
+    let expected = vec![("ana".to_owned(), false), ("bo".to_owned(), true)];
+    let mut seen = online(&first);
+    for _ in 0..200 {
+        if seen == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        seen = online(&first);
+    }
+    assert_eq!(seen, expected);
+    // bo's connection was never touched: it still talks.
+    let sent = bo
+        .request(json!({"action": "sendMessage", "room": "ops", "text": "still here"}))
+        .await;
+    assert_eq!(sent["type"], "sent", "{sent}");
 }

@@ -167,6 +167,7 @@ async fn hall_of_members(recorder: Arc<Recorder>) -> (aws_sdk_dynamodb::Client, 
             connection: connection(i),
             user: user(i),
             source_ip: None,
+            node: None,
         };
         store.log.append(connected, Expect::Seq(1)).await.unwrap();
         let joined = EventBody::Joined {

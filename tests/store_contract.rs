@@ -201,6 +201,7 @@ fn connected(c: &str, u: &str) -> EventBody {
         connection: conn(c),
         user: user(u),
         source_ip: Some("192.0.2.7".to_owned()),
+        node: None,
     }
 }
 
@@ -1086,7 +1087,17 @@ mod contract {
         assert_eq!(d.connection(&conn("nope")).await.unwrap(), None);
 
         // Opened in this order, with ids sorting the other way: oldest first means by time.
-        let z = append(store, connected("z-old", "ana")).await.event;
+        let z = append(
+            store,
+            EventBody::Connected {
+                connection: conn("z-old"),
+                user: user("ana"),
+                source_ip: Some("192.0.2.7".to_owned()),
+                node: Some("gateway-1".to_owned()),
+            },
+        )
+        .await
+        .event;
         tokio::time::sleep(Duration::from_millis(3)).await;
         append(store, connected("b-mid", "bo")).await;
         tokio::time::sleep(Duration::from_millis(3)).await;
@@ -1096,6 +1107,7 @@ mod contract {
                 connection: conn("a-new"),
                 user: user("ana"),
                 source_ip: None,
+                node: None,
             },
         )
         .await;
@@ -1109,6 +1121,7 @@ mod contract {
                 connected_at: z.at,
                 last_active_at: z.at,
                 source_ip: Some("192.0.2.7".to_owned()),
+                node: Some("gateway-1".to_owned()),
                 open: true,
             }
         );
@@ -1280,6 +1293,7 @@ mod contract {
             connected_at: disconnect_at,
             last_active_at: disconnect_at,
             source_ip: None,
+            node: None,
             open: false,
         };
         assert_eq!(

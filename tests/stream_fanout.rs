@@ -100,6 +100,7 @@ async fn connect(store: &Store, id: &str, who: &str) {
         connection: ConnectionId::new(id),
         user: user(who),
         source_ip: None,
+        node: None,
     };
     store.log.append(body, Expect::Seq(1)).await.unwrap();
 }

@@ -74,6 +74,11 @@ pub enum EventBody {
         user: UserId,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         source_ip: Option<String>,
+        /// The `palaver serve` process that holds the socket (`--node-id`), so that a node
+        /// restarting on a shared store closes its own connections and no one else's. None
+        /// on API Gateway, which holds every socket itself.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
     },
     #[serde(rename_all = "camelCase")]
     Disconnected {

@@ -26,6 +26,7 @@ pub enum Change<'a> {
         connection: &'a ConnectionId,
         user: &'a UserId,
         source_ip: Option<&'a str>,
+        node: Option<&'a str>,
         at: DateTime<Utc>,
     },
     ConnectionClosed {
@@ -51,10 +52,12 @@ pub fn changes(event: &Event) -> Vec<Change<'_>> {
             connection,
             user,
             source_ip,
+            node,
         } => vec![Change::ConnectionOpened {
             connection,
             user,
             source_ip: source_ip.as_deref(),
+            node: node.as_deref(),
             at,
         }],
         EventBody::Disconnected {

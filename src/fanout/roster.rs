@@ -263,6 +263,7 @@ mod tests {
             connection: ConnectionId::new(c),
             user: user(u),
             source_ip: None,
+            node: None,
         })
     }
     fn disconnected(c: &str, u: &str) -> Event {

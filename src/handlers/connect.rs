@@ -46,6 +46,7 @@ pub(super) async fn handle(
         connection: connection.clone(),
         user: user.clone(),
         source_ip: request.request_context.identity.source_ip.clone(),
+        node: routes.node.clone(),
     };
     match routes.log.append(body, Expect::Seq(1)).await {
         Ok(_) => {

@@ -38,6 +38,8 @@ pub struct Routes {
     max_rooms_per_user: usize,
     /// Connections one user may have open at once.
     max_connections_per_user: usize,
+    /// The `palaver serve` node these routes run in, recorded with each `$connect`.
+    node: Option<String>,
 }
 
 /// Who sent a frame: the connection and the user it was opened by.
@@ -78,7 +80,15 @@ impl Routes {
             callers: None,
             max_rooms_per_user: crate::domain::limits::DEFAULT_MAX_ROOMS_PER_USER,
             max_connections_per_user: crate::domain::limits::DEFAULT_MAX_CONNECTIONS_PER_USER,
+            node: None,
         }
+    }
+
+    /// For a `palaver serve` node: each connection it opens is recorded as held by `node`, so
+    /// that the node, restarting on a store it shares, closes its own and no one else's.
+    pub fn on_node(mut self, node: impl Into<String>) -> Self {
+        self.node = Some(node.into());
+        self
     }
 
     /// Caps the connections one user may have open at once (`$connect` past it is a 429).

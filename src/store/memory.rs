@@ -130,6 +130,7 @@ impl State {
                 connection,
                 user,
                 source_ip,
+                node,
                 at,
             } => {
                 if self.connections.contains_key(connection) {
@@ -143,6 +144,7 @@ impl State {
                         connected_at: at,
                         last_active_at: at,
                         source_ip: source_ip.map(str::to_owned),
+                        node: node.map(str::to_owned),
                         open: true,
                     },
                 );
@@ -165,6 +167,7 @@ impl State {
                         connected_at: at,
                         last_active_at: at,
                         source_ip: None,
+                        node: None,
                         open: false,
                     });
                 record.open = false;

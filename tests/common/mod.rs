@@ -48,6 +48,8 @@ pub struct Server {
     /// `127.0.0.1:PORT`
     pub addr: String,
     pub store: String,
+    /// `PALAVER_NODE_ID`: kept by [`Server::restart_after_kill9`], as a node's name is.
+    pub node: String,
     pub dir: tempfile::TempDir,
     pub stdout: Arc<Mutex<Vec<String>>>,
     /// What the server logged (`RUST_LOG=palaver=debug`), shown when a test fails.
@@ -151,6 +153,14 @@ impl Server {
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        let node = env
+            .iter()
+            .find(|(k, _)| *k == "PALAVER_NODE_ID")
+            .map_or_else(
+                || format!("node-{}", ulid::Ulid::new()),
+                |(_, v)| v.to_string(),
+            );
+        command.env("PALAVER_NODE_ID", &node);
         for (k, v) in env {
             command.env(k, v);
         }
@@ -177,6 +187,7 @@ impl Server {
             child,
             addr,
             store: store.to_owned(),
+            node,
             dir,
             stdout,
             stderr,
@@ -208,7 +219,7 @@ impl Server {
     pub fn restart_after_kill9(mut self) -> Server {
         self.kill9();
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
-        Server::start_on(dir, &self.store.clone())
+        Server::start_with_env(dir, &self.store.clone(), &[("PALAVER_NODE_ID", &self.node)])
     }
 
     /// Runs a `palaver` operator command against this server's store.

@@ -113,6 +113,7 @@ fn connection_of(item: &Item) -> Result<ConnectionRecord, DynamoError> {
         connected_at: time(item, "connectedAt")?,
         last_active_at: time(item, "lastActiveAt")?,
         source_ip: string(item, "sourceIp").ok().map(str::to_owned),
+        node: string(item, "node").ok().map(str::to_owned),
         open: !item.contains_key("closedAt"),
     })
 }

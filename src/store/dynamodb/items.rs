@@ -13,7 +13,7 @@
 //! | `user#U` | `room#R` | the same membership seen from the user: `active`, `seq` |
 //! | `user#U` | `conn#C` | C is one of U's open connections: `connectedAt`, `expires` |
 //! | `user#U` | `version` | `v`, bumped by every change to U's memberships or connections |
-//! | `conn#C` | `conn` | the connection registry: `user`, `connectedAt`, `lastActiveAt`, `sourceIp`, `closedAt`, `expires` (once closed: the connection retention after `closedAt`) |
+//! | `conn#C` | `conn` | the connection registry: `user`, `connectedAt`, `lastActiveAt`, `sourceIp`, `node` (a `palaver serve`'s), `closedAt`, `expires` (once closed: the connection retention after `closedAt`) |
 //! | `rooms` | `R` | R has a log |
 //! | `msg#R` | `U#M` | U's message with clientMsgId M in R is `seq` |
 //! | `delivered#S` | `-` | the fan-out delivered log stream S up to `seq` |

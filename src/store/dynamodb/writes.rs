@@ -156,6 +156,7 @@ pub fn writes(
             connection,
             user,
             source_ip,
+            node,
             at,
         } => {
             let mut expression = "SET #user = if_not_exists(#user, :user), \
@@ -165,6 +166,9 @@ pub fn writes(
                 .to_owned();
             if source_ip.is_some() {
                 expression.push_str(", #ip = if_not_exists(#ip, :ip)");
+            }
+            if node.is_some() {
+                expression.push_str(", #node = if_not_exists(#node, :node)");
             }
             // A tombstone (a closed connection) is never reopened.
             let mut row = UpdateOf::new(table, connection_key(connection), &expression)
@@ -179,6 +183,9 @@ pub fn writes(
                 .value("expires", expires(&at));
             if let Some(ip) = source_ip {
                 row = row.name("ip", "sourceIp").value("ip", s(ip));
+            }
+            if let Some(node) = node {
+                row = row.name("node", "node").value("node", s(node));
             }
             let mut open = user_connection_key(user, connection);
             open.insert("connectedAt".to_owned(), ms(&at));

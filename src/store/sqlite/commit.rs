@@ -235,6 +235,7 @@ mod tests {
             connection: ConnectionId::new(c),
             user: UserId::parse(user).unwrap(),
             source_ip: Some("192.0.2.1".into()),
+            node: None,
         }
     }
 

@@ -49,8 +49,8 @@ const MEMBERSHIPS: &str = "\
 /// and a closing no `source_ip`. An opening of a known connection does nothing (it cannot reopen
 /// a tombstone); a closing closes an open row or leaves a closed tombstone.
 const CONNECTION_CHANGES: &str = "\
-    INSERT INTO connections (id, user_id, connected_at, last_active_at, source_ip, closed_at)
-    SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 2, value ->> 3, value ->> 4
+    INSERT INTO connections (id, user_id, connected_at, last_active_at, source_ip, closed_at, node)
+    SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 2, value ->> 3, value ->> 4, value ->> 5
     FROM json_each(?1) WHERE true
     ON CONFLICT (id) DO UPDATE SET closed_at = excluded.closed_at
     WHERE connections.closed_at IS NULL AND excluded.closed_at IS NOT NULL";
@@ -72,7 +72,14 @@ pub(super) async fn apply(conn: &mut SqliteConnection, event: &Event) -> Result<
 type MembershipRow<'e> = (&'e str, &'e str, bool, i64, i64);
 
 /// A row of [`CONNECTION_CHANGES`]: connection, user, at, source_ip, closed_at.
-type ConnectionRow<'e> = (&'e str, &'e str, i64, Option<&'e str>, Option<i64>);
+type ConnectionRow<'e> = (
+    &'e str,
+    &'e str,
+    i64,
+    Option<&'e str>,
+    Option<i64>,
+    Option<&'e str>,
+);
 
 /// Applies the changes of `events`, given in log order, with the same result as [`apply`] on each
 /// of them in turn, but in at most four statements whatever the batch holds: one for membership,
@@ -117,6 +124,7 @@ pub(super) async fn apply_batch<'e>(
                     connection,
                     user,
                     source_ip,
+                    node,
                     at,
                 } => connections.push((
                     connection.as_str(),
@@ -124,6 +132,7 @@ pub(super) async fn apply_batch<'e>(
                     millis(&at),
                     source_ip,
                     None,
+                    node,
                 )),
                 Change::ConnectionClosed {
                     connection,
@@ -135,6 +144,7 @@ pub(super) async fn apply_batch<'e>(
                     millis(&at),
                     None,
                     Some(millis(&at)),
+                    None,
                 )),
             }
         }

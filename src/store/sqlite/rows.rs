@@ -74,22 +74,31 @@ pub(super) fn event(row: EventRow) -> Result<(u64, Event), SqliteError> {
 /// The columns of `connections` that [`connection`] decodes, in its order.
 macro_rules! connection_columns {
     () => {
-        "id, user_id, connected_at, last_active_at, source_ip, closed_at IS NULL"
+        "id, user_id, connected_at, last_active_at, source_ip, node, closed_at IS NULL"
     };
 }
 pub(super) use connection_columns;
 
 /// One `connections` row as selected with [`connection_columns!`].
-pub(super) type ConnectionRow = (String, String, i64, i64, Option<String>, bool);
+pub(super) type ConnectionRow = (
+    String,
+    String,
+    i64,
+    i64,
+    Option<String>,
+    Option<String>,
+    bool,
+);
 
 pub(super) fn connection(row: ConnectionRow) -> Result<ConnectionRecord, SqliteError> {
-    let (id, user_id, connected_at, last_active_at, source_ip, open) = row;
+    let (id, user_id, connected_at, last_active_at, source_ip, node, open) = row;
     Ok(ConnectionRecord {
         id: ConnectionId::new(id),
         user: user(&user_id)?,
         connected_at: time(connected_at, "connected_at")?,
         last_active_at: time(last_active_at, "last_active_at")?,
         source_ip,
+        node,
         open,
     })
 }
