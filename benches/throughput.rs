@@ -69,6 +69,8 @@ async fn end_to_end(members: usize, messages_each: usize) -> (f64, f64) {
         max_connections_per_user: palaver::domain::limits::DEFAULT_MAX_CONNECTIONS_PER_USER,
         connection_retention: None,
         node: "bench".to_owned(),
+        metrics: None,
+        ready_max_lag: Duration::from_secs(30),
     }));
 
     let mut clients = Vec::new();

@@ -13,6 +13,7 @@
 //! - [`aws`] — the management API client, SQS delivery queue and Lambda event shapes.
 //! - [`identity`] — JWTs.
 //! - [`lambda`] — the Lambda functions' configuration, wiring and handlers.
+//! - [`metrics`] — the names of everything palaver counts (`/metrics`, EMF).
 //! - [`operator`] — what operators see: rooms, members, history, connections.
 //! - [`server`] — `palaver serve`'s wiring.
 
@@ -25,6 +26,7 @@ pub mod gateway;
 pub mod handlers;
 pub mod identity;
 pub mod lambda;
+pub mod metrics;
 pub mod operator;
 pub mod ports;
 pub mod server;

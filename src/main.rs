@@ -24,8 +24,23 @@ struct Cli {
     /// Where the log lives: sqlite://PATH, memory://, dynamodb://TABLE_PREFIX
     #[arg(long, global = true, env = "PALAVER_STORE", default_value = DEFAULT_STORE)]
     store: StoreUrl,
+    /// How log lines are written to stderr: text, or json (one object per line)
+    #[arg(
+        long,
+        global = true,
+        env = "PALAVER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -75,6 +90,9 @@ enum Command {
         /// else's. Default: HOSTNAME:PORT (set it when the port is not fixed)
         #[arg(long, env = "PALAVER_NODE_ID")]
         node_id: Option<String>,
+        /// `/readyz` answers 503 while the fan-out is further behind the log than this
+        #[arg(long, env = "PALAVER_READY_MAX_LAG", default_value = "30s", value_parser = parse_ttl)]
+        ready_max_lag: Duration,
     },
     /// Create the store's tables (DynamoDB; SQLite and memory need nothing)
     Init,
@@ -119,16 +137,21 @@ type Failure = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "palaver=info".into()),
         )
-        .with_writer(std::io::stderr)
-        // Colour for a person at a terminal; plain text for a file or a log shipper.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let cli = Cli::parse();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        // One JSON object per line, for log shippers.
+        LogFormat::Json => logs.json().init(),
+        // Colour for a person at a terminal; plain text for a file.
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -153,6 +176,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             max_connections_per_user,
             connection_retention,
             node_id,
+            ready_max_lag,
         } => {
             let lifetime = Lifetime {
                 idle: idle_timeout,
@@ -169,6 +193,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 max_connections_per_user,
                 connection_retention: connection_retention.0,
                 node_id,
+                ready_max_lag,
             };
             run_serve(&cli.store, &listen, settings).await
         }
@@ -306,6 +331,7 @@ struct Settings {
     max_connections_per_user: usize,
     connection_retention: Option<Duration>,
     node_id: Option<String>,
+    ready_max_lag: Duration,
 }
 
 async fn run_serve(url: &StoreUrl, listen: &str, settings: Settings) -> Result<(), Failure> {
@@ -407,9 +433,20 @@ async fn run_serve(url: &StoreUrl, listen: &str, settings: Settings) -> Result<(
         node: settings
             .node_id
             .unwrap_or_else(|| format!("{}:{}", hostname(), addr.port())),
+        metrics: Some(prometheus()?),
+        ready_max_lag: settings.ready_max_lag,
     })
     .await?;
     Ok(())
+}
+
+/// Installs the Prometheus recorder that `/metrics` renders.
+fn prometheus() -> Result<metrics_exporter_prometheus::PrometheusHandle, Failure> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    palaver::metrics::describe();
+    Ok(handle)
 }
 
 /// The machine's name, for the default node id.

@@ -44,6 +44,10 @@ pub struct ServeConfig {
     pub connection_retention: Option<std::time::Duration>,
     /// This node's name, recorded with every connection it opens (`--node-id`).
     pub node: String,
+    /// Renders `/metrics` (the recorder `main` installed); `None`: off.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// `/readyz` answers 503 while the fan-out is further behind the log than this.
+    pub ready_max_lag: std::time::Duration,
 }
 
 /// Runs until ctrl-c or SIGTERM.
@@ -63,6 +67,8 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         max_connections_per_user,
         connection_retention,
         node,
+        metrics,
+        ready_max_lag,
     } = config;
     let hub = Hub::new();
     let routes = Routes::new(&store, hub.clone(), identity)
@@ -89,14 +95,14 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         Err(error) => tracing::error!(%error, "could not close the previous run's connections"),
     }
 
-    if let Some(feed) = store.feed.clone() {
+    let progress = if let Some(feed) = store.feed.clone() {
         let fanout = FanOut::new(&store, hub.clone()).with_delay(fanout_delay);
         // Connections of an earlier run are gone with it; new ones replay with joinRoom{after}.
         let start = tail::current_position(feed.as_ref()).await;
         let roster = Roster::load(store.directory.as_ref())
             .await
             .map_err(std::io::Error::other)?;
-        tail::start(feed, fanout, roster, start);
+        Some(tail::start(feed, fanout, roster, start))
     } else if let (Some(source), Some(stream_fanout)) = (
         changes,
         StreamFanOut::new(
@@ -107,9 +113,11 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         // Positioned before the gateway accepts anyone, so no append through it is missed.
         let tail = source.start().await.map_err(std::io::Error::other)?;
         tokio::spawn(tail.run(stream_fanout));
+        None
     } else {
         tracing::warn!("this store has no local feed: nothing will be broadcast");
-    }
+        None
+    };
 
     if let (Some(retention), Some(store)) = (connection_retention, store.retention.clone()) {
         tokio::spawn(crate::connections::forget_closed(store, retention));
@@ -125,6 +133,9 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         lifetime,
         management_keys,
         admission,
+        metrics,
+        fanout: progress,
+        ready_max_lag,
     });
     let header_timeout = state.lifetime.header_read;
     crate::gateway::http::serve(listener, router(state), header_timeout, async move {

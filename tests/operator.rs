@@ -335,3 +335,151 @@ async fn closed_connections_are_forgotten_after_the_retention() {
         .collect();
     assert_eq!(texts, ["still here after she left", "the last word"]);
 }
+
+/// A value from Prometheus text: the sample whose name and labels are exactly `series`
+/// (`name` or `name{label="value"}`); 0 when absent (a counter not yet moved).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().expect("a number"))
+        })
+        .unwrap_or(0.0)
+}
+
+async fn scrape(server: &Server) -> String {
+    let answer = reqwest::Client::new()
+        .get(format!("{}/metrics", server.url()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    answer.text().await.unwrap()
+}
+
+/// `/metrics` during a real exchange: the counters move by what happened — frames in by route,
+/// appends, deliveries, refused frames, open connections — and it is behind the admin token.
+#[tokio::test]
+async fn metrics_count_a_real_exchange() {
+    let server = Server::start_readable();
+    let unauthenticated = reqwest::get(format!("{}/metrics", server.url()))
+        .await
+        .unwrap();
+    assert_eq!(unauthenticated.status(), 401);
+
+    let before = scrape(&server).await;
+    let mut ana = server.connect("ana").await;
+    let mut bo = server.connect("bo").await;
+    ana.join("metered").await;
+    bo.join("metered").await;
+    for text in ["one", "two", "three", "marker"] {
+        ana.say("metered", text).await;
+    }
+    let is_marker = |f: &Value| f["type"] == "message" && f["text"] == "marker";
+    let pushed =
+        ana.pushed_until(is_marker).await.len() + bo.pushed_until(is_marker).await.len() + 2;
+    ana.send_binary(vec![1, 2, 3]).await;
+    assert_eq!(ana.answer().await["code"], "bad_request");
+
+    let moved = |after: &str, series: &str| sample(after, series) - sample(&before, series);
+    // Deliveries are counted once the posts return, a moment after the frames are queued.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let after = scrape(&server).await;
+        if moved(&after, "palaver_deliveries_total") >= pushed as f64
+            || std::time::Instant::now() > deadline
+        {
+            break after;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(moved(&after, "palaver_deliveries_total"), pushed as f64);
+    assert_eq!(
+        moved(&after, r#"palaver_frames_in_total{route="joinRoom"}"#),
+        2.0
+    );
+    assert_eq!(
+        moved(&after, r#"palaver_frames_in_total{route="sendMessage"}"#),
+        4.0
+    );
+    // Two connects, two joins, four messages.
+    assert_eq!(moved(&after, "palaver_appends_total"), 8.0);
+    assert_eq!(
+        moved(&after, r#"palaver_frames_refused_total{reason="binary"}"#),
+        1.0
+    );
+    assert_eq!(sample(&after, "palaver_connections_open"), 2.0);
+    assert_eq!(sample(&after, "palaver_fanout_lag_events"), 0.0);
+    assert!(
+        after.contains("# TYPE palaver_commit_batch_size summary"),
+        "{after}"
+    );
+}
+
+/// `/readyz` answers 503 while the fan-out is further behind the log than `--ready-max-lag`
+/// (here every event is held back 3 s and the limit is 1 s), and 200 again once it caught up.
+#[tokio::test]
+async fn readyz_says_when_the_fanout_falls_behind() {
+    let server = Server::start_readable_with(&[
+        ("PALAVER_FANOUT_DELAY", "3s"),
+        ("PALAVER_READY_MAX_LAG", "1s"),
+    ]);
+    let ready = || async {
+        let answer = reqwest::get(format!("{}/readyz", server.url()))
+            .await
+            .unwrap();
+        (answer.status().as_u16(), answer.text().await.unwrap())
+    };
+    assert_eq!(ready().await, (200, "ready\n".to_owned()));
+    let mut ana = server.connect("ana").await;
+    ana.join("slow").await;
+    let mut states = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    // Behind, then caught up: the join is delivered 3 s after it was logged.
+    while std::time::Instant::now() < deadline {
+        let (status, body) = ready().await;
+        if states.last() != Some(&status) {
+            states.push(status);
+        }
+        if status == 503 {
+            assert!(body.contains("behind the log"), "{body}");
+        }
+        if states == [200, 503, 200] || states == [503, 200] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(states.last(), Some(&200), "{states:?}");
+    assert!(states.contains(&503), "{states:?}");
+}
+
+/// `--log-format json`: every log line is one JSON object a log shipper can read, with the
+/// event's fields (here the `connected` line of a handshake).
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let server = Server::start_with(&[("PALAVER_LOG_FORMAT", "json")]);
+    let _ana = server.connect("ana").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines = server.stderr.lock().unwrap().clone();
+        let objects: Vec<Value> = lines
+            .iter()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect();
+        if let Some(connected) = objects
+            .iter()
+            .find(|o| o["fields"]["message"] == "connected")
+        {
+            assert_eq!(connected["fields"]["user"], "ana", "{connected}");
+            assert_eq!(connected["level"], "INFO");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no connected line: {lines:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

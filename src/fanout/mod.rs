@@ -482,6 +482,9 @@ impl FanOut {
                 }
             }
         }
+        metrics::counter!(crate::metrics::DELIVERIES).increment(delivery.delivered as u64);
+        metrics::counter!(crate::metrics::GONE).increment(delivery.gone.len() as u64);
+        metrics::counter!(crate::metrics::FAILED_POSTS).increment(delivery.failed as u64);
         delivery
     }
 }

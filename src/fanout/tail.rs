@@ -13,6 +13,7 @@ use super::{FanOut, Roster};
 use crate::domain::Event;
 use crate::ports::{LogFeed, StoreError};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -32,9 +33,18 @@ const PAGES_AHEAD: usize = 4;
 /// every busy socket writer. The delivery runs as a task on the shared runtime, a page at a time
 /// without waiting on anything: the writers it wakes are then queued on its own worker, which
 /// is far cheaper than waking them from another thread.
-pub fn start(feed: Arc<dyn LogFeed>, fanout: FanOut, mut roster: Roster, checkpoint: u64) {
+///
+/// Returns how far it has delivered, for the lag that `/metrics` and `/readyz` report.
+pub fn start(
+    feed: Arc<dyn LogFeed>,
+    fanout: FanOut,
+    mut roster: Roster,
+    checkpoint: u64,
+) -> Arc<Progress> {
+    let progress = Arc::new(Progress(AtomicU64::new(checkpoint)));
     let (pages, mut read) = mpsc::channel::<Vec<(u64, Event)>>(PAGES_AHEAD);
     crate::dedicated::spawn("palaver-tail", follow(feed, pages, checkpoint));
+    let delivered = progress.clone();
     tokio::spawn(async move {
         while let Some(page) = read.recv().await {
             for (position, event) in &page {
@@ -43,9 +53,20 @@ pub fn start(feed: Arc<dyn LogFeed>, fanout: FanOut, mut roster: Roster, checkpo
                     tracing::error!(%error, position, "fan-out failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
+                delivered.0.store(*position, Ordering::Release);
             }
         }
     });
+    progress
+}
+
+/// The log position of the last event the tail has delivered.
+pub struct Progress(AtomicU64);
+
+impl Progress {
+    pub fn delivered(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 /// Reads the log in commit order from `checkpoint` on and hands it over a page at a time.
@@ -64,8 +85,10 @@ async fn follow(
                     // Somewhere in the page: go one event at a time up to it.
                     Ok(one) => one,
                     Err(StoreError::Corrupt(why)) => {
-                        // Positions have no gaps, so the next one is the unreadable event. No
-                        // retry can decode it; waiting for it would stop every room's fan-out.
+                        // The unreadable event is the first after the checkpoint: step past
+                        // it one position at a time (positions have gaps where connections were
+                        // forgotten). No retry can decode it; waiting for it would stop every
+                        // room's fan-out.
                         tracing::error!(
                             position = checkpoint + 1,
                             %why,

@@ -36,6 +36,21 @@ pub async fn guard(
     }
 }
 
+/// The same guard for what is open without a token (`/metrics`): checked only when
+/// `PALAVER_ADMIN_TOKEN` is set.
+pub async fn guard_if_set(
+    State(state): State<Arc<GatewayState>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    if state.admin_token.is_none() || authorized(&state, &headers) {
+        next.run(request).await
+    } else {
+        unauthorized()
+    }
+}
+
 fn authorized(state: &GatewayState, headers: &HeaderMap) -> bool {
     // The scheme is case-insensitive (RFC 7235 §2.1): `bearer` is `Bearer`.
     let presented = headers

@@ -2,7 +2,8 @@
 //!
 //! - `/` — WebSocket connections (routes selected by `action`), or the chat page for a browser;
 //! - `/@connections/{id}` and `/{stage}/@connections/{id}` — the management API;
-//! - `/admin/...` — operator queries behind a bearer token; `/healthz`.
+//! - `/admin/...` — operator queries behind a bearer token;
+//! - `/metrics` (behind the same token when one is set), `/healthz`, `/readyz`.
 
 mod admin;
 pub mod admission;
@@ -10,6 +11,7 @@ pub mod http;
 pub mod hub;
 pub mod lifetime;
 mod management;
+mod ops;
 mod outbox;
 mod page;
 pub mod rate;
@@ -42,6 +44,12 @@ pub struct GatewayState {
     pub management_keys: Option<sigv4::ManagementKeys>,
     /// Caps on open connections and on how fast one address opens them.
     pub admission: admission::Admission,
+    /// Renders `/metrics`; `None` when no recorder was installed.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// How far the local tail has delivered; `None` where none runs (DynamoDB).
+    pub fanout: Option<Arc<crate::fanout::tail::Progress>>,
+    /// `/readyz` answers 503 while the fan-out is further behind the log than this.
+    pub ready_max_lag: std::time::Duration,
 }
 
 /// The gateway's routes.
@@ -64,9 +72,17 @@ pub fn router(state: Arc<GatewayState>) -> Router {
             state.clone(),
             admin::guard,
         ));
+    let metrics = Router::new()
+        .route("/metrics", get(ops::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin::guard_if_set,
+        ));
     Router::new()
         .route("/", get(websocket::root))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ops::readyz))
+        .merge(metrics)
         .merge(management)
         .merge(admin)
         .with_state(state)

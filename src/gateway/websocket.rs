@@ -48,7 +48,10 @@ pub async fn root(
 ) -> Response {
     let accept = match accept_key(request.method(), &headers) {
         Handshake::Page => return page::index().await.into_response(),
-        Handshake::Refused(why) => return (StatusCode::BAD_REQUEST, why).into_response(),
+        Handshake::Refused(why) => {
+            refused_handshake("bad_request");
+            return (StatusCode::BAD_REQUEST, why).into_response();
+        }
         Handshake::Accept(accept) => accept,
     };
     if let Err(refused) = state.admission.admit(peer.ip(), state.hub.len()) {
@@ -57,6 +60,10 @@ pub async fn root(
             Refused::TooFast => "too many new connections from this address; slow down\n",
         };
         tracing::info!(%peer, ?refused, "handshake refused");
+        refused_handshake(match refused {
+            Refused::Full => "full",
+            Refused::TooFast => "too_fast",
+        });
         return (
             StatusCode::TOO_MANY_REQUESTS,
             [(header::RETRY_AFTER, "1")],
@@ -106,10 +113,16 @@ pub async fn root(
                 .ok()
                 .and_then(|s| StatusCode::from_u16(s).ok())
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            refused_handshake(match status {
+                StatusCode::UNAUTHORIZED => "unauthorized",
+                StatusCode::TOO_MANY_REQUESTS => "too_many_for_user",
+                _ => "failed",
+            });
             return (status, body_text(response).unwrap_or_default()).into_response();
         }
         Err(error) => {
             tracing::error!(connection = %id, %error, "$connect failed");
+            refused_handshake("failed");
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         }
     }
@@ -119,6 +132,16 @@ pub async fn root(
     answer.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     answer.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     switching
+}
+
+/// Counts a handshake answered with anything but 101.
+fn refused_handshake(reason: &'static str) {
+    metrics::counter!(crate::metrics::HANDSHAKES_REFUSED, "reason" => reason).increment(1);
+}
+
+/// Counts a frame refused before any route ran.
+fn refused_frame(reason: &'static str) {
+    metrics::counter!(crate::metrics::FRAMES_REFUSED, "reason" => reason).increment(1);
 }
 
 enum Handshake {
@@ -237,6 +260,7 @@ async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: Socket) {
             Some(Ok(Message::Text(text))) => text,
             Some(Ok(Message::Binary(_))) => {
                 link.touch();
+                refused_frame("binary");
                 let error = ServerFrame::error(
                     ErrorCode::BadRequest,
                     "binary frames are not supported: send JSON text frames",
@@ -255,8 +279,9 @@ async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: Socket) {
             Some(Ok(Message::Pong(_) | Message::Frame(_))) => continue,
             Some(Err(error)) => {
                 tracing::debug!(connection = %link.id, %error, "socket error");
-                if let Some(code) = refusal(&error) {
+                if let Some((code, reason)) = refusal(&error) {
                     link.close(code);
+                    refused_frame(reason);
                     refused_a_frame = true;
                 }
                 break;
@@ -265,11 +290,15 @@ async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: Socket) {
         link.touch();
         match rate.as_mut().map_or(Verdict::Admit, RateLimit::admit) {
             Verdict::Admit => pipeline.start(&state, &link, text),
-            Verdict::Refuse => pipeline.ready(
-                ServerFrame::error(ErrorCode::RateLimited, "too many frames: slow down", None)
-                    .to_json(),
-            ),
+            Verdict::Refuse => {
+                refused_frame("rate_limited");
+                pipeline.ready(
+                    ServerFrame::error(ErrorCode::RateLimited, "too many frames: slow down", None)
+                        .to_json(),
+                )
+            }
             Verdict::Flooding => {
+                refused_frame("flooding");
                 link.close(CloseReason::Flooding);
                 break;
             }
@@ -306,13 +335,16 @@ async fn linger(reading: &mut (impl AsyncRead + Unpin)) {
     .await;
 }
 
-/// The close a protocol error earns, when the client should hear why.
-fn refusal(error: &tokio_tungstenite::tungstenite::Error) -> Option<CloseReason> {
+/// The close a protocol error earns, when the client should hear why, and its name in
+/// [`crate::metrics::FRAMES_REFUSED`].
+fn refusal(error: &tokio_tungstenite::tungstenite::Error) -> Option<(CloseReason, &'static str)> {
     use tokio_tungstenite::tungstenite::error::{CapacityError, Error};
     match error {
-        Error::Capacity(CapacityError::MessageTooLong { .. }) => Some(CloseReason::TooBig),
-        Error::Utf8(_) => Some(CloseReason::BadData),
-        Error::Protocol(_) => Some(CloseReason::ProtocolError),
+        Error::Capacity(CapacityError::MessageTooLong { .. }) => {
+            Some((CloseReason::TooBig, "too_big"))
+        }
+        Error::Utf8(_) => Some((CloseReason::BadData, "bad_data")),
+        Error::Protocol(_) => Some((CloseReason::ProtocolError, "protocol_error")),
         _ => None,
     }
 }
@@ -372,6 +404,7 @@ async fn write_all(
             }
             written -= front.len();
             frames.pop_front();
+            metrics::counter!(crate::metrics::FRAMES_OUT).increment(1);
         }
     }
     Ok(())
@@ -444,6 +477,7 @@ impl Pipeline {
         } else {
             select_route(text.as_str())
         };
+        metrics::counter!(crate::metrics::FRAMES_IN, "route" => route).increment(1);
         let turn = if route == "sendMessage" {
             let (turn, next) = Turn::chain(self.after.take());
             self.after = Some(next);

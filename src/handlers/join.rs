@@ -69,6 +69,7 @@ async fn replay(
         .unwrap_or(u64::MAX);
     let mut page = routes.log.read(&stream, after, MAX_HISTORY_LIMIT).await?;
     page.retain(|event| event.seq < live_from);
+    metrics::counter!(crate::metrics::REPLAYED).increment(page.len() as u64);
     for frame in ServerFrame::page_of(&page, MAX_PAGE_BYTES) {
         // Appended since the head was read: the answer must not say less than was sent.
         *head = (*head).max(frame.seq().unwrap_or(0));

@@ -278,6 +278,7 @@ impl EventLog for MemoryStore {
         state.streams.entry(key).or_default().push(position);
         drop(state);
         self.committed.send_replace(position as u64 + 1);
+        metrics::counter!(crate::metrics::APPENDS).increment(1);
         Ok(Appended {
             event,
             duplicate: false,

@@ -311,6 +311,13 @@ impl Client {
         self.send_text(&frame.to_string()).await;
     }
 
+    pub async fn send_binary(&mut self, bytes: Vec<u8>) {
+        self.ws
+            .send(Message::Binary(bytes.into()))
+            .await
+            .expect("frame sent");
+    }
+
     pub async fn send_text(&mut self, text: &str) {
         self.ws.send(Message::text(text)).await.expect("frame sent");
     }

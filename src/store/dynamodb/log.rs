@@ -244,6 +244,7 @@ impl EventLog for DynamoStore {
             match self.write(&event).await {
                 Ok(()) => {
                     *known_head = Some(event.seq);
+                    metrics::counter!(crate::metrics::APPENDS).increment(1);
                     return Ok(Appended {
                         event,
                         duplicate: false,

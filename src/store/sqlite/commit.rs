@@ -128,6 +128,8 @@ async fn commit(
         Ok(plan) => {
             let last = plan.last();
             tracing::debug!(batch = size, position = last, "committed");
+            metrics::counter!(crate::metrics::APPENDS).increment(plan.events().count() as u64);
+            metrics::histogram!(crate::metrics::COMMIT_BATCH).record(size as f64);
             // Wake the tails before answering, so that whoever sees the answer also finds the
             // feed already moved.
             if let Some(last) = last {
