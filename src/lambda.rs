@@ -302,6 +302,28 @@ impl Aws {
 
 /// `palaver-fanout`: delivers what a batch of the events table's stream announces, and names
 /// the records to hand over again.
+/// Installs the recorder that turns what an invocation counts ([`crate::metrics`], the names
+/// `palaver serve`'s `/metrics` shows) into CloudWatch Embedded Metric Format: a JSON line in
+/// the function's log that CloudWatch makes metrics of, with no agent and no API call.
+/// Namespace `palaver`, dimension `function`.
+pub fn embedded_metrics(
+    function: &'static str,
+) -> Result<&'static metrics_cloudwatch_embedded::Collector, lambda_runtime::Error> {
+    let collector = metrics_cloudwatch_embedded::Builder::new()
+        .cloudwatch_namespace("palaver")
+        .with_dimension("function", function)
+        .init()?;
+    crate::metrics::describe();
+    Ok(collector)
+}
+
+/// Writes what the invocation counted as one EMF line to stdout, the function's log.
+pub fn flush_metrics(collector: &metrics_cloudwatch_embedded::Collector) {
+    if let Err(error) = collector.flush(std::io::stdout().lock()) {
+        tracing::warn!(%error, "could not write the invocation's metrics");
+    }
+}
+
 pub async fn fan_out(fanout: &StreamFanOut, event: StreamEvent) -> DynamoDbEventResponse {
     let records = event.records.len();
     let report = fanout.handle(wakes_of(event)).await;

@@ -284,6 +284,18 @@ async fn a_big_room_is_delivered_through_the_queue() {
     }
 }
 
+/// Waits for `found` to give something (a line a function's log thread has not read yet).
+async fn eventually<T>(found: impl Fn() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(found) = found() {
+            return found;
+        }
+        assert!(std::time::Instant::now() < deadline, "never found");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// The three binaries themselves, each run as Lambda runs it — polling a Runtime API for
 /// events and posting back answers — on the same path: what `cargo lambda build` packages is
 /// what is tested here.
@@ -316,6 +328,20 @@ async fn the_function_binaries_run_the_path_through_the_runtime_api() {
         (sent["type"].as_str(), sent["seq"].as_u64()),
         (Some("sent"), Some(3))
     );
+    // The invocation's metrics, as a CloudWatch Embedded Metric Format line in its log: the
+    // same names as `palaver serve`'s /metrics, in namespace `palaver` by function.
+    let emf = eventually(|| {
+        route
+            .metric_lines()
+            .into_iter()
+            .find(|l| l["palaver_appends_total"].is_number())
+    })
+    .await;
+    let declared = &emf["_aws"]["CloudWatchMetrics"][0];
+    assert_eq!(declared["Namespace"], "palaver", "{emf}");
+    assert_eq!(declared["Dimensions"], json!([["function"]]), "{emf}");
+    assert_eq!(emf["function"], "palaver-route", "{emf}");
+    assert_eq!(emf["palaver_appends_total"], 1, "the connect's line: {emf}");
     let refused = json!({"action": "getHistory", "room": "elsewhere"});
     let answer = answer_of(&route.invoke(world.message_event(&ana, &refused)).await);
     assert_eq!(answer["code"], "not_member", "{answer}");
@@ -323,10 +349,22 @@ async fn the_function_binaries_run_the_path_through_the_runtime_api() {
     let batch = world.stream.next_event(5).await;
     let response = fanout.invoke(batch).await;
     assert_eq!(response, json!({"batchItemFailures": []}));
+    let mut received = 0;
     for socket in [&mut ana, &mut ben] {
         let frames = socket.until_message(3).await;
         assert_two_joins_then_a_message(&frames, &socket.user);
+        received += frames.len() as u64;
     }
+    // Every frame the batch put on a socket, each counted once.
+    let delivered = || -> u64 {
+        let lines = fanout.metric_lines();
+        lines
+            .iter()
+            .filter_map(|l| l["palaver_deliveries_total"].as_u64())
+            .sum()
+    };
+    eventually(|| (delivered() >= received).then_some(())).await;
+    assert_eq!(delivered(), received, "{:?}", fanout.metric_lines());
 
     let job = DeliveryJob {
         frame: json!({"type": "presence", "room": "general", "user": "zoe", "online": true})

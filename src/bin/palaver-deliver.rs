@@ -13,8 +13,11 @@ async fn main() -> Result<(), Error> {
     let config = LambdaConfig::from_env()?;
     let fanout = Aws::connect(&config).await.fanout();
     let fanout = &fanout;
+    let metrics = lambda::embedded_metrics("palaver-deliver")?;
     run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
-        Ok::<_, Error>(lambda::deliver(fanout, event.payload).await)
+        let answer = lambda::deliver(fanout, event.payload).await;
+        lambda::flush_metrics(metrics);
+        Ok::<_, Error>(answer)
     }))
     .await
 }

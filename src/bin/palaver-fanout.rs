@@ -13,8 +13,11 @@ async fn main() -> Result<(), Error> {
     let config = LambdaConfig::from_env()?;
     let fanout = Aws::connect(&config).await.stream_fanout();
     let fanout = &fanout;
+    let metrics = lambda::embedded_metrics("palaver-fanout")?;
     run(service_fn(move |event: LambdaEvent<Event>| async move {
-        Ok::<_, Error>(lambda::fan_out(fanout, event.payload).await)
+        let answer = lambda::fan_out(fanout, event.payload).await;
+        lambda::flush_metrics(metrics);
+        Ok::<_, Error>(answer)
     }))
     .await
 }

@@ -4,7 +4,7 @@
 
 use aws_lambda_events::apigw::ApiGatewayWebsocketProxyRequest;
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
-use palaver::lambda::{Aws, LambdaConfig};
+use palaver::lambda::{self, Aws, LambdaConfig};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
@@ -13,9 +13,12 @@ async fn main() -> Result<(), Error> {
     let config = LambdaConfig::from_env()?;
     let routes = Aws::connect(&config).await.routes().await?;
     let routes = &routes;
+    let metrics = lambda::embedded_metrics("palaver-route")?;
     run(service_fn(
         move |event: LambdaEvent<ApiGatewayWebsocketProxyRequest>| async move {
-            Ok::<_, Error>(routes.handle(event.payload).await)
+            let answer = routes.handle(event.payload).await;
+            lambda::flush_metrics(metrics);
+            Ok::<_, Error>(answer)
         },
     ))
     .await

@@ -135,7 +135,7 @@ impl Link {
         self.socket_full.store(full, Ordering::Relaxed);
     }
 
-    /// The upgrade completed: frames may be posted to it from now on.
+    /// The handshake is answered (101): frames may be posted to it from now on.
     pub fn opened(&self) {
         self.open.store(true, Ordering::Release);
     }

@@ -79,6 +79,7 @@ pub async fn root(
     let id = ConnectionId::random();
     let link = state.hub.register(id.clone(), peer.ip(), user_agent);
 
+    let answered = link.clone();
     let mut connect = state.request(&link, "$connect", "CONNECT", None);
     connect.query_string_parameters = params.into();
     connect.headers = headers;
@@ -107,7 +108,10 @@ pub async fn root(
         Ok(())
     });
     match connecting.await {
-        Ok(Ok(())) => {}
+        // From the moment the 101 goes out the client may act on its connection (a message
+        // to its room may be fanned out to it), so frames for it are queued from now on rather
+        // than refused as "still opening"; the session's writer sends them once it runs.
+        Ok(Ok(())) => answered.opened(),
         Ok(Err(response)) => {
             let status = u16::try_from(response.status_code)
                 .ok()

@@ -31,6 +31,8 @@ pub struct Function {
     api: Arc<Api>,
     events: mpsc::UnboundedSender<(String, Value)>,
     invocations: u64,
+    /// What the function wrote to stdout (its log on Lambda), line by line.
+    stdout: Arc<Mutex<Vec<String>>>,
 }
 
 impl Function {
@@ -64,19 +66,40 @@ impl Function {
             .env("AWS_LAMBDA_LOG_GROUP_NAME", format!("/aws/lambda/{name}"))
             .env("AWS_LAMBDA_LOG_STREAM_NAME", "test")
             .env("RUST_LOG", "palaver=debug,info")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null());
         for (key, value) in env {
             command.env(key, value);
         }
-        let child = command.spawn().expect("the function binary starts");
+        let mut child = command.spawn().expect("the function binary starts");
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let lines = stdout.clone();
+        let pipe = child.stdout.take().expect("piped stdout");
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
         Function {
             name: name.to_owned(),
             child,
             api,
             events,
             invocations: 0,
+            stdout,
         }
+    }
+
+    /// The Embedded Metric Format lines the function has written so far, parsed.
+    pub fn metric_lines(&self) -> Vec<Value> {
+        self.stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|line| line["_aws"]["CloudWatchMetrics"].is_array())
+            .collect()
     }
 
     /// The function's process, for measuring what it uses.
