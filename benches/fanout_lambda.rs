@@ -10,10 +10,10 @@
 //!
 //! The local gateway speaks plain HTTP, so TLS is not in these figures (see docs/deploy.md).
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 
-#[path = "../tests/aws_support/mod.rs"]
+#[path = "../tests/it/aws_support/mod.rs"]
 mod aws_support;
 
 use aws_support::{Options, World, failures};

@@ -14,7 +14,7 @@
 //! goes back to Lambda as `batchItemFailures`, so one bad record never makes a whole batch run
 //! again (and re-send what was already delivered).
 //!
-//! The tests in `tests/aws_path.rs` call these same functions with Lambda's event JSON.
+//! The tests in `tests/it/aws_path.rs` call these same functions with Lambda's event JSON.
 
 use crate::aws::events::{stream_response, wakes_of};
 use crate::aws::queue::{jobs_of, sqs_response};

@@ -5,7 +5,7 @@
 //! chromium-driver`); `CHROMIUM` / `CHROMEDRIVER` override the paths. Without them the tests
 //! fail: they are never skipped.
 
-mod common;
+use crate::common;
 
 use common::{Server, WAIT};
 use fantoccini::key::Key;

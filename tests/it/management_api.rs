@@ -1,7 +1,7 @@
 //! The local management API through the real `aws-sdk-apigatewaymanagement` client, as the
 //! fan-out Lambda uses it against API Gateway.
 
-mod common;
+use crate::common;
 
 use aws_sdk_apigatewaymanagement::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_apigatewaymanagement::primitives::Blob;

@@ -8,7 +8,7 @@
 //! The case counts are fixed (not `PROPTEST_CASES`) so that the test command's run time is too;
 //! a failure prints the smallest input proptest shrank it to.
 
-mod common;
+use crate::common;
 
 use common::Server;
 use palaver::domain::requests::{ROUTES, default_route_rejection, parse, select_route};

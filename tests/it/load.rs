@@ -1,6 +1,6 @@
 //! Many clients at once: every member gets every message of its room exactly once, in order.
 
-mod common;
+use crate::common;
 
 use common::Server;
 use std::collections::BTreeSet;

@@ -12,7 +12,7 @@
 //! Tests of one backend's own promises (SQLite: the file survives reopening, bad rows are errors)
 //! follow the suite.
 
-mod common;
+use crate::common;
 
 use palaver::domain::event::now;
 use palaver::domain::{

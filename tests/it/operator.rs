@@ -1,6 +1,6 @@
 //! What operators see: the CLI commands and the admin endpoints, on a live server's store.
 
-mod common;
+use crate::common;
 
 use common::{ADMIN, Server};
 use serde_json::{Value, json};

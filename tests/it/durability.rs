@@ -2,7 +2,7 @@
 //! the registry are closed when it starts again — all of them on a store it owns (SQLite), its
 //! own on one it shares with other nodes (DynamoDB).
 
-mod common;
+use crate::common;
 
 use common::Server;
 use serde_json::{Value, json};

@@ -1,6 +1,6 @@
 //! The wire protocol end to end: real WebSocket clients against a real `palaver serve`.
 
-mod common;
+use crate::common;
 
 use common::{Client, Server};
 use serde_json::{Value, json};

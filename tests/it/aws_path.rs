@@ -9,8 +9,7 @@
 //!
 //! Needs a moto server: run `scripts/test` (a missing `AWS_ENDPOINT_URL` fails every test).
 
-mod aws_support;
-mod common;
+use crate::aws_support;
 
 use aws_support::{Options, World, answer_of, failures, room_frames};
 use palaver::domain::{ConnectionId, RoomName, Stream, UserId};
