@@ -361,9 +361,10 @@ async fn scrape(server: &Server) -> String {
 
 /// `/metrics` during a real exchange: the counters move by what happened — frames in by route,
 /// appends, deliveries, refused frames, open connections — and it is behind the admin token.
+/// On SQLite, where the commit batches and the local tail's lag are measured too.
 #[tokio::test]
 async fn metrics_count_a_real_exchange() {
-    let server = Server::start_readable();
+    let server = Server::start_sqlite();
     let unauthenticated = reqwest::get(format!("{}/metrics", server.url()))
         .await
         .unwrap();
@@ -420,12 +421,19 @@ async fn metrics_count_a_real_exchange() {
 
 /// `/readyz` answers 503 while the fan-out is further behind the log than `--ready-max-lag`
 /// (here every event is held back 3 s and the limit is 1 s), and 200 again once it caught up.
+/// On SQLite: on DynamoDB the lag is the stream's, measured by CloudWatch.
 #[tokio::test]
 async fn readyz_says_when_the_fanout_falls_behind() {
-    let server = Server::start_readable_with(&[
-        ("PALAVER_FANOUT_DELAY", "3s"),
-        ("PALAVER_READY_MAX_LAG", "1s"),
-    ]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = format!("sqlite://{}", dir.path().join("palaver.db").display());
+    let server = Server::start_with_env(
+        dir,
+        &store,
+        &[
+            ("PALAVER_FANOUT_DELAY", "3s"),
+            ("PALAVER_READY_MAX_LAG", "1s"),
+        ],
+    );
     let ready = || async {
         let answer = reqwest::get(format!("{}/readyz", server.url()))
             .await

@@ -957,13 +957,7 @@ async fn pings_bad_handshakes_and_oversized_frames_get_protocol_answers() {
     ws.send(Message::text("x".repeat(200 * 1024)))
         .await
         .unwrap();
-    let close = loop {
-        match ws.next().await {
-            Some(Ok(Message::Close(frame))) => break frame.expect("a close code"),
-            Some(Ok(_)) => continue,
-            other => panic!("expected a close frame, got {other:?}"),
-        }
-    };
+    let close = close_frame(&mut ws).await;
     assert_eq!(close.code, CloseCode::Size, "{close:?}");
 
     // So does a 20 MB frame, which the server refuses at its header: the client's send still
@@ -971,13 +965,7 @@ async fn pings_bad_handshakes_and_oversized_frames_get_protocol_answers() {
     let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
     let sent = ws.send(Message::text("x".repeat(20 * 1024 * 1024))).await;
     assert!(sent.is_ok(), "the send of 20 MB failed: {sent:?}");
-    let close = loop {
-        match ws.next().await {
-            Some(Ok(Message::Close(frame))) => break frame.expect("a close code"),
-            Some(Ok(_)) => continue,
-            other => panic!("expected a close frame (send: {sent:?}), got {other:?}"),
-        }
-    };
+    let close = close_frame(&mut ws).await;
     assert_eq!(close.code, CloseCode::Size, "{close:?}");
 
     // A text frame that is not UTF-8 closes with 1007 (invalid frame payload data).
@@ -986,14 +974,25 @@ async fn pings_bad_handshakes_and_oversized_frames_get_protocol_answers() {
     let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
     let not_utf8 = Frame::message(vec![0xff, 0xfe, 0x41], OpCode::Data(Data::Text), true);
     ws.send(Message::Frame(not_utf8)).await.unwrap();
-    let close = loop {
+    let close = close_frame(&mut ws).await;
+    assert_eq!(close.code, CloseCode::Invalid, "{close:?}");
+}
+
+/// The close frame the server ends `ws` with, past any frames before it.
+async fn close_frame(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> tokio_tungstenite::tungstenite::protocol::CloseFrame {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
         match ws.next().await {
-            Some(Ok(Message::Close(frame))) => break frame.expect("a close code"),
+            Some(Ok(Message::Close(frame))) => return frame.expect("a close code"),
             Some(Ok(_)) => continue,
             other => panic!("expected a close frame, got {other:?}"),
         }
-    };
-    assert_eq!(close.code, CloseCode::Invalid, "{close:?}");
+    }
 }
 
 /// As on API Gateway: a connection that sends nothing for the idle timeout is closed (1001), a
