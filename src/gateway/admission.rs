@@ -4,9 +4,9 @@
 //! before any work is done for it (no token check, no `$connect`).
 
 use super::rate::{RateLimit, Verdict};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
 
 /// Open connections the server takes at most, unless set (`--max-connections`).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 50_000;
@@ -50,7 +50,7 @@ impl Admission {
         if self.per_address == 0 || peer.is_loopback() {
             return Ok(());
         }
-        let mut addresses = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        let mut addresses = self.addresses.lock();
         if addresses.len() >= MAX_ADDRESSES && !addresses.contains_key(&peer) {
             addresses.clear();
         }

@@ -12,10 +12,11 @@ use crate::ports::{ConnectionGateway, PostError};
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
 use tokio::sync::Notify;
 
 /// Frames queued for one connection before it counts as too slow — when its socket is not
@@ -105,7 +106,7 @@ impl Link {
     /// Asks the connection's tasks to close it; the first reason given wins.
     pub fn close(&self, reason: CloseReason) {
         if !self.closing.swap(true, Ordering::AcqRel) {
-            *self.close_reason.write().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+            *self.close_reason.write() = Some(reason);
         }
         self.closed.notify_waiters();
         self.closed.notify_one();
@@ -116,7 +117,7 @@ impl Link {
     }
 
     pub fn close_reason(&self) -> Option<CloseReason> {
-        *self.close_reason.read().unwrap_or_else(|p| p.into_inner())
+        *self.close_reason.read()
     }
 
     /// Resolves once [`Link::close`] was called.
@@ -215,37 +216,27 @@ impl Hub {
     }
 
     pub fn get(&self, id: &ConnectionId) -> Option<Arc<Link>> {
-        self.links
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+        self.links.read().get(id).cloned()
     }
 
     /// Closes every connection (on shutdown: open sockets would keep the server waiting).
     pub fn close_all(&self, reason: CloseReason) {
-        let links: Vec<Arc<Link>> = self
-            .links
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let links: Vec<Arc<Link>> = self.links.read().values().cloned().collect();
         for link in links {
             link.close(reason);
         }
     }
 
     pub fn len(&self) -> usize {
-        self.links.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.links.read().len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<ConnectionId, Arc<Link>>> {
-        self.links.write().unwrap_or_else(|p| p.into_inner())
+    fn write(&self) -> parking_lot::RwLockWriteGuard<'_, HashMap<ConnectionId, Arc<Link>>> {
+        self.links.write()
     }
 }
 
@@ -271,7 +262,7 @@ impl ConnectionGateway for Hub {
         frame: Bytes,
     ) -> Vec<(usize, PostError)> {
         let message = wire::posted(frame);
-        let links = self.links.read().unwrap_or_else(|p| p.into_inner());
+        let links = self.links.read();
         let mut failures = Vec::new();
         for (i, connection) in recipients.iter().enumerate() {
             let posted = match links.get(connection) {

@@ -5,8 +5,8 @@
 //! queued at once and hands it to the kernel in one vectored write.
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use tokio::sync::Notify;
 
 /// The outbox is full: the connection's reader is not keeping up.
@@ -82,8 +82,8 @@ impl Outbox {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Bytes>> {
-        self.frames.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, VecDeque<Bytes>> {
+        self.frames.lock()
     }
 }
 

@@ -9,8 +9,8 @@
 //! until `$disconnect` — a store query per frame was a thread hand-off per frame.
 
 use crate::domain::{ConnectionId, UserId};
+use parking_lot::RwLock;
 use std::collections::HashMap;
-use std::sync::RwLock;
 
 #[derive(Default)]
 pub(super) struct KnownCallers(RwLock<Known>);
@@ -24,7 +24,7 @@ struct Known {
 
 impl KnownCallers {
     pub(super) fn opened(&self, connection: &ConnectionId, user: &UserId) {
-        let mut known = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let mut known = self.0.write();
         if known
             .users
             .insert(connection.clone(), user.clone())
@@ -35,7 +35,7 @@ impl KnownCallers {
     }
 
     pub(super) fn closed(&self, connection: &ConnectionId) {
-        let mut known = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let mut known = self.0.write();
         if let Some(user) = known.users.remove(connection)
             && let Some(count) = known.open.get_mut(&user)
         {
@@ -47,22 +47,11 @@ impl KnownCallers {
     }
 
     pub(super) fn user(&self, connection: &ConnectionId) -> Option<UserId> {
-        self.0
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .users
-            .get(connection)
-            .cloned()
+        self.0.read().users.get(connection).cloned()
     }
 
     /// How many connections `user` has open through this process.
     pub(super) fn open_of(&self, user: &UserId) -> usize {
-        self.0
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .open
-            .get(user)
-            .copied()
-            .unwrap_or(0)
+        self.0.read().open.get(user).copied().unwrap_or(0)
     }
 }

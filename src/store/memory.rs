@@ -14,8 +14,9 @@ use crate::ports::{
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use tokio::sync::watch;
 
 /// An in-process store. Nothing survives the process.
@@ -71,9 +72,9 @@ impl MemoryStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave the state half-written (every mutation is
-        // a single insert or remove), so a poisoned lock is still usable.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        // parking_lot's locks do not poison: a panic while holding it cannot leave the state
+        // half-written anyway (every mutation is a single insert or remove).
+        self.state.lock()
     }
 }
 
@@ -435,7 +436,7 @@ impl LogFeed for MemoryStore {
 #[async_trait]
 impl Checkpoints for MemoryStore {
     async fn checkpoint(&self, stream: &Stream) -> StoreResult<Checkpoint> {
-        let delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
+        let delivered = self.delivered.lock();
         Ok(delivered.get(&stream.key()).cloned().unwrap_or_default())
     }
 
@@ -445,7 +446,7 @@ impl Checkpoints for MemoryStore {
         seq: u64,
         relayed_until: Option<DateTime<Utc>>,
     ) -> StoreResult<()> {
-        let mut delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
+        let mut delivered = self.delivered.lock();
         let at = delivered.entry(stream.key()).or_default();
         if seq > at.seq {
             at.seq = seq;

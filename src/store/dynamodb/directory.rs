@@ -46,33 +46,27 @@ impl DynamoStore {
         pk: String,
         prefix: &str,
     ) -> Result<Vec<Item>, DynamoError> {
-        let mut items = Vec::new();
-        let mut start = None;
-        loop {
-            let mut query = self
-                .client
-                .query()
-                .table_name(&self.tables.state)
-                .expression_attribute_values(":pk", s(&pk));
-            query = if prefix.is_empty() {
-                query.key_condition_expression("pk = :pk")
-            } else {
-                query
-                    .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
-                    .expression_attribute_values(":prefix", s(prefix))
-            };
-            let out = query
-                .consistent_read(true)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(DynamoError::sdk)?;
-            items.extend(out.items.unwrap_or_default());
-            match out.last_evaluated_key {
-                Some(key) if !key.is_empty() => start = Some(key),
-                _ => return Ok(items),
-            }
-        }
+        let mut query = self
+            .client
+            .query()
+            .table_name(&self.tables.state)
+            .expression_attribute_values(":pk", s(&pk));
+        query = if prefix.is_empty() {
+            query.key_condition_expression("pk = :pk")
+        } else {
+            query
+                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+                .expression_attribute_values(":prefix", s(prefix))
+        };
+        // Every page: a partition can outgrow one (1 MB).
+        query
+            .consistent_read(true)
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(DynamoError::sdk)
     }
 
     async fn open_ids(&self, user: &UserId) -> Result<Vec<ConnectionId>, DynamoError> {
@@ -162,29 +156,21 @@ impl Directory for DynamoStore {
             }
             None => {
                 // Operators only: a scan of the registry rows, never on a message's path.
-                let mut start = None;
-                loop {
-                    let out = self
-                        .client
-                        .scan()
-                        .table_name(&self.tables.state)
-                        .filter_expression(
-                            "begins_with(pk, :conn) AND sk = :row AND attribute_not_exists(closedAt)",
-                        )
-                        .expression_attribute_values(":conn", s("conn#"))
-                        .expression_attribute_values(":row", s("conn"))
-                        .consistent_read(true)
-                        .set_exclusive_start_key(start)
-                        .send()
-                        .await
-                        .map_err(DynamoError::sdk)?;
-                    for item in out.items() {
-                        records.push(connection_of(item)?);
-                    }
-                    match out.last_evaluated_key {
-                        Some(key) if !key.is_empty() => start = Some(key),
-                        _ => break,
-                    }
+                let mut rows = self
+                    .client
+                    .scan()
+                    .table_name(&self.tables.state)
+                    .filter_expression(
+                        "begins_with(pk, :conn) AND sk = :row AND attribute_not_exists(closedAt)",
+                    )
+                    .expression_attribute_values(":conn", s("conn#"))
+                    .expression_attribute_values(":row", s("conn"))
+                    .consistent_read(true)
+                    .into_paginator()
+                    .items()
+                    .send();
+                while let Some(item) = rows.try_next().await.map_err(DynamoError::sdk)? {
+                    records.push(connection_of(&item)?);
                 }
             }
         }

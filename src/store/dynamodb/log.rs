@@ -284,31 +284,27 @@ impl EventLog for DynamoStore {
 
     async fn read(&self, stream: &Stream, after: u64, limit: usize) -> StoreResult<Vec<Event>> {
         let mut events = Vec::new();
-        let mut start = None;
+        let page = i32::try_from(limit).unwrap_or(i32::MAX);
+        // A page ends at 1 MB or at `limit`: the paginator follows the key, or events would be
+        // dropped; it asks for no page past the `limit`th event.
+        let mut items = self
+            .client
+            .query()
+            .table_name(&self.tables.events)
+            .key_condition_expression("#s = :s AND #q > :after")
+            .expression_attribute_names("#s", "stream")
+            .expression_attribute_names("#q", "seq")
+            .expression_attribute_values(":s", s(stream.key()))
+            .expression_attribute_values(":after", n(after))
+            .consistent_read(true)
+            .limit(page)
+            .into_paginator()
+            .items()
+            .send();
         while events.len() < limit {
-            let want = i32::try_from(limit - events.len()).unwrap_or(i32::MAX);
-            let out = self
-                .client
-                .query()
-                .table_name(&self.tables.events)
-                .key_condition_expression("#s = :s AND #q > :after")
-                .expression_attribute_names("#s", "stream")
-                .expression_attribute_names("#q", "seq")
-                .expression_attribute_values(":s", s(stream.key()))
-                .expression_attribute_values(":after", n(after))
-                .consistent_read(true)
-                .limit(want)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(DynamoError::sdk)?;
-            for item in out.items() {
-                events.push(event_of(item)?);
-            }
-            // A page ends at 1 MB or at `limit`: follow the key, or events would be dropped.
-            match out.last_evaluated_key() {
-                Some(key) if !key.is_empty() => start = Some(key.clone()),
-                _ => break,
+            match items.try_next().await.map_err(DynamoError::sdk)? {
+                Some(item) => events.push(event_of(&item)?),
+                None => break,
             }
         }
         events.truncate(limit);

@@ -32,8 +32,9 @@ use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::TransactWriteItem;
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How many rooms' append locks (and remembered heads) one process keeps.
@@ -108,7 +109,7 @@ impl DynamoStore {
         if !key.starts_with("r:") {
             return Arc::default();
         }
-        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let mut streams = self.streams.lock();
         if streams.len() >= ROOM_LOCKS && !streams.contains_key(key) {
             streams.retain(|_, lock| Arc::strong_count(lock) > 1);
         }
@@ -118,7 +119,7 @@ impl DynamoStore {
     /// How many rooms' locks are remembered now.
     #[cfg(test)]
     fn remembered_rooms(&self) -> usize {
-        self.streams.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.streams.lock().len()
     }
 
     /// Runs writes that belong together: a lone update as itself, anything else as a
