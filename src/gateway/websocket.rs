@@ -382,6 +382,7 @@ async fn write_all(
     mut frames: VecDeque<Bytes>,
     link: &Link,
 ) -> std::io::Result<()> {
+    let mut sent = 0;
     while !frames.is_empty() {
         let slices: Vec<IoSlice<'_>> = frames
             .iter()
@@ -408,9 +409,11 @@ async fn write_all(
             }
             written -= front.len();
             frames.pop_front();
-            metrics::counter!(crate::metrics::FRAMES_OUT).increment(1);
+            sent += 1;
         }
     }
+    // Once per call, not per frame: a room event is a frame for every member.
+    metrics::counter!(crate::metrics::FRAMES_OUT).increment(sent);
     Ok(())
 }
 
