@@ -33,9 +33,9 @@ use bytes::Bytes;
 use std::sync::Arc;
 
 /// Rooms with more recipients than this go through the delivery queue, by default.
-pub const DEFAULT_SHARD_THRESHOLD: usize = 200;
+pub const DEFAULT_QUEUE_THRESHOLD: usize = 200;
 /// Recipients per delivery-queue message, by default.
-pub const DEFAULT_SHARD_SIZE: usize = 100;
+pub const DEFAULT_QUEUE_JOB_SIZE: usize = 100;
 
 /// A setting that is missing or makes no sense. The function fails to start with this message,
 /// which Lambda shows as the init error.
@@ -84,9 +84,9 @@ pub struct LambdaConfig {
     pub delivery_queue_url: Option<String>,
     /// `PALAVER_FANOUT_SHARD_THRESHOLD` (default 200): more recipients than this go through
     /// the queue.
-    pub shard_threshold: usize,
+    pub queue_threshold: usize,
     /// `PALAVER_FANOUT_SHARD_SIZE` (default 100): recipients per queued message.
-    pub shard_size: usize,
+    pub queue_job_size: usize,
     /// `PALAVER_HANDSHAKE_GRACE_SECS` (default 10): a connection younger than this is not
     /// closed when a post to it answers 410 (API Gateway's answer while the handshake that ran
     /// `$connect` is still finishing).
@@ -147,15 +147,15 @@ impl LambdaConfig {
             jwt_secret_id: var("PALAVER_JWT_SECRET_ID"),
             management_endpoint,
             delivery_queue_url: var("PALAVER_DELIVERY_QUEUE_URL"),
-            shard_threshold: count(
+            queue_threshold: count(
                 "PALAVER_FANOUT_SHARD_THRESHOLD",
                 var("PALAVER_FANOUT_SHARD_THRESHOLD"),
-                DEFAULT_SHARD_THRESHOLD,
+                DEFAULT_QUEUE_THRESHOLD,
             )?,
-            shard_size: count(
+            queue_job_size: count(
                 "PALAVER_FANOUT_SHARD_SIZE",
                 var("PALAVER_FANOUT_SHARD_SIZE"),
-                DEFAULT_SHARD_SIZE,
+                DEFAULT_QUEUE_JOB_SIZE,
             )?,
             handshake_grace: match var("PALAVER_HANDSHAKE_GRACE_SECS") {
                 None => crate::connections::HANDSHAKE_GRACE,
@@ -291,8 +291,8 @@ impl Aws {
             let queue = SqsDeliveryQueue::new(aws_sdk_sqs::Client::new(&self.sdk), url);
             fanout = fanout.with_relay(
                 Arc::new(queue),
-                self.config.shard_threshold,
-                self.config.shard_size,
+                self.config.queue_threshold,
+                self.config.queue_job_size,
             );
         }
         StreamFanOut::new(&self.store, fanout)
@@ -415,8 +415,8 @@ mod tests {
         assert_eq!(config.table_prefix, "chat");
         assert_eq!(config.jwt_secret, None);
         assert_eq!(config.delivery_queue_url, None);
-        assert_eq!(config.shard_threshold, DEFAULT_SHARD_THRESHOLD);
-        assert_eq!(config.shard_size, DEFAULT_SHARD_SIZE);
+        assert_eq!(config.queue_threshold, DEFAULT_QUEUE_THRESHOLD);
+        assert_eq!(config.queue_job_size, DEFAULT_QUEUE_JOB_SIZE);
         assert_eq!(
             config.connection_retention,
             Some(crate::domain::limits::DEFAULT_CONNECTION_RETENTION)
@@ -440,7 +440,7 @@ mod tests {
         );
         assert_eq!(config.jwt_secret.as_deref(), Some("s3cret"));
         assert_eq!(config.delivery_queue_url.as_deref(), Some("https://sqs/q"));
-        assert_eq!((config.shard_threshold, config.shard_size), (10, 5));
+        assert_eq!((config.queue_threshold, config.queue_job_size), (10, 5));
     }
 
     #[test]

@@ -70,9 +70,9 @@ impl Backoff {
     }
 }
 
-/// What one failed post means.
+/// What one failed post attempt means: gone, worth another try, or failed for good.
 #[derive(Debug, PartialEq, Eq)]
-enum Verdict {
+enum Attempt {
     Gone,
     /// Worth another try after a pause.
     Retry(String),
@@ -123,7 +123,7 @@ impl ManagementApi {
         &self.endpoint
     }
 
-    async fn post_once(&self, connection: &ConnectionId, frame: &Bytes) -> Result<(), Verdict> {
+    async fn post_once(&self, connection: &ConnectionId, frame: &Bytes) -> Result<(), Attempt> {
         self.client
             .post_to_connection()
             .connection_id(connection.as_str())
@@ -131,7 +131,7 @@ impl ManagementApi {
             .send()
             .await
             .map(drop)
-            .map_err(|error| verdict(&error))
+            .map_err(|error| attempt_of(&error))
     }
 }
 
@@ -143,9 +143,9 @@ impl ConnectionGateway for ManagementApi {
         loop {
             match self.post_once(connection, &frame).await {
                 Ok(()) => return Ok(()),
-                Err(Verdict::Gone) => return Err(PostError::Gone),
-                Err(Verdict::Failed(why)) => return Err(PostError::Failed(why)),
-                Err(Verdict::Retry(why)) => {
+                Err(Attempt::Gone) => return Err(PostError::Gone),
+                Err(Attempt::Failed(why)) => return Err(PostError::Failed(why)),
+                Err(Attempt::Retry(why)) => {
                     attempt += 1;
                     if attempt >= attempts {
                         return Err(PostError::Failed(format!(
@@ -177,7 +177,7 @@ impl ConnectionGateway for ManagementApi {
 }
 
 /// Sorts a failed `postToConnection` into gone, retry, or failed.
-fn verdict(error: &SdkError<PostToConnectionError, HttpResponse>) -> Verdict {
+fn attempt_of(error: &SdkError<PostToConnectionError, HttpResponse>) -> Attempt {
     let status = error.raw_response().map(|r| r.status().as_u16());
     if let Some(service) = error.as_service_error() {
         let code = service.code().unwrap_or("an unknown error");
@@ -187,31 +187,31 @@ fn verdict(error: &SdkError<PostToConnectionError, HttpResponse>) -> Verdict {
             None => format!("{code}: {message}"),
         };
         return if service.is_gone_exception() || status == Some(410) {
-            Verdict::Gone
+            Attempt::Gone
         } else if service.is_limit_exceeded_exception() || status == Some(429) {
-            Verdict::Retry(format!("throttled: {described}"))
+            Attempt::Retry(format!("throttled: {described}"))
         } else if status.is_some_and(|s| matches!(s, 500 | 502 | 503 | 504)) {
-            Verdict::Retry(format!("server error: {described}"))
+            Attempt::Retry(format!("server error: {described}"))
         } else {
-            Verdict::Failed(described)
+            Attempt::Failed(described)
         };
     }
     match error {
         // A response arrived but could not be parsed: its status still says what happened.
-        SdkError::ResponseError(_) if status == Some(410) => Verdict::Gone,
+        SdkError::ResponseError(_) if status == Some(410) => Attempt::Gone,
         SdkError::ResponseError(_) if status == Some(429) => {
-            Verdict::Retry("throttled (HTTP 429)".to_owned())
+            Attempt::Retry("throttled (HTTP 429)".to_owned())
         }
         SdkError::DispatchFailure(failure) if failure.is_io() || failure.is_timeout() => {
-            Verdict::Retry(format!(
+            Attempt::Retry(format!(
                 "could not reach the management API: {}",
                 describe(error)
             ))
         }
         SdkError::TimeoutError(_) => {
-            Verdict::Retry("the management API did not answer in time".to_owned())
+            Attempt::Retry("the management API did not answer in time".to_owned())
         }
-        _ => Verdict::Failed(describe(error)),
+        _ => Attempt::Failed(describe(error)),
     }
 }
 
@@ -221,7 +221,7 @@ fn describe(error: &SdkError<PostToConnectionError, HttpResponse>) -> String {
 
 #[cfg(test)]
 mod tests {
-    //! The verdicts against a real HTTP server that answers like API Gateway does — and like
+    //! What each answer means, against a real HTTP server that answers like API Gateway does — and like
     //! things in front of it sometimes do (a 410 with no error header).
 
     use super::*;

@@ -212,13 +212,13 @@ pub const RELAY_GROUPS: u64 = 256;
 
 /// The jobs for one frame: recipients spread over [`RELAY_GROUPS`] groups by a stable hash of
 /// their connection id — so a connection is in the same group for every frame of the room, and
-/// sees them in order — and each group cut into jobs of at most `shard` connections.
+/// sees them in order — and each group cut into jobs of at most `job_size` connections.
 fn relay_jobs(
     recipients: &[ConnectionId],
     frame: &str,
     room: &RoomName,
     key: &str,
-    shard: usize,
+    job_size: usize,
 ) -> Vec<DeliveryJob> {
     let mut groups: Vec<Vec<ConnectionId>> = vec![Vec::new(); RELAY_GROUPS as usize];
     for connection in recipients {
@@ -227,7 +227,7 @@ fn relay_jobs(
     }
     let mut jobs = Vec::new();
     for (group, connections) in groups.into_iter().enumerate() {
-        for (part, chunk) in connections.chunks(shard).enumerate() {
+        for (part, chunk) in connections.chunks(job_size).enumerate() {
             jobs.push(DeliveryJob {
                 frame: frame.to_owned(),
                 connections: chunk.to_vec(),
@@ -247,13 +247,13 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Big rooms: above `threshold` recipients, the fan-out hands the recipients, `shard` at a time,
+/// Big rooms: above `threshold` recipients, the fan-out hands the recipients, `job_size` at a time,
 /// to delivery workers instead of posting itself.
 #[derive(Clone)]
 struct Relay {
     queue: Arc<dyn DeliveryQueue>,
     threshold: usize,
-    shard: usize,
+    job_size: usize,
 }
 
 /// Computes recipients and posts frames.
@@ -296,17 +296,17 @@ impl FanOut {
         self
     }
 
-    /// Hands audiences larger than `threshold` to `queue`, in jobs of at most `shard` recipients.
+    /// Hands audiences larger than `threshold` to `queue`, in jobs of at most `job_size` recipients.
     pub fn with_relay(
         mut self,
         queue: Arc<dyn DeliveryQueue>,
         threshold: usize,
-        shard: usize,
+        job_size: usize,
     ) -> Self {
         self.relay = Some(Relay {
             queue,
             threshold,
-            shard: shard.max(1),
+            job_size: job_size.max(1),
         });
         self
     }
@@ -428,7 +428,7 @@ impl FanOut {
             &String::from_utf8_lossy(&frame),
             room,
             key,
-            relay.shard,
+            relay.job_size,
         );
         relay
             .queue
