@@ -9,7 +9,7 @@ use futures_util::{SinkExt, StreamExt};
 use palaver::domain::{EventBody, Expect, RoomName, UserId};
 use palaver::identity::Identity;
 use palaver::ports::Store;
-use palaver::server::{ServeConfig, serve};
+use palaver::server::{ServeConfig, ServeSettings, serve};
 use palaver::store::sqlite::SqliteStore;
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
@@ -60,17 +60,14 @@ async fn end_to_end(members: usize, messages_each: usize) -> (f64, f64) {
         identity: identity.clone(),
         admin_token: None,
         changes: None,
-        rate_limit: 0,
-        lifetime: Default::default(),
-        fanout_delay: Duration::ZERO,
         management_keys: None,
-        admission: Default::default(),
-        max_rooms_per_user: palaver::domain::limits::DEFAULT_MAX_ROOMS_PER_USER,
-        max_connections_per_user: palaver::domain::limits::DEFAULT_MAX_CONNECTIONS_PER_USER,
-        connection_retention: None,
         node: "bench".to_owned(),
         metrics: None,
-        ready_max_lag: Duration::from_secs(30),
+        settings: ServeSettings {
+            rate_limit: 0,
+            connection_retention: None,
+            ..ServeSettings::default()
+        },
     }));
 
     let mut clients = Vec::new();

@@ -317,11 +317,17 @@ pub fn embedded_metrics(
     Ok(collector)
 }
 
-/// Writes what the invocation counted as one EMF line to stdout, the function's log.
-pub fn flush_metrics(collector: &metrics_cloudwatch_embedded::Collector) {
+/// Runs one invocation's `work`, then writes what it counted as one EMF line to stdout, the
+/// function's log.
+pub async fn counted<T>(
+    collector: &metrics_cloudwatch_embedded::Collector,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let answer = work.await;
     if let Err(error) = collector.flush(std::io::stdout().lock()) {
         tracing::warn!(%error, "could not write the invocation's metrics");
     }
+    answer
 }
 
 pub async fn fan_out(fanout: &StreamFanOut, event: StreamEvent) -> DynamoDbEventResponse {

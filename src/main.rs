@@ -9,7 +9,7 @@ use palaver::gateway::sigv4::ManagementKeys;
 use palaver::identity::{Identity, parse_ttl, random_secret};
 use palaver::operator::{self, table};
 use palaver::ports::Store;
-use palaver::server::{ServeConfig, serve};
+use palaver::server::{ServeConfig, ServeSettings, serve};
 use palaver::store::{self, DEFAULT_STORE, StoreUrl};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -183,19 +183,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 max_age: max_connection_age,
                 header_read: header_timeout,
             };
-            let admission = Admission::new(max_connections, connect_rate);
-            let settings = Settings {
+            let settings = ServeSettings {
                 rate_limit,
                 lifetime,
                 fanout_delay,
-                admission,
+                admission: Admission::new(max_connections, connect_rate),
                 max_rooms_per_user,
                 max_connections_per_user,
                 connection_retention: connection_retention.0,
-                node_id,
                 ready_max_lag,
             };
-            run_serve(&cli.store, &listen, settings).await
+            run_serve(&cli.store, &listen, node_id, settings).await
         }
         Command::Init => match &cli.store {
             StoreUrl::DynamoDb(prefix) => {
@@ -321,20 +319,12 @@ fn print<T: serde::Serialize>(
     Ok(())
 }
 
-/// `serve`'s settings, as the command line and the environment give them.
-struct Settings {
-    rate_limit: u32,
-    lifetime: Lifetime,
-    fanout_delay: Duration,
-    admission: Admission,
-    max_rooms_per_user: usize,
-    max_connections_per_user: usize,
-    connection_retention: Option<Duration>,
+async fn run_serve(
+    url: &StoreUrl,
+    listen: &str,
     node_id: Option<String>,
-    ready_max_lag: Duration,
-}
-
-async fn run_serve(url: &StoreUrl, listen: &str, settings: Settings) -> Result<(), Failure> {
+    settings: ServeSettings,
+) -> Result<(), Failure> {
     let store = store::open(url, settings.connection_retention).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -422,19 +412,10 @@ async fn run_serve(url: &StoreUrl, listen: &str, settings: Settings) -> Result<(
         identity,
         admin_token,
         changes,
-        rate_limit: settings.rate_limit,
-        lifetime: settings.lifetime,
-        fanout_delay: settings.fanout_delay,
         management_keys,
-        admission: settings.admission,
-        max_rooms_per_user: settings.max_rooms_per_user,
-        max_connections_per_user: settings.max_connections_per_user,
-        connection_retention: settings.connection_retention,
-        node: settings
-            .node_id
-            .unwrap_or_else(|| format!("{}:{}", hostname(), addr.port())),
+        node: node_id.unwrap_or_else(|| format!("{}:{}", hostname(), addr.port())),
         metrics: Some(prometheus()?),
-        ready_max_lag: settings.ready_max_lag,
+        settings,
     })
     .await?;
     Ok(())

@@ -15,9 +15,10 @@ use crate::handlers::Routes;
 use crate::identity::Identity;
 use crate::ports::Store;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 
-/// How `serve` was asked to run.
+/// How `serve` was asked to run: what `main` wires up, and the operator's settings.
 pub struct ServeConfig {
     pub listener: TcpListener,
     pub store: Store,
@@ -25,15 +26,24 @@ pub struct ServeConfig {
     pub admin_token: Option<String>,
     /// The change stream that wakes the fan-out, for a store without a local feed (DynamoDB).
     pub changes: Option<ChangeSource>,
+    /// The key pair management requests must be signed with; `None`: this machine only.
+    pub management_keys: Option<crate::gateway::sigv4::ManagementKeys>,
+    /// This node's name, recorded with every connection it opens (`--node-id`).
+    pub node: String,
+    /// Renders `/metrics` (the recorder `main` installed); `None`: off.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub settings: ServeSettings,
+}
+
+/// What an operator sets for `serve`, with flags or the environment (README, "Configuration").
+pub struct ServeSettings {
     /// Frames per second each connection may send (burst twice that); 0 = no limit.
     pub rate_limit: u32,
-    /// Idle timeout and maximum age of a connection.
+    /// Header timeout, idle timeout and maximum age of a connection.
     pub lifetime: crate::gateway::lifetime::Lifetime,
     /// How long after its append each event is delivered, at the earliest: zero, or a lag
     /// like the AWS stream's to try clients against.
-    pub fanout_delay: std::time::Duration,
-    /// The key pair management requests must be signed with; `None`: this machine only.
-    pub management_keys: Option<crate::gateway::sigv4::ManagementKeys>,
+    pub fanout_delay: Duration,
     /// Caps on open connections and on new ones per source address.
     pub admission: crate::gateway::admission::Admission,
     /// Rooms one user may be a member of at once.
@@ -41,14 +51,30 @@ pub struct ServeConfig {
     /// Connections one user may have open at once.
     pub max_connections_per_user: usize,
     /// How long a closed connection's events and registry row are kept; `None`: for ever.
-    pub connection_retention: Option<std::time::Duration>,
-    /// This node's name, recorded with every connection it opens (`--node-id`).
-    pub node: String,
-    /// Renders `/metrics` (the recorder `main` installed); `None`: off.
-    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub connection_retention: Option<Duration>,
     /// `/readyz` answers 503 while the fan-out is further behind the log than this.
-    pub ready_max_lag: std::time::Duration,
+    pub ready_max_lag: Duration,
 }
+
+/// The defaults `palaver serve` documents.
+impl Default for ServeSettings {
+    fn default() -> Self {
+        use crate::domain::limits;
+        ServeSettings {
+            rate_limit: crate::gateway::rate::DEFAULT_PER_SECOND,
+            lifetime: Default::default(),
+            fanout_delay: Duration::ZERO,
+            admission: Default::default(),
+            max_rooms_per_user: limits::DEFAULT_MAX_ROOMS_PER_USER,
+            max_connections_per_user: limits::DEFAULT_MAX_CONNECTIONS_PER_USER,
+            connection_retention: Some(limits::DEFAULT_CONNECTION_RETENTION),
+            ready_max_lag: DEFAULT_READY_MAX_LAG,
+        }
+    }
+}
+
+/// `/readyz` answers 503 past this lag, unless set (`--ready-max-lag`).
+pub const DEFAULT_READY_MAX_LAG: Duration = Duration::from_secs(30);
 
 /// Runs until ctrl-c or SIGTERM.
 pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
@@ -58,18 +84,21 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         identity,
         admin_token,
         changes,
+        management_keys,
+        node,
+        metrics,
+        settings,
+    } = config;
+    let ServeSettings {
         rate_limit,
         lifetime,
         fanout_delay,
-        management_keys,
         admission,
         max_rooms_per_user,
         max_connections_per_user,
         connection_retention,
-        node,
-        metrics,
         ready_max_lag,
-    } = config;
+    } = settings;
     let hub = Hub::new();
     let routes = Routes::new(&store, hub.clone(), identity)
         .on_node(node.clone())

@@ -15,9 +15,7 @@ async fn main() -> Result<(), Error> {
     let fanout = &fanout;
     let metrics = lambda::embedded_metrics("palaver-deliver")?;
     run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
-        let answer = lambda::deliver(fanout, event.payload).await;
-        lambda::flush_metrics(metrics);
-        Ok::<_, Error>(answer)
+        Ok::<_, Error>(lambda::counted(metrics, lambda::deliver(fanout, event.payload)).await)
     }))
     .await
 }

@@ -15,9 +15,7 @@ async fn main() -> Result<(), Error> {
     let fanout = &fanout;
     let metrics = lambda::embedded_metrics("palaver-fanout")?;
     run(service_fn(move |event: LambdaEvent<Event>| async move {
-        let answer = lambda::fan_out(fanout, event.payload).await;
-        lambda::flush_metrics(metrics);
-        Ok::<_, Error>(answer)
+        Ok::<_, Error>(lambda::counted(metrics, lambda::fan_out(fanout, event.payload)).await)
     }))
     .await
 }

@@ -16,9 +16,7 @@ async fn main() -> Result<(), Error> {
     let metrics = lambda::embedded_metrics("palaver-route")?;
     run(service_fn(
         move |event: LambdaEvent<ApiGatewayWebsocketProxyRequest>| async move {
-            let answer = routes.handle(event.payload).await;
-            lambda::flush_metrics(metrics);
-            Ok::<_, Error>(answer)
+            Ok::<_, Error>(lambda::counted(metrics, routes.handle(event.payload)).await)
         },
     ))
     .await

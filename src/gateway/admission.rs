@@ -24,6 +24,24 @@ pub enum Refused {
     TooFast,
 }
 
+impl Refused {
+    /// What the 429's body tells the client.
+    pub fn explanation(&self) -> &'static str {
+        match self {
+            Refused::Full => "the server holds as many connections as it takes; try again later\n",
+            Refused::TooFast => "too many new connections from this address; slow down\n",
+        }
+    }
+
+    /// Its name among the refused handshakes that `/metrics` counts.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refused::Full => "full",
+            Refused::TooFast => "too_fast",
+        }
+    }
+}
+
 pub struct Admission {
     max_connections: usize,
     per_address: u32,
@@ -54,10 +72,10 @@ impl Admission {
         if addresses.len() >= MAX_ADDRESSES && !addresses.contains_key(&peer) {
             addresses.clear();
         }
-        let Some(limit) = RateLimit::new(self.per_address) else {
-            return Ok(());
-        };
-        match addresses.entry(peer).or_insert(limit).admit() {
+        let limit = addresses.entry(peer).or_insert_with(|| {
+            RateLimit::new(self.per_address).expect("a rate above 0 is a limit")
+        });
+        match limit.admit() {
             Verdict::Admit => Ok(()),
             Verdict::Refuse | Verdict::Flooding => Err(Refused::TooFast),
         }

@@ -141,8 +141,8 @@ impl Link {
         self.open.store(true, Ordering::Release);
     }
 
-    /// Queues a wire frame without waiting; a full outbox closes the connection. Before the
-    /// upgrade has completed, and once closing, the connection is gone to posters.
+    /// Queues a wire frame without waiting; a full outbox closes the connection. Before its
+    /// handshake is answered, and once closing, the connection is gone to posters.
     pub fn push(&self, frame: Bytes) -> Result<(), PostError> {
         if self.is_closing() {
             return Err(PostError::Gone);

@@ -2,7 +2,6 @@
 //! routed by its `action` exactly like `$request.body.action`, the route's answer goes back to
 //! the sender, and the end of the socket runs `$disconnect`.
 
-use super::admission::Refused;
 use super::hub::{CloseReason, Link};
 use super::rate::{RateLimit, Verdict};
 use super::{GatewayState, page, wire};
@@ -55,19 +54,12 @@ pub async fn root(
         Handshake::Accept(accept) => accept,
     };
     if let Err(refused) = state.admission.admit(peer.ip(), state.hub.len()) {
-        let why = match refused {
-            Refused::Full => "the server holds as many connections as it takes; try again later\n",
-            Refused::TooFast => "too many new connections from this address; slow down\n",
-        };
         tracing::info!(%peer, ?refused, "handshake refused");
-        refused_handshake(match refused {
-            Refused::Full => "full",
-            Refused::TooFast => "too_fast",
-        });
+        refused_handshake(refused.reason());
         return (
             StatusCode::TOO_MANY_REQUESTS,
             [(header::RETRY_AFTER, "1")],
-            why,
+            refused.explanation(),
         )
             .into_response();
     }
@@ -212,8 +204,9 @@ type Socket = TokioIo<hyper::upgrade::Upgraded>;
 /// The socket is split: tungstenite parses what the client sends, and the writer puts
 /// pre-encoded frames from the connection's outbox straight onto the socket. That way a frame
 /// is encoded once for a whole room, and a connection keeps no write buffer of its own.
+///
+/// The link was marked open when the 101 was answered (in [`root`]), before this runs.
 async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: Socket) {
-    link.opened();
     let (reading, writing) = tokio::io::split(socket);
     let writer = tokio::spawn(write(link.clone(), writing));
     let config = WebSocketConfig::default()

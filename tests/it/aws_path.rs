@@ -10,6 +10,7 @@
 //! Needs a moto server: run `scripts/test` (a missing `AWS_ENDPOINT_URL` fails every test).
 
 use crate::aws_support;
+use crate::common;
 
 use aws_support::{Options, World, answer_of, failures, room_frames};
 use palaver::domain::{ConnectionId, RoomName, Stream, UserId};
@@ -283,18 +284,6 @@ async fn a_big_room_is_delivered_through_the_queue() {
     }
 }
 
-/// Waits for `found` to give something (a line a function's log thread has not read yet).
-async fn eventually<T>(found: impl Fn() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        if let Some(found) = found() {
-            return found;
-        }
-        assert!(std::time::Instant::now() < deadline, "never found");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
 /// The three binaries themselves, each run as Lambda runs it — polling a Runtime API for
 /// events and posting back answers — on the same path: what `cargo lambda build` packages is
 /// what is tested here.
@@ -329,9 +318,9 @@ async fn the_function_binaries_run_the_path_through_the_runtime_api() {
     );
     // The invocation's metrics, as a CloudWatch Embedded Metric Format line in its log: the
     // same names as `palaver serve`'s /metrics, in namespace `palaver` by function.
-    let emf = eventually(|| {
-        route
-            .metric_lines()
+    let emf = common::eventually("the route function's metrics line", || async {
+        let lines = route.metric_lines();
+        lines
             .into_iter()
             .find(|l| l["palaver_appends_total"].is_number())
     })
@@ -362,7 +351,10 @@ async fn the_function_binaries_run_the_path_through_the_runtime_api() {
             .filter_map(|l| l["palaver_deliveries_total"].as_u64())
             .sum()
     };
-    eventually(|| (delivered() >= received).then_some(())).await;
+    common::eventually("the fan-out's metrics lines", || async {
+        (delivered() >= received).then_some(())
+    })
+    .await;
     assert_eq!(delivered(), received, "{:?}", fanout.metric_lines());
 
     let job = DeliveryJob {

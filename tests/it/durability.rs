@@ -6,7 +6,6 @@ use crate::common;
 
 use common::Server;
 use serde_json::{Value, json};
-use std::time::Duration;
 
 #[tokio::test]
 async fn kill_9_loses_no_acknowledged_message_and_stale_connections_are_cleaned_up() {
@@ -58,26 +57,16 @@ async fn kill_9_loses_no_acknowledged_message_and_stale_connections_are_cleaned_
     };
     // The restarted node closes the connections it held as it starts — every open one on a
     // store it owns, those recorded as its own on DynamoDB (see the next test).
-    let mut closed = false;
-    for _ in 0..200 {
-        if open(&server).is_empty() {
-            closed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(closed, "closed at start: {:?}", open(&server));
+    common::eventually("the dead run's connections to be closed", || async {
+        open(&server).is_empty().then_some(())
+    })
+    .await;
     let mut cy = server.connect("cy").await;
     cy.join("ops").await;
-    let mut cleaned = false;
-    for _ in 0..100 {
-        if users_open(&server) == ["cy"] {
-            cleaned = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(cleaned, "stale connections removed: {:?}", open(&server));
+    common::eventually("only cy to be connected", || async {
+        (users_open(&server) == ["cy"]).then_some(())
+    })
+    .await;
     let members: Vec<Value> =
         serde_json::from_slice(&server.cli(&["members", "ops", "--json"]).stdout).unwrap();
     let online: Vec<(&str, bool)> = members
@@ -122,15 +111,10 @@ async fn a_restarted_node_closes_its_own_connections_and_no_one_elses() {
             .collect()
     };
     let expected = vec![("ana".to_owned(), false), ("bo".to_owned(), true)];
-    let mut seen = online(&first);
-    for _ in 0..200 {
-        if seen == expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        seen = online(&first);
-    }
-    assert_eq!(seen, expected);
+    common::eventually("ana offline and bo online", || async {
+        (online(&first) == expected).then_some(())
+    })
+    .await;
     // bo's connection was never touched: it still talks.
     let sent = bo
         .request(json!({"action": "sendMessage", "room": "ops", "text": "still here"}))

@@ -310,14 +310,10 @@ async fn closed_connections_are_forgotten_after_the_retention() {
     let db = server.db_path();
     let anas = "SELECT (SELECT COUNT(*) FROM events WHERE stream LIKE 'c:%' AND user_id = 'ana') \
                      + (SELECT COUNT(*) FROM connections WHERE user_id = 'ana')";
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while common::count_outside(&db, anas).await > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "ana's connection was never forgotten"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::eventually("ana's connection to be forgotten", || async {
+        (common::count_outside(&db, anas).await == 0).then_some(())
+    })
+    .await;
     let bos = "SELECT COUNT(*) FROM events WHERE stream LIKE 'c:%' AND user_id = 'bo'";
     assert_eq!(
         common::count_outside(&db, bos).await,
@@ -386,16 +382,11 @@ async fn metrics_count_a_real_exchange() {
 
     let moved = |after: &str, series: &str| sample(after, series) - sample(&before, series);
     // Deliveries are counted once the posts return, a moment after the frames are queued.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let after = loop {
+    let after = common::eventually("the deliveries to be counted", || async {
         let after = scrape(&server).await;
-        if moved(&after, "palaver_deliveries_total") >= pushed as f64
-            || std::time::Instant::now() > deadline
-        {
-            break after;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        (moved(&after, "palaver_deliveries_total") >= pushed as f64).then_some(after)
+    })
+    .await;
     assert_eq!(moved(&after, "palaver_deliveries_total"), pushed as f64);
     assert_eq!(
         moved(&after, r#"palaver_frames_in_total{route="joinRoom"}"#),
@@ -469,25 +460,17 @@ async fn readyz_says_when_the_fanout_falls_behind() {
 async fn json_logs_are_one_object_per_line() {
     let server = Server::start_with(&[("PALAVER_LOG_FORMAT", "json")]);
     let _ana = server.connect("ana").await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let connected = common::eventually("the `connected` line", || async {
         let lines = server.stderr.lock().unwrap().clone();
         let objects: Vec<Value> = lines
             .iter()
             .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
             .collect();
-        if let Some(connected) = objects
-            .iter()
+        objects
+            .into_iter()
             .find(|o| o["fields"]["message"] == "connected")
-        {
-            assert_eq!(connected["fields"]["user"], "ana", "{connected}");
-            assert_eq!(connected["level"], "INFO");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no connected line: {lines:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert_eq!(connected["fields"]["user"], "ana", "{connected}");
+    assert_eq!(connected["level"], "INFO");
 }

@@ -843,9 +843,12 @@ mod contract {
         append(store, connected("open", "ana")).await;
         append(store, joined("hall", "ana")).await;
         append(store, say("hall", "ana", "kept")).await;
-        let cut_off = now() + chrono::TimeDelta::seconds(1);
-        // Closed after the cut-off: kept.
-        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        // The cut-off falls between the closes above and the one below (kept): wait for the
+        // clock (in milliseconds, as the store keeps it) to pass it.
+        let cut_off = now() + chrono::TimeDelta::milliseconds(2);
+        while now() <= cut_off {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         append(store, connected("recent", "bo")).await;
         append(store, disconnected("recent", "bo")).await;
         append(store, say("hall", "ana", "last")).await;

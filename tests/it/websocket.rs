@@ -571,21 +571,12 @@ async fn handshakes_abandoned_midway_leave_no_connection_open() {
         attempt.await.unwrap();
     }
     // Whatever each `$connect` got to do, its `$disconnect` follows: wait for none to be open.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    common::eventually("no abandoned handshake to be open", || async {
         let out = server.cli(&["connections", "--json"]);
         let open: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON rows");
-        if open.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} abandoned handshakes still open, e.g. {}",
-            open.len(),
-            open[0]
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        open.is_empty().then_some(())
+    })
+    .await;
 }
 
 /// After `kill -9`, the connections the old process held are closed as soon as the server is
@@ -607,15 +598,10 @@ async fn a_restart_closes_the_connections_of_the_run_before() {
     // Killed while both are connected: no `$disconnect` runs.
     let server = server.restart_after_kill9();
     drop((ana, bo));
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !open(&server).is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still open after the restart: {:?}",
-            open(&server)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::eventually("the dead run's connections to be closed", || async {
+        open(&server).is_empty().then_some(())
+    })
+    .await;
     let out = server.cli(&["members", "quiet", "--json"]);
     let members: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON rows");
     assert_eq!(members.len(), 2, "still members: {members:?}");

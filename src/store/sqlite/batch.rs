@@ -3,11 +3,10 @@
 //! Every statement is a round trip to sqlx's worker thread, so asking the database about each
 //! append one at a time (was this `clientMsgId` used? where is this stream's head?) costs more
 //! than writing the batch. [`Plan::decide`] asks once per batch instead: the heads of every
-//! stream the batch touches, and which of its `(stream, user, clientMsgId)` triples are in the
-//! log already, which of its senders and joiners are members of their rooms, and how many rooms its
-//! joiners are in. It then walks
-//! the jobs in order and settles each one against that snapshot plus
-//! what the earlier jobs of the same batch did: seqs follow on from heads this batch already
+//! stream the batch touches, which of its `(stream, user, clientMsgId)` triples are in the log
+//! already, which of its senders and joiners are members of their rooms, and how many rooms its
+//! joiners are in. It then walks the jobs in order and settles each one against that snapshot
+//! plus what the earlier jobs of the same batch did: seqs follow on from heads this batch already
 //! moved, a `clientMsgId` repeated within the batch answers with the first one's event, and an
 //! `Expect::Seq` that an earlier job made stale fails like any other mismatch.
 //!

@@ -442,6 +442,26 @@ impl Client {
     }
 }
 
+/// Waits until `check` finds what it looks for, asking again every 50 ms for up to 30 s: how a
+/// test waits for a condition rather than for a fixed time. Fails saying what never came.
+pub async fn eventually<T, Check, Found>(what: &str, mut check: Check) -> T
+where
+    Check: FnMut() -> Found,
+    Found: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 30 s for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The number `sql` counts in a SQLite database file, read from a connection of its own.
 pub async fn count_outside(path: &std::path::Path, sql: &str) -> i64 {
     use sqlx::Connection;
