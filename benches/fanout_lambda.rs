@@ -1,7 +1,9 @@
 //! What the fan-out function costs per stream batch: `scripts/bench-lambda` (it starts a moto
-//! server; or `cargo bench --bench fanout_lambda` with `AWS_ENDPOINT_URL` pointing at one).
+//! server and installs cargo-lambda; or `cargo bench --bench fanout_lambda` with
+//! `AWS_ENDPOINT_URL` pointing at one and `PALAVER_CARGO_LAMBDA` at cargo-lambda).
 //!
-//! The built `palaver-fanout` binary runs as Lambda runs it, behind a Runtime API, with the real
+//! The built `palaver-fanout` binary runs as Lambda runs it, under cargo-lambda's Runtime API
+//! emulator (`cargo lambda watch --only-lambda-apis`, `cargo lambda invoke`), with the real
 //! AWS SDK against moto (DynamoDB and its stream) and a real `palaver serve` playing API Gateway's
 //! `@connections` API. A room of M members, each with an open WebSocket, gets 100 messages; the
 //! stream's batch of them is handed to the function once it is warm. Printed per room size:

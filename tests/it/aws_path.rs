@@ -7,7 +7,8 @@
 //! rooms go through SQS (moto) to the deliver function. What is asserted is what users notice:
 //! the frames their sockets receive, each once, in order.
 //!
-//! Needs a moto server: run `scripts/test` (a missing `AWS_ENDPOINT_URL` fails every test).
+//! Needs a moto server, and cargo-lambda for the function binaries' test: run `scripts/test` (a
+//! missing `AWS_ENDPOINT_URL` fails every test, a missing cargo-lambda that one).
 
 use crate::aws_support;
 use crate::common;
@@ -286,7 +287,10 @@ async fn a_big_room_is_delivered_through_the_queue() {
 
 /// The three binaries themselves, each run as Lambda runs it — polling a Runtime API for
 /// events and posting back answers — on the same path: what `cargo lambda build` packages is
-/// what is tested here.
+/// what is tested here, under cargo-lambda's own emulator (`cargo lambda watch
+/// --only-lambda-apis`, events sent with `cargo lambda invoke`). API Gateway's WebSocket events
+/// ($connect, joinRoom, sendMessage, $disconnect) through palaver-route, a DynamoDB stream event
+/// through palaver-fanout, an SQS event through palaver-deliver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_function_binaries_run_the_path_through_the_runtime_api() {
     let mut world = World::new("binaries", Options::default()).await;
@@ -316,6 +320,16 @@ async fn the_function_binaries_run_the_path_through_the_runtime_api() {
         (sent["type"].as_str(), sent["seq"].as_u64()),
         (Some("sent"), Some(3))
     );
+    // What the route function appended, as the log holds it.
+    let general = Stream::Room(RoomName::parse("general").unwrap());
+    assert_eq!(
+        kinds(&world, &general).await,
+        ["joined", "joined", "messagePosted"]
+    );
+    for socket in [&ana, &ben] {
+        let connection = Stream::Connection(socket.id.clone());
+        assert_eq!(kinds(&world, &connection).await, ["connected"]);
+    }
     // The invocation's metrics, as a CloudWatch Embedded Metric Format line in its log: the
     // same names as `palaver serve`'s /metrics, in namespace `palaver` by function.
     let emf = common::eventually("the route function's metrics line", || async {
@@ -384,6 +398,38 @@ async fn the_function_binaries_run_the_path_through_the_runtime_api() {
         let frames = socket.until(|f| f["user"] == "zoe").await;
         assert_eq!(frames.last().unwrap()["type"], "presence");
     }
+
+    // Ben closes his socket; API Gateway tells the route function.
+    let ben_id = ben.id.clone();
+    let event = world.disconnect_event(&ben);
+    ben.close().await;
+    world.gateway.wait_gone(&ben_id).await;
+    let response = route.invoke(event).await;
+    assert_eq!(response["statusCode"], 200, "{response}");
+    let ben_stream = Stream::Connection(ben_id.clone());
+    assert_eq!(
+        kinds(&world, &ben_stream).await,
+        ["connected", "disconnected"]
+    );
+    let record = world.store.directory.connection(&ben_id).await.unwrap();
+    assert!(!record.expect("ben's connection").open);
+    // …and the disconnect, through the stream and the fan-out, tells ana that ben went offline.
+    let batch = world.stream.next_event(1).await;
+    let response = fanout.invoke(batch).await;
+    assert_eq!(response, json!({"batchItemFailures": []}));
+    let frames = ana
+        .until(|f| f["type"] == "presence" && f["user"] == "ben")
+        .await;
+    assert_eq!(
+        frames.last().unwrap(),
+        &json!({"type": "presence", "room": "general", "user": "ben", "online": false})
+    );
+}
+
+/// The kinds of the events in `stream`, in order.
+async fn kinds(world: &World, stream: &Stream) -> Vec<&'static str> {
+    let events = world.store.log.read(stream, 0, 100).await.unwrap();
+    events.iter().map(|e| e.body.kind()).collect()
 }
 
 /// API Gateway keeps a socket open that the store has closed (a 410 seen while the handshake was

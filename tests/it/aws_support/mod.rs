@@ -212,6 +212,8 @@ pub struct World {
     /// The functions' environment, as `template.yaml` sets it.
     env: HashMap<&'static str, String>,
     request_ids: std::sync::atomic::AtomicU64,
+    /// cargo-lambda's Lambda emulator, started for the first function binary.
+    emulator: tokio::sync::OnceCell<std::sync::Arc<runtime::Emulator>>,
 }
 
 /// Optional wiring of a world.
@@ -271,14 +273,28 @@ impl World {
             queue,
             env: vars,
             request_ids: Default::default(),
+            emulator: Default::default(),
         }
     }
 
-    /// The function binary `binary` (its path), running against a Runtime API of its own with
-    /// this world's configuration.
+    /// The function binary `binary` (its path), running under cargo-lambda's emulator (one per
+    /// world) with this world's configuration.
     pub async fn function(&self, name: &str, binary: &str) -> runtime::Function {
+        let emulator = self
+            .emulator
+            .get_or_init(|| async { std::sync::Arc::new(runtime::Emulator::start().await) })
+            .await
+            .clone();
         let env: Vec<(&str, String)> = self.env.iter().map(|(k, v)| (*k, v.clone())).collect();
-        runtime::Function::start(name, binary, &env).await
+        runtime::Function::start(emulator, name, binary, &env).await
+    }
+
+    /// API Gateway's `$disconnect` event for `socket`, after its client closed it.
+    pub fn disconnect_event(&self, socket: &Socket) -> Value {
+        let mut event = self.ws_event(&socket.id, "$disconnect", "DISCONNECT", None, Value::Null);
+        event["requestContext"]["disconnectStatusCode"] = json!(1000);
+        event["requestContext"]["disconnectReason"] = json!("Client-side close frame status code");
+        event
     }
 
     /// A user's socket at the gateway, connected through the route function's `$connect`
