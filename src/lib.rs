@@ -22,12 +22,16 @@ pub mod connections;
 pub mod dedicated;
 pub mod domain;
 pub mod fanout;
+#[cfg(feature = "local")]
 pub mod gateway;
 pub mod handlers;
 pub mod identity;
+#[cfg(feature = "lambda")]
 pub mod lambda;
 pub mod metrics;
+#[cfg(feature = "local")]
 pub mod operator;
 pub mod ports;
+#[cfg(feature = "local")]
 pub mod server;
 pub mod store;

@@ -2,6 +2,7 @@
 
 pub mod dynamodb;
 pub mod memory;
+#[cfg(feature = "local")]
 pub mod sqlite;
 
 use crate::ports::Store;
@@ -61,7 +62,12 @@ pub async fn open(
 ) -> Result<Store, Box<dyn std::error::Error + Send + Sync>> {
     match url {
         StoreUrl::Memory => Ok(memory::MemoryStore::store()),
+        #[cfg(feature = "local")]
         StoreUrl::Sqlite(path) => Ok(sqlite::SqliteStore::open(path).await?.store()),
+        #[cfg(not(feature = "local"))]
+        StoreUrl::Sqlite(_) => {
+            Err("this build has no SQLite store: build with the `local` feature".into())
+        }
         StoreUrl::DynamoDb(prefix) => Ok(dynamodb::DynamoStore::keeping_connections(
             aws_client().await,
             prefix,

@@ -280,13 +280,18 @@ impl World {
     /// The function binary `binary` (its path), running under cargo-lambda's emulator (one per
     /// world) with this world's configuration.
     pub async fn function(&self, name: &str, binary: &str) -> runtime::Function {
-        let emulator = self
-            .emulator
-            .get_or_init(|| async { std::sync::Arc::new(runtime::Emulator::start().await) })
-            .await
-            .clone();
+        let emulator = self.emulator().await;
         let env: Vec<(&str, String)> = self.env.iter().map(|(k, v)| (*k, v.clone())).collect();
         runtime::Function::start(emulator, name, binary, &env).await
+    }
+
+    /// This world's Runtime API emulator, started on first use (the cold-start bench starts it
+    /// before timing a function).
+    pub async fn emulator(&self) -> std::sync::Arc<runtime::Emulator> {
+        self.emulator
+            .get_or_init(|| async { std::sync::Arc::new(runtime::Emulator::start().await) })
+            .await
+            .clone()
     }
 
     /// API Gateway's `$disconnect` event for `socket`, after its client closed it.
