@@ -29,5 +29,6 @@ pub mod lambda;
 pub mod metrics;
 pub mod operator;
 pub mod ports;
+pub mod retry;
 pub mod server;
 pub mod store;
