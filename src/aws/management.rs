@@ -257,6 +257,14 @@ mod tests {
             .build()
     }
 
+    /// `tries` in all, with millisecond pauses: the tests count tries, not wait for them.
+    fn quick(tries: usize) -> ExponentialBuilder {
+        ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(1))
+            .with_max_delay(Duration::from_millis(5))
+            .with_max_times(tries - 1)
+    }
+
     async fn fake_api() -> (ManagementApi, Calls) {
         let calls = Calls::default();
         let app = Router::new()
@@ -266,12 +274,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         let config = test_config();
-        let api = ManagementApi::new(&config, &format!("http://{addr}/prod/")).with_retry(
-            ExponentialBuilder::new()
-                .with_min_delay(Duration::from_millis(1))
-                .with_max_delay(Duration::from_millis(5))
-                .with_max_times(3),
-        );
+        let api = ManagementApi::new(&config, &format!("http://{addr}/prod/")).with_retry(quick(4));
         (api, calls)
     }
 
@@ -351,12 +354,8 @@ mod tests {
             listener.local_addr().unwrap().port()
         };
         let config = test_config();
-        let api = ManagementApi::new(&config, &format!("http://127.0.0.1:{port}/prod")).with_retry(
-            ExponentialBuilder::new()
-                .with_min_delay(Duration::from_millis(1))
-                .with_max_delay(Duration::from_millis(1))
-                .with_max_times(1),
-        );
+        let api = ManagementApi::new(&config, &format!("http://127.0.0.1:{port}/prod"))
+            .with_retry(quick(2));
         let Err(PostError::Failed(why)) = post_to(&api, "anyone").await else {
             panic!("an unreachable endpoint is a failure");
         };
