@@ -120,27 +120,40 @@ pub fn random_secret() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Parses a duration like `90s`, `15m`, `1h`, `7d` (a bare number is seconds).
+/// Parses a duration like `90s`, `15m`, `1h 30m` or `7d`: humantime's syntax, with palaver's
+/// own rules on top, which settings written for earlier versions rely on.
+///
+/// - A bare number is seconds (`PALAVER_HANDSHAKE…=45`); humantime asks for a unit.
+/// - No months or years: humantime counts them as 30.44 and 365.25 days, which is not what
+///   someone writing `1M` or `1y` for a token's lifetime or a retention expects. Such spans are
+///   written in days, where nobody has to guess.
+/// - At most a hundred years: a token's `exp` is seconds since 1970 in an i64, and a TTL that
+///   overflowed it would wrap into the past and issue tokens that are expired at once.
 pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    const MAX: Duration = Duration::from_secs(100 * 365 * 86_400);
+    /// humantime's names of its calendar units.
+    const CALENDAR_UNITS: [&str; 8] = ["y", "yr", "yrs", "year", "years", "M", "month", "months"];
     let s = s.trim();
-    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30m, 1h or 7d"))?;
-    let unit = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("{s:?} is not a duration like 30m, 1h or 7d")),
+    let not_a_duration = || format!("{s:?} is not a duration like 30m, 1h or 7d");
+    let too_long = || format!("{s:?} is too long: at most 100 years");
+    let duration = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        Duration::from_secs(s.parse().map_err(|_| too_long())?)
+    } else if s
+        .split(|c: char| !c.is_alphabetic())
+        .any(|unit| CALENDAR_UNITS.contains(&unit))
+    {
+        return Err(format!("{}: say it in days", not_a_duration()));
+    } else {
+        match humantime::parse_duration(s) {
+            Ok(duration) => duration,
+            Err(humantime::DurationError::NumberOverflow) => return Err(too_long()),
+            Err(error) => return Err(format!("{}: {error}", not_a_duration())),
+        }
     };
-    // A token's `exp` is seconds since 1970 in an i64; a TTL that overflows it would wrap into
-    // the past and issue tokens that are expired at once. A hundred years is plenty.
-    const MAX_SECS: u64 = 100 * 365 * 86_400;
-    match n.checked_mul(unit) {
-        Some(secs) if secs <= MAX_SECS => Ok(Duration::from_secs(secs)),
-        _ => Err(format!("{s:?} is too long: at most 100 years")),
+    if duration > MAX {
+        return Err(too_long());
     }
+    Ok(duration)
 }
 
 #[cfg(test)]
@@ -274,6 +287,8 @@ mod tests {
         assert_eq!(parse_ttl("30m").unwrap(), Duration::from_secs(1800));
         assert_eq!(parse_ttl("45").unwrap(), Duration::from_secs(45));
         assert!(parse_ttl("1y").is_err());
+        assert!(parse_ttl("6 months").is_err());
+        assert_eq!(parse_ttl("1h 30m").unwrap(), Duration::from_secs(5400));
     }
 
     #[test]

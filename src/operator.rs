@@ -91,28 +91,38 @@ pub async fn connections(store: &Store, user: Option<&UserId>) -> StoreResult<Ve
         .collect())
 }
 
-/// Rows as an aligned text table with a header line.
+/// Rows as aligned columns under a header line, for people at a terminal: no borders, two
+/// spaces between columns and nothing after the last, so that a row still starts with its first
+/// value and `grep`, `cut` and `awk` read it as well as a person does. (`--json` is for
+/// programs.)
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
+    let mut table = comfy_table::Table::new();
+    table
+        .load_style(comfy_table::presets::NOTHING)
+        .set_header(header.to_vec())
+        .add_rows(rows.iter().cloned());
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
     }
-    let line = |cells: Vec<&str>| -> String {
-        let mut out = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i + 1 == cells.len() {
-                out.push_str(cell);
-            } else {
-                out.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        out.trim_end().to_owned() + "\n"
-    };
-    let mut out = line(header.to_vec());
-    for row in rows {
-        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    table.trim_fmt() + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns_under_their_header() {
+        let rows = vec![
+            vec!["ana".to_owned(), "yes".to_owned(), "2".to_owned()],
+            vec!["bartholomew".to_owned(), "no".to_owned(), "0".to_owned()],
+        ];
+        assert_eq!(
+            table(&["USER", "ONLINE", "CONNECTIONS"], &rows),
+            "USER         ONLINE  CONNECTIONS\n\
+             ana          yes     2\n\
+             bartholomew  no      0\n"
+        );
+        assert_eq!(table(&["ROOM", "HEAD"], &[]), "ROOM  HEAD\n");
     }
-    out
 }

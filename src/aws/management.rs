@@ -12,16 +12,19 @@
 //!   `x-amzn-ErrorType` header alone, so a 410 without it (a proxy, an emulator) would otherwise
 //!   look like an unknown error and the connection would never be cleaned up.
 //! - **throttled** (`LimitExceededException`, HTTP 429 — the account's rate, or the client's
-//!   buffer being full): retried here with exponential backoff and jitter. The fan-out posts to
-//!   many recipients at once, so one throttled recipient waits alone and holds up nobody else.
+//!   buffer being full): retried here under [`retry::AWS_CALL`] (exponential backoff with
+//!   jitter). The fan-out posts to many recipients at once, so one throttled recipient waits
+//!   alone and holds up nobody else.
 //! - **server trouble** (HTTP 5xx, a connection that failed or timed out): retried the same way.
-//!   The SDK's own retries are switched off for this client so that this loop is the only one —
-//!   otherwise the two multiply (3 × 5 attempts) and the SDK's shared retry quota would let one
-//!   hot room starve every other recipient's retries.
+//!   The SDK's own retries are switched off for this client so that this policy is the only one
+//!   — otherwise the two multiply (3 × 5 attempts) and the SDK's shared retry quota would let one
+//!   hot room starve every other recipient's retries. (The SDK's retries cannot simply replace
+//!   it: they would not take a bare 410 for gone.)
 //! - anything else (forbidden, payload too large): [`PostError::Failed`], at once.
 
 use crate::domain::ConnectionId;
 use crate::ports::{ConnectionGateway, PostError};
+use crate::retry;
 use async_trait::async_trait;
 use aws_sdk_apigatewaymanagement::Client;
 use aws_sdk_apigatewaymanagement::config::http::HttpResponse;
@@ -30,45 +33,9 @@ use aws_sdk_apigatewaymanagement::config::timeout::TimeoutConfig;
 use aws_sdk_apigatewaymanagement::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_apigatewaymanagement::operation::post_to_connection::PostToConnectionError;
 use aws_sdk_apigatewaymanagement::primitives::Blob;
+use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use std::time::Duration;
-
-/// How often, and how patiently, a throttled post is tried.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Backoff {
-    /// Tries in all, the first included.
-    pub attempts: u32,
-    /// The pause before the second try; each later pause doubles (with jitter).
-    pub first: Duration,
-    /// No pause is longer than this.
-    pub max: Duration,
-}
-
-impl Default for Backoff {
-    /// 5 tries from 50 ms: at most about 0.75 s of waiting, well inside a Lambda's timeout.
-    fn default() -> Self {
-        Backoff {
-            attempts: 5,
-            first: Duration::from_millis(50),
-            max: Duration::from_secs(2),
-        }
-    }
-}
-
-impl Backoff {
-    /// The pause after failed try number `attempt` (0-based): half the doubled base plus a
-    /// random part of the other half, so that recipients throttled together do not all come
-    /// back at the same instant.
-    fn pause(&self, attempt: u32) -> Duration {
-        let base = self
-            .first
-            .saturating_mul(2u32.saturating_pow(attempt))
-            .min(self.max);
-        let half = base / 2;
-        let jitter = rand::random_range(0..=half.as_micros().max(1) as u64);
-        half + Duration::from_micros(jitter)
-    }
-}
 
 /// What one failed post attempt means: gone, worth another try, or failed for good.
 #[derive(Debug, PartialEq, Eq)]
@@ -84,7 +51,8 @@ enum Attempt {
 pub struct ManagementApi {
     client: Client,
     endpoint: String,
-    backoff: Backoff,
+    /// How often, and how patiently, a throttled post is tried.
+    retry: ExponentialBuilder,
 }
 
 /// One attempt should answer within this; a stuck request must not hold its recipient for the
@@ -108,13 +76,13 @@ impl ManagementApi {
         ManagementApi {
             client: Client::from_conf(service),
             endpoint,
-            backoff: Backoff::default(),
+            retry: retry::AWS_CALL,
         }
     }
 
-    /// The same client with another retry policy.
-    pub fn with_backoff(mut self, backoff: Backoff) -> ManagementApi {
-        self.backoff = backoff;
+    /// The same client with another retry policy than [`retry::AWS_CALL`].
+    pub fn with_retry(mut self, retry: ExponentialBuilder) -> ManagementApi {
+        self.retry = retry;
         self
     }
 
@@ -138,24 +106,24 @@ impl ManagementApi {
 #[async_trait]
 impl ConnectionGateway for ManagementApi {
     async fn post(&self, connection: &ConnectionId, frame: Bytes) -> Result<(), PostError> {
-        let attempts = self.backoff.attempts.max(1);
-        let mut attempt = 0;
-        loop {
-            match self.post_once(connection, &frame).await {
-                Ok(()) => return Ok(()),
-                Err(Attempt::Gone) => return Err(PostError::Gone),
-                Err(Attempt::Failed(why)) => return Err(PostError::Failed(why)),
-                Err(Attempt::Retry(why)) => {
-                    attempt += 1;
-                    if attempt >= attempts {
-                        return Err(PostError::Failed(format!(
-                            "{why} (gave up after {attempts} tries)"
-                        )));
-                    }
-                    tracing::debug!(%connection, %why, attempt, "post will be retried");
-                    tokio::time::sleep(self.backoff.pause(attempt - 1)).await;
-                }
-            }
+        let mut tries = 0;
+        let outcome = (|| {
+            tries += 1;
+            self.post_once(connection, &frame)
+        })
+        .retry(self.retry)
+        .when(|attempt| matches!(attempt, Attempt::Retry(_)))
+        .notify(|attempt, pause| {
+            tracing::debug!(%connection, ?attempt, ?pause, "post will be retried");
+        })
+        .await;
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(Attempt::Gone) => Err(PostError::Gone),
+            Err(Attempt::Failed(why)) => Err(PostError::Failed(why)),
+            Err(Attempt::Retry(why)) => Err(PostError::Failed(format!(
+                "{why} (gave up after {tries} tries)"
+            ))),
         }
     }
 
@@ -289,6 +257,14 @@ mod tests {
             .build()
     }
 
+    /// `tries` in all, with millisecond pauses: the tests count tries, not wait for them.
+    fn quick(tries: usize) -> ExponentialBuilder {
+        ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(1))
+            .with_max_delay(Duration::from_millis(5))
+            .with_max_times(tries - 1)
+    }
+
     async fn fake_api() -> (ManagementApi, Calls) {
         let calls = Calls::default();
         let app = Router::new()
@@ -298,12 +274,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         let config = test_config();
-        let api =
-            ManagementApi::new(&config, &format!("http://{addr}/prod/")).with_backoff(Backoff {
-                attempts: 4,
-                first: Duration::from_millis(1),
-                max: Duration::from_millis(5),
-            });
+        let api = ManagementApi::new(&config, &format!("http://{addr}/prod/")).with_retry(quick(4));
         (api, calls)
     }
 
@@ -384,27 +355,10 @@ mod tests {
         };
         let config = test_config();
         let api = ManagementApi::new(&config, &format!("http://127.0.0.1:{port}/prod"))
-            .with_backoff(Backoff {
-                attempts: 2,
-                first: Duration::from_millis(1),
-                max: Duration::from_millis(1),
-            });
+            .with_retry(quick(2));
         let Err(PostError::Failed(why)) = post_to(&api, "anyone").await else {
             panic!("an unreachable endpoint is a failure");
         };
         assert!(why.contains("could not reach"), "{why}");
-    }
-
-    #[test]
-    fn pauses_grow_and_stay_under_the_cap() {
-        let backoff = Backoff::default();
-        for attempt in 0..10 {
-            let pause = backoff.pause(attempt);
-            let base = (backoff.first * 2u32.pow(attempt.min(20))).min(backoff.max);
-            assert!(
-                pause >= base / 2 && pause <= base,
-                "{attempt}: {pause:?} of {base:?}"
-            );
-        }
     }
 }

@@ -9,5 +9,5 @@ pub mod events;
 pub mod management;
 pub mod queue;
 
-pub use management::{Backoff, ManagementApi};
+pub use management::ManagementApi;
 pub use queue::SqsDeliveryQueue;

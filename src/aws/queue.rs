@@ -12,19 +12,18 @@
 //! too, without those two promises.
 
 use crate::ports::{DeliveryJob, DeliveryQueue, QueueError};
+use crate::retry;
 use async_trait::async_trait;
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::error::DisplayErrorContext;
-use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+use aws_sdk_sqs::types::{BatchResultErrorEntry, SendMessageBatchRequestEntry};
+use backon::RetryableWithContext;
 
 /// Entries per `SendMessageBatch`: SQS's limit.
 const BATCH_ENTRIES: usize = 10;
 /// Bytes of message bodies per `SendMessageBatch`: SQS's limit for a batch's total payload.
 const BATCH_BYTES: usize = 256 * 1024;
-/// How many times entries SQS failed on its side (throttling, an internal error) are sent
-/// again before the enqueue fails.
-const ATTEMPTS: u32 = 3;
 
 /// The delivery queue: `PALAVER_DELIVERY_QUEUE_URL`.
 #[derive(Clone, Debug)]
@@ -45,48 +44,74 @@ impl SqsDeliveryQueue {
         &self.queue_url
     }
 
-    /// Sends one batch, re-sending what failed on SQS's side. The error names every entry that
-    /// still failed, and why.
-    async fn send_batch(&self, mut entries: Vec<(String, Entry)>) -> Result<(), QueueError> {
-        let fifo = self.queue_url.ends_with(".fifo");
-        for attempt in 1..=ATTEMPTS {
-            let batch = entries
-                .iter()
-                .map(|(id, entry)| {
-                    let mut builder = SendMessageBatchRequestEntry::builder()
-                        .id(id)
-                        .message_body(&entry.body);
-                    if fifo {
-                        builder = builder
-                            .message_group_id(&entry.group)
-                            .message_deduplication_id(&entry.dedupe);
-                    }
-                    builder
-                        .build()
-                        .map_err(|e| QueueError(format!("entry {id}: {e}")))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let out = self
-                .client
-                .send_message_batch()
-                .queue_url(&self.queue_url)
-                .set_entries(Some(batch))
-                .send()
-                .await
-                .map_err(|e| {
-                    QueueError(format!(
-                        "SendMessageBatch to {}: {}",
-                        self.queue_url,
-                        DisplayErrorContext(&e)
-                    ))
-                })?;
-            let failed = out.failed();
-            if failed.is_empty() {
-                return Ok(());
+    /// Sends one batch, sending what SQS failed on its side (throttling, an internal error)
+    /// again under [`retry::AWS_CALL`]. The error names every entry that still failed, and why.
+    async fn send_batch(&self, entries: Vec<(String, Entry)>) -> Result<(), QueueError> {
+        let (_, sent) = (|mut entries: Vec<(String, Entry)>| async move {
+            let sent = self.send_once(&entries).await;
+            if let Err(Unsent::Busy { ids, .. }) = &sent {
+                entries.retain(|(id, _)| ids.contains(id));
             }
-            let permanent: Vec<String> = failed
-                .iter()
-                .filter(|f| f.sender_fault() || attempt == ATTEMPTS)
+            (entries, sent)
+        })
+        .retry(retry::AWS_CALL)
+        .context(entries)
+        .when(|unsent| matches!(unsent, Unsent::Busy { .. }))
+        .notify(|unsent, pause| {
+            if let Unsent::Busy { ids, .. } = unsent {
+                tracing::warn!(
+                    entries = ids.len(),
+                    ?pause,
+                    "SQS refused some entries; sending them again"
+                );
+            }
+        })
+        .await;
+        sent.map_err(|unsent| match unsent {
+            Unsent::Failed(error) => error,
+            Unsent::Busy { why, .. } => QueueError(why),
+        })
+    }
+
+    /// One `SendMessageBatch` of `entries`.
+    async fn send_once(&self, entries: &[(String, Entry)]) -> Result<(), Unsent> {
+        let fifo = self.queue_url.ends_with(".fifo");
+        let batch = entries
+            .iter()
+            .map(|(id, entry)| {
+                let mut builder = SendMessageBatchRequestEntry::builder()
+                    .id(id)
+                    .message_body(&entry.body);
+                if fifo {
+                    builder = builder
+                        .message_group_id(&entry.group)
+                        .message_deduplication_id(&entry.dedupe);
+                }
+                builder
+                    .build()
+                    .map_err(|e| Unsent::Failed(QueueError(format!("entry {id}: {e}"))))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let out = self
+            .client
+            .send_message_batch()
+            .queue_url(&self.queue_url)
+            .set_entries(Some(batch))
+            .send()
+            .await
+            .map_err(|e| {
+                Unsent::Failed(QueueError(format!(
+                    "SendMessageBatch to {}: {}",
+                    self.queue_url,
+                    DisplayErrorContext(&e)
+                )))
+            })?;
+        let failed = out.failed();
+        if failed.is_empty() {
+            return Ok(());
+        }
+        let describe = |failed: &mut dyn Iterator<Item = &BatchResultErrorEntry>| {
+            let entries: Vec<String> = failed
                 .map(|f| {
                     format!(
                         "entry {} failed: {} {}",
@@ -96,23 +121,28 @@ impl SqsDeliveryQueue {
                     )
                 })
                 .collect();
-            if !permanent.is_empty() {
-                return Err(QueueError(format!(
-                    "{}: {}",
-                    self.queue_url,
-                    permanent.join("; ")
-                )));
-            }
-            entries.retain(|(id, _)| failed.iter().any(|f| f.id() == id));
-            tracing::warn!(
-                entries = entries.len(),
-                attempt,
-                "SQS refused some entries; sending them again"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(50 * u64::from(attempt))).await;
+            format!("{}: {}", self.queue_url, entries.join("; "))
+        };
+        if failed.iter().any(|f| f.sender_fault()) {
+            let why = describe(&mut failed.iter().filter(|f| f.sender_fault()));
+            return Err(Unsent::Failed(QueueError(why)));
         }
-        Ok(())
+        Err(Unsent::Busy {
+            ids: failed.iter().map(|f| f.id().to_owned()).collect(),
+            why: describe(&mut failed.iter()),
+        })
     }
+}
+
+/// Why a batch was not sent whole.
+#[derive(Debug)]
+enum Unsent {
+    /// SQS failed these entries on its side (throttling, an internal error): worth sending
+    /// them again. `why` names each, for when the tries run out.
+    Busy { ids: Vec<String>, why: String },
+    /// The call failed (after the SDK's own retries), or entries failed on the sender's side:
+    /// sending them again cannot help.
+    Failed(QueueError),
 }
 
 #[async_trait]

@@ -34,9 +34,12 @@
 //! - **A closed shard** answers without a next iterator: the tail drops it and looks for its
 //!   children.
 //!
-//! Errors are logged and retried with a backoff; the tail itself never stops and never panics.
+//! Errors are logged and retried after a pause of [`retry::FOLLOW`]'s, which the tail schedules
+//! per shard rather than sleeps, so that one failing shard holds up no other; the tail itself
+//! never stops and never panics.
 
 use super::stream::{StreamFanOut, Wake};
+use crate::retry;
 use crate::store::dynamodb::Tables;
 use aws_sdk_dynamodbstreams::config::http::HttpResponse;
 use aws_sdk_dynamodbstreams::error::{ProvideErrorMetadata, SdkError};
@@ -53,9 +56,6 @@ use tokio::time::Instant;
 pub const POLL: Duration = Duration::from_millis(100);
 /// How many times a failed batch is read again before the tail moves past it.
 pub const MAX_RETRIES: u32 = 8;
-/// The first backoff after a failure; it doubles up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long to wait after DynamoDB says the tail reads too often.
 const THROTTLED: Duration = Duration::from_secs(1);
 /// After this many failed `GetRecords` in a row, the shard iterator is taken anew.
@@ -197,11 +197,10 @@ impl Shard {
         self.back_off(self.failed_calls);
     }
 
-    /// Waits [`FIRST_BACKOFF`] before the next read, doubled for each `attempt` after the first,
-    /// at most [`MAX_BACKOFF`].
-    fn back_off(&mut self, attempt: u32) {
-        let factor = 1u32 << attempt.saturating_sub(1).min(10);
-        self.resume_at = Instant::now() + (FIRST_BACKOFF * factor).min(MAX_BACKOFF);
+    /// Waits [`retry::FOLLOW`]'s pause after `failures` failures in a row before the next read.
+    fn back_off(&mut self, failures: u32) {
+        let pause = retry::pause_after(retry::FOLLOW, failures).expect("FOLLOW never gives up");
+        self.resume_at = Instant::now() + pause;
     }
 }
 

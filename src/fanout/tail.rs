@@ -4,7 +4,8 @@
 //! only then wait. The wake-up carries no events — only "something was committed" — so a tail
 //! that falls behind re-reads from its checkpoint instead of silently skipping. The one thing it
 //! does pass over is an event the store cannot decode (a damaged row): that is logged as an
-//! error, because waiting for it would stop every room.
+//! error, because waiting for it would stop every room. Any other failure, to read or to
+//! deliver, is tried again under [`retry::FOLLOW`], for as long as it takes.
 //!
 //! Who hears each event comes from the tail's own [`Roster`], folded from the same events in the
 //! same order, so delivering costs no store query.
@@ -12,6 +13,8 @@
 use super::{FanOut, Roster};
 use crate::domain::Event;
 use crate::ports::{LogFeed, StoreError};
+use crate::retry;
+use backon::{Retryable, RetryableWithContext};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -49,10 +52,15 @@ pub fn start(
         while let Some(page) = read.recv().await {
             for (position, event) in &page {
                 // A store error here (not a failed post) would skip recipients: retry it.
-                while let Err(error) = fanout.deliver_in(event, &mut roster).await {
-                    tracing::error!(%error, position, "fan-out failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+                let fanout = &fanout;
+                (roster, _) = (|mut roster: Roster| async move {
+                    let delivered = fanout.deliver_in(event, &mut roster).await;
+                    (roster, delivered)
+                })
+                .retry(retry::FOLLOW)
+                .context(roster)
+                .notify(|error, _| tracing::error!(%error, position, "fan-out failed; retrying"))
+                .await;
                 delivered.0.store(*position, Ordering::Release);
             }
         }
@@ -79,12 +87,12 @@ async fn follow(
     loop {
         wake.borrow_and_update();
         loop {
-            let page = match feed.read_all(checkpoint, PAGE).await {
+            let page = match read_all(&*feed, checkpoint, PAGE).await {
                 Ok(page) => page,
-                Err(StoreError::Corrupt(_)) => match feed.read_all(checkpoint, 1).await {
-                    // Somewhere in the page: go one event at a time up to it.
+                // An unreadable event somewhere in the page: go one event at a time up to it.
+                Err(_) => match read_all(&*feed, checkpoint, 1).await {
                     Ok(one) => one,
-                    Err(StoreError::Corrupt(why)) => {
+                    Err(why) => {
                         // The unreadable event is the first after the checkpoint: step past
                         // it one position at a time (positions have gaps where connections were
                         // forgotten). No retry can decode it; waiting for it would stop every
@@ -97,17 +105,7 @@ async fn follow(
                         checkpoint += 1;
                         continue;
                     }
-                    Err(error) => {
-                        tracing::error!(%error, checkpoint, "log tail could not read; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    }
                 },
-                Err(error) => {
-                    tracing::error!(%error, checkpoint, "log tail could not read; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
             };
             let Some(&(last, _)) = page.last() else { break };
             if pages.send(page).await.is_err() {
@@ -120,6 +118,21 @@ async fn follow(
             _ = tokio::time::sleep(POLL) => {}
         }
     }
+}
+
+/// Up to `limit` events after `checkpoint`, read again under [`retry::FOLLOW`] until the read
+/// succeeds or finds an event the store cannot decode ([`StoreError::Corrupt`], its only error),
+/// which no retry can help.
+async fn read_all(
+    feed: &dyn LogFeed,
+    checkpoint: u64,
+    limit: usize,
+) -> Result<Vec<(u64, Event)>, StoreError> {
+    (|| feed.read_all(checkpoint, limit))
+        .retry(retry::FOLLOW)
+        .when(|error| !matches!(error, StoreError::Corrupt(_)))
+        .notify(|error, _| tracing::error!(%error, checkpoint, "log tail could not read; retrying"))
+        .await
 }
 
 /// Where a tail started now should begin: after everything already committed.

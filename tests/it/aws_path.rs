@@ -547,13 +547,14 @@ async fn the_route_function_reads_its_token_secret_from_secrets_manager() {
         .await
         .expect("secret created in moto");
     let vars = |secret_id: String| {
-        let store = format!("dynamodb://{prefix}");
-        move |var: &str| match var {
-            "PALAVER_STORE" => Some(store.clone()),
-            "PALAVER_MANAGEMENT_ENDPOINT" => Some("http://127.0.0.1:9".to_owned()),
-            "PALAVER_JWT_SECRET_ID" => Some(secret_id.clone()),
-            _ => None,
-        }
+        [
+            ("PALAVER_STORE", format!("dynamodb://{prefix}")),
+            (
+                "PALAVER_MANAGEMENT_ENDPOINT",
+                "http://127.0.0.1:9".to_owned(),
+            ),
+            ("PALAVER_JWT_SECRET_ID", secret_id),
+        ]
     };
     let config = LambdaConfig::from_vars(vars(name.clone())).unwrap();
     let routes = Aws::with_sdk(&config, sdk.clone())

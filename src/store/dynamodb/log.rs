@@ -11,10 +11,7 @@ use crate::domain::{Appended, Event, EventBody, Expect, Refusal, Stream};
 use crate::ports::{Directory, EventLog, StoreError, StoreResult};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::TransactWriteItem;
-use std::time::Duration;
-
-/// How many times an append retries after losing a race for its seq.
-const MAX_ATTEMPTS: u32 = 64;
+use backon::BackoffBuilder;
 
 /// Why one attempt at an append did not land.
 enum Missed {
@@ -221,7 +218,9 @@ impl EventLog for DynamoStore {
                 }
             }
         }
-        for attempt in 0..MAX_ATTEMPTS {
+        // How long to wait after losing a race, and when to stop trying.
+        let mut pauses = crate::retry::CONTENDED_APPEND.build();
+        loop {
             let head = match *known_head {
                 Some(head) => head,
                 None => self.read_head(&stream).await?,
@@ -252,17 +251,12 @@ impl EventLog for DynamoStore {
                 }
                 Err(Missed::SeqTaken) => {
                     *known_head = None;
-                    if attempt > 2 {
-                        // Many writers on one room: back off a little, with jitter.
-                        let pause = rand::random_range(1..=(5 * u64::from(attempt.min(20))));
-                        tokio::time::sleep(Duration::from_millis(pause)).await;
-                    }
+                    let Some(pause) = pauses.next() else { break };
+                    tokio::time::sleep(pause).await;
                 }
                 Err(Missed::Raced) => {
-                    if attempt > 2 {
-                        let pause = rand::random_range(1..=(5 * u64::from(attempt.min(20))));
-                        tokio::time::sleep(Duration::from_millis(pause)).await;
-                    }
+                    let Some(pause) = pauses.next() else { break };
+                    tokio::time::sleep(pause).await;
                 }
                 Err(Missed::DuplicateMessage) => {
                     let first = self.sent_before(&body).await?.ok_or_else(|| {

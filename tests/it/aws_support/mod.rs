@@ -255,8 +255,7 @@ impl World {
             vars.insert("PALAVER_FANOUT_SHARD_THRESHOLD", threshold.to_string());
             vars.insert("PALAVER_FANOUT_SHARD_SIZE", size.to_string());
         }
-        let config = LambdaConfig::from_vars(|name| vars.get(name).cloned())
-            .expect("a complete configuration");
+        let config = LambdaConfig::from_vars(vars.clone()).expect("a complete configuration");
         let stream = StreamReader::open(&sdk, &tables.events).await;
         World {
             routes: Aws::with_sdk(&config, sdk.clone())

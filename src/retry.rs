@@ -1,0 +1,107 @@
+//! How long palaver waits before trying again what failed for a passing reason: every retry's
+//! numbers, side by side, run by [backon].
+//!
+//! Each policy is one backon [`ExponentialBuilder`]: pauses that double from a first one up to a
+//! cap, for a number of tries or for ever. What differs between them is what the failure is and
+//! who waits for the retry:
+//!
+//! | policy | what failed | who waits |
+//! | --- | --- | --- |
+//! | [`AWS_CALL`] | an AWS call throttled or in server trouble (`postToConnection`, entries SQS refused) | one recipient, one batch: a Lambda invocation |
+//! | [`FOLLOW`] | a read or a delivery of something followed for as long as the process runs (the local log, a change stream shard) | every room: the follower never gives up |
+//! | [`CONTENDED_APPEND`] | an append that lost the race for its seq | the sender, whose message is not in yet |
+//!
+//! Where a single SDK call is retried and nothing needs sorting first, the SDK's own retries do
+//! it; these are for what the SDK cannot judge (a bare 410 that means gone, a batch with some
+//! entries refused) or for what is not one call.
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use std::time::Duration;
+
+/// An AWS call throttled or in server trouble: 5 tries, pausing 25–50 ms, 50–100 ms,
+/// 100–200 ms, then 200–400 ms (a cap of 1–2 s is never reached in 5 tries): at most about
+/// 0.75 s of waiting, well inside a Lambda's timeout, and enough for a throttled account's
+/// token bucket to refill.
+///
+/// Each pause is a random point in the upper half of its doubling step, so that recipients
+/// throttled together do not all come back at the same instant. (backon's jitter adds up to the
+/// pause again, which is why the steps are given here at half: 25 ms is the 50 ms step's lower
+/// half.)
+pub const AWS_CALL: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(25))
+    .with_max_delay(Duration::from_secs(1))
+    .with_jitter()
+    .with_max_times(4);
+
+/// A failed read or delivery of what palaver follows for as long as it runs — the local log,
+/// a change stream's shard: from 100 ms, doubling up to 5 s, for ever. A follower that gave up
+/// would stop every room's fan-out, while one that retried at once would flood a store that is
+/// struggling; 5 s is how late the first delivery after an outage may come at most.
+///
+/// No jitter: there is one follower per process (per shard), and nobody to spread out from.
+pub const FOLLOW: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(100))
+    .with_max_delay(Duration::from_secs(5))
+    .without_max_times();
+
+/// An append that lost the race for its seq to another writer of the same room (or raced
+/// another change of the same user): 64 tries, pausing 1–2 ms at first and doubling up to
+/// 32–64 ms. The winner's write is already done, so the race clears in a round trip; the short
+/// pauses keep a busy room's messages in and the jitter keeps the losers from meeting again.
+/// 64 tries ride out a room with dozens of writers at once (about 3 s of waiting at most) before
+/// the append fails as contended.
+pub const CONTENDED_APPEND: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(1))
+    .with_max_delay(Duration::from_millis(32))
+    .with_jitter()
+    .with_max_times(63);
+
+/// The pause before the next try after `failures` failures in a row (1 for the first), or
+/// `None` when `policy` has given up: for loops that schedule their next try rather than wait
+/// for it (the change stream tail reads every shard in one task).
+pub fn pause_after(policy: ExponentialBuilder, failures: u32) -> Option<Duration> {
+    // Past 64 doublings every policy here is at its cap; this keeps a long outage's count from
+    // making each look-up longer.
+    let step = failures.clamp(1, 64) - 1;
+    policy.build().nth(step as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aws_call_pauses_grow_within_the_upper_half_of_each_step_and_run_out() {
+        let (first, max) = (Duration::from_millis(50), Duration::from_secs(2));
+        for _ in 0..100 {
+            let pauses: Vec<Duration> = AWS_CALL.build().collect();
+            assert_eq!(pauses.len(), 4, "5 tries: 4 pauses");
+            for (attempt, pause) in pauses.into_iter().enumerate() {
+                let base = (first * 2u32.pow(attempt as u32)).min(max);
+                assert!(
+                    pause >= base / 2 && pause <= base,
+                    "{attempt}: {pause:?} of {base:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn follow_doubles_up_to_a_cap_and_never_gives_up() {
+        let waits: Vec<u128> = (1..=10)
+            .map(|failures| pause_after(FOLLOW, failures).unwrap().as_millis() / 100)
+            .collect();
+        assert_eq!(waits[..4], [1, 2, 4, 8]);
+        assert_eq!(*waits.last().unwrap(), 50);
+        assert_eq!(pause_after(FOLLOW, u32::MAX), Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn contended_appends_pause_briefly_and_give_up_after_64_tries() {
+        let pauses: Vec<Duration> = CONTENDED_APPEND.build().collect();
+        assert_eq!(pauses.len(), 63);
+        assert!(pauses.iter().all(|p| *p < Duration::from_millis(64)));
+        assert!(pauses.iter().sum::<Duration>() < Duration::from_secs(4));
+        assert_eq!(pause_after(CONTENDED_APPEND, 64), None);
+    }
+}
