@@ -5,11 +5,13 @@
 //! Each binary is started fresh under cargo-lambda's Runtime API emulator (already running) and
 //! at once sent a real event — `$connect` to `palaver-route`, a DynamoDB stream batch to
 //! `palaver-fanout`, an SQS delivery job to `palaver-deliver` — against moto and a real
-//! `palaver serve` playing API Gateway. "cold" is the time from starting the process to its
-//! answer: its init (the runtime, the SDK clients, the configuration) plus the first event,
-//! its first connections included. "warm" is the next event of the same kind on the same
-//! process. Both include the `cargo lambda invoke` process that carries the event, so
-//! cold − warm is what a cold start adds. Medians of five starts.
+//! `palaver serve` playing API Gateway. "init" is the time from starting the process to its
+//! first call to the Runtime API (through a forwarding port that notes it): loading the binary,
+//! the runtime, the configuration, the SDK clients — Lambda's "Init Duration". "cold" is the
+//! time from starting the process to the first event's answer, its first connections to
+//! DynamoDB and the rest included; "warm" the next event of the same kind on the same process.
+//! Both include the `cargo lambda invoke` process that carries the event (it starts while the
+//! function initialises). Medians of five starts.
 //!
 //! The binaries are the ones `cargo bench` builds, or those in `PALAVER_LAMBDA_BINARIES` (a
 //! `cargo lambda build` output directory, `NAME/bootstrap`): `scripts/bench-lambda` builds them
@@ -24,7 +26,9 @@ mod aws_support;
 use aws_support::{Options, Socket, World, failures};
 use palaver::ports::DeliveryJob;
 use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
 
 const STARTS: usize = 5;
 
@@ -89,27 +93,56 @@ async fn starts_of(function: &str, built: &str) {
         .unwrap_or_else(|e| panic!("{path}: {e}"))
         .len();
     let mut world = World::new("coldstart", Options::default()).await;
-    world.emulator().await;
-    let (mut cold, mut warm, mut sockets) = (Vec::new(), Vec::new(), Vec::new());
+    let emulator = world.emulator().await;
+    let (mut init, mut cold, mut warm, mut sockets) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for n in 0..STARTS {
         let (first, socket) = event_for(&mut world, function, 2 * n).await;
         sockets.push(socket);
         let (second, socket) = event_for(&mut world, function, 2 * n + 1).await;
         sockets.push(socket);
+        let (proxy, first_call) = first_call_through(emulator.port()).await;
+        let api = format!("http://127.0.0.1:{proxy}/.rt/{function}");
         let started = Instant::now();
-        let mut running = world.function(function, &path).await;
+        let mut running = world
+            .function_with(function, &path, &[("AWS_LAMBDA_RUNTIME_API", api)])
+            .await;
         answered(function, &running.invoke(first).await);
         cold.push(started.elapsed());
+        let called = first_call
+            .lock()
+            .unwrap()
+            .expect("the function called its Runtime API");
+        init.push(called - started);
         let started = Instant::now();
         answered(function, &running.invoke(second).await);
         warm.push(started.elapsed());
     }
-    let (cold, warm) = (median(cold), median(warm));
+    let (init, cold, warm) = (median(init), median(cold), median(warm));
     println!(
-        "{{\"function\":\"{function}\",\"binary_bytes\":{bytes},\"cold_ms\":{cold:.1},\
-         \"warm_ms\":{warm:.1},\"cold_start_adds_ms\":{:.1}}}",
-        cold - warm
+        "{{\"function\":\"{function}\",\"binary_bytes\":{bytes},\"init_ms\":{init:.1},\
+         \"cold_ms\":{cold:.1},\"warm_ms\":{warm:.1}}}"
     );
+}
+
+/// A loopback port that forwards to the emulator's, and when the first connection came: a
+/// function's first call to its Runtime API (`GET …/invocation/next`) is the end of its init.
+async fn first_call_through(emulator: u16) -> (u16, Arc<Mutex<Option<Instant>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port");
+    let port = listener.local_addr().unwrap().port();
+    let first = Arc::new(Mutex::new(None));
+    let noted = first.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            noted.lock().unwrap().get_or_insert_with(Instant::now);
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", emulator)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    (port, first)
 }
 
 fn main() {

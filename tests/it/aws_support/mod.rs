@@ -279,8 +279,19 @@ impl World {
     /// The function binary `binary` (its path), running under cargo-lambda's emulator (one per
     /// world) with this world's configuration.
     pub async fn function(&self, name: &str, binary: &str) -> runtime::Function {
+        self.function_with(name, binary, &[]).await
+    }
+
+    /// [`World::function`], with `extra` variables on top of the world's.
+    pub async fn function_with(
+        &self,
+        name: &str,
+        binary: &str,
+        extra: &[(&'static str, String)],
+    ) -> runtime::Function {
         let emulator = self.emulator().await;
-        let env: Vec<(&str, String)> = self.env.iter().map(|(k, v)| (*k, v.clone())).collect();
+        let mut env: Vec<(&str, String)> = self.env.iter().map(|(k, v)| (*k, v.clone())).collect();
+        env.extend(extra.iter().cloned());
         runtime::Function::start(emulator, name, binary, &env).await
     }
 

@@ -160,6 +160,11 @@ impl Emulator {
         Ok(emulator)
     }
 
+    /// The loopback port of its Runtime API and invoke endpoint.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// The environment of the function `name`: the emulator's variables, with its runtime API
     /// at `…/.rt/{name}` (where the emulator queues `cargo lambda invoke {name}`'s events).
     fn function_env(&self, name: &str) -> HashMap<String, String> {
