@@ -87,6 +87,17 @@ impl State {
             .map(|((room, _), _)| room)
     }
 
+    /// The active members of `room`.
+    fn members_of(&self, room: &RoomName) -> impl Iterator<Item = &UserId> {
+        self.room_members.get(room).into_iter().flatten()
+    }
+
+    fn is_member(&self, room: &RoomName, user: &UserId) -> bool {
+        self.room_members
+            .get(room)
+            .is_some_and(|members| members.contains(user))
+    }
+
     fn apply(&mut self, event: &Event) {
         for change in changes(event) {
             self.apply_change(change);
@@ -242,10 +253,7 @@ impl EventLog for MemoryStore {
         if expect.checks_membership()
             && let Some((room, user, _)) = body.membership_needed()
         {
-            let member = state
-                .room_members
-                .get(room)
-                .is_some_and(|m| m.contains(user));
+            let member = state.is_member(room, user);
             body.check_membership(member)?;
             if let Some(max_rooms) = expect.max_rooms() {
                 let rooms = state.rooms_of(user).count();
@@ -339,20 +347,13 @@ impl Directory for MemoryStore {
     }
 
     async fn is_member(&self, room: &RoomName, user: &UserId) -> StoreResult<bool> {
-        Ok(self
-            .lock()
-            .room_members
-            .get(room)
-            .is_some_and(|m| m.contains(user)))
+        Ok(self.lock().is_member(room, user))
     }
 
     async fn members(&self, room: &RoomName) -> StoreResult<Vec<MemberRecord>> {
         let state = self.lock();
         Ok(state
-            .room_members
-            .get(room)
-            .into_iter()
-            .flatten()
+            .members_of(room)
             .map(|user| MemberRecord {
                 user: user.clone(),
                 joined_at: state.members[&(room.clone(), user.clone())].joined_at,
@@ -389,10 +390,7 @@ impl Directory for MemoryStore {
     async fn listeners(&self, room: &RoomName) -> StoreResult<Vec<Listener>> {
         let state = self.lock();
         Ok(state
-            .room_members
-            .get(room)
-            .into_iter()
-            .flatten()
+            .members_of(room)
             .filter_map(|user| state.user_connections.get(user))
             .flatten()
             .filter_map(|connection| {

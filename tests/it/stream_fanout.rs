@@ -105,11 +105,8 @@ async fn connect(store: &Store, id: &str, who: &str) {
     store.log.append(body, Expect::Seq(1)).await.unwrap();
 }
 
-async fn join(store: &Store, r: &str, who: &str) -> u64 {
-    let body = EventBody::Joined {
-        room: room(r),
-        user: user(who),
-    };
+/// Appends `body` to its stream and returns its seq.
+async fn appended(store: &Store, body: EventBody) -> u64 {
     store
         .log
         .append(body, Expect::Next)
@@ -117,6 +114,14 @@ async fn join(store: &Store, r: &str, who: &str) -> u64 {
         .unwrap()
         .event
         .seq
+}
+
+async fn join(store: &Store, r: &str, who: &str) -> u64 {
+    let body = EventBody::Joined {
+        room: room(r),
+        user: user(who),
+    };
+    appended(store, body).await
 }
 
 async fn say(store: &Store, r: &str, who: &str, text: &str) -> u64 {
@@ -127,13 +132,7 @@ async fn say(store: &Store, r: &str, who: &str, text: &str) -> u64 {
         client_msg_id: None,
         connection: None,
     };
-    store
-        .log
-        .append(body, Expect::Next)
-        .await
-        .unwrap()
-        .event
-        .seq
+    appended(store, body).await
 }
 
 /// The change record for `seq` of room `r`, as a stream would announce it.
@@ -537,13 +536,8 @@ async fn a_room_stays_on_the_queue_in_the_batches_after_it_went_there() {
     }
     // Four listeners: over the threshold, the message goes to the queue.
     let first = say(&store, "lobby", "ana", "to four").await;
-    assert!(
-        fanout
-            .handle(vec![wake("lobby", first)])
-            .await
-            .failed
-            .is_empty()
-    );
+    let handled = |batch| async { fanout.handle(batch).await.failed.is_empty() };
+    assert!(handled(vec![wake("lobby", first)]).await);
     let queued = |text: &str| {
         queue
             .0
@@ -561,16 +555,9 @@ async fn a_room_stays_on_the_queue_in_the_batches_after_it_went_there() {
         room: room("lobby"),
         user: user("dee"),
     };
-    let left = store
-        .log
-        .append(body, Expect::Next)
-        .await
-        .unwrap()
-        .event
-        .seq;
+    let left = appended(&store, body).await;
     let second = say(&store, "lobby", "ana", "to three").await;
-    let batch = vec![wake("lobby", left), wake("lobby", second)];
-    assert!(fanout.handle(batch).await.failed.is_empty());
+    assert!(handled(vec![wake("lobby", left), wake("lobby", second)]).await);
     assert!(queued("to three") > 0, "queued behind the earlier frames");
     let direct = &gateway.frames("a1")[posted_before..];
     assert!(direct.is_empty(), "nothing posted directly: {direct:?}");
@@ -581,13 +568,7 @@ async fn a_room_stays_on_the_queue_in_the_batches_after_it_went_there() {
         join(&store, "small", who).await;
     }
     let hello = say(&store, "small", "eve", "hello, small room").await;
-    assert!(
-        fanout
-            .handle(vec![wake("small", hello)])
-            .await
-            .failed
-            .is_empty()
-    );
+    assert!(handled(vec![wake("small", hello)]).await);
     assert_eq!(queued("hello, small room"), 0);
     let frames = gateway.frames("f1");
     assert!(

@@ -165,17 +165,7 @@ async fn a_reconnecting_client_replays_exactly_what_it_missed() {
     }
 
     let mut bo = server.connect("bo").await;
-    bo.send(json!({"action": "joinRoom", "room": "r", "after": last_seen}))
-        .await;
-    let mut replay = Vec::new();
-    let joined = loop {
-        let frame = bo.recv().await;
-        match frame["type"].as_str() {
-            Some("joined") => break frame,
-            Some("message" | "member") => replay.push(frame),
-            _ => {}
-        }
-    };
+    let (replay, joined) = bo.rejoin_after("r", last_seen).await;
     let texts: Vec<&str> = replay
         .iter()
         .map(|f| f["text"].as_str().unwrap_or("(left)"))
@@ -213,17 +203,7 @@ async fn a_replay_and_a_lagging_fan_out_never_deliver_a_seq_twice() {
     let mut bo = server.connect("bo").await;
     // Said after bo's new connection opened, before he asks for the replay: live, not history.
     let five = ana.say("r", "five").await["seq"].as_u64().unwrap();
-    bo.send(json!({"action": "joinRoom", "room": "r", "after": last_seen}))
-        .await;
-    let mut replay = Vec::new();
-    let joined = loop {
-        let frame = bo.recv().await;
-        match frame["type"].as_str() {
-            Some("joined") => break frame,
-            Some("message" | "member") => replay.push(frame),
-            _ => {}
-        }
-    };
+    let (replay, joined) = bo.rejoin_after("r", last_seen).await;
     assert_eq!(
         seqs(&replay),
         missed,
@@ -845,17 +825,7 @@ async fn a_replay_is_one_page_and_history_pages_the_rest() {
     // However far behind the fan-out is, what bo's new connection gets is the replay alone:
     // everything here was logged before it opened.
     let mut bo = server.connect("bo").await;
-    bo.send(json!({"action": "joinRoom", "room": "big", "after": 0}))
-        .await;
-    let mut got: Vec<Value> = Vec::new();
-    let joined = loop {
-        let frame = bo.recv().await;
-        match frame["type"].as_str() {
-            Some("joined") => break frame,
-            Some("message" | "member") => got.push(frame),
-            _ => {}
-        }
-    };
+    let (mut got, joined) = bo.rejoin_after("big", 0).await;
     let replayed = got.len();
     let bytes: usize = got.iter().map(|f| f.to_string().len() + 1).sum();
     assert!(

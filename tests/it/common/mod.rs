@@ -418,6 +418,22 @@ impl Client {
         answer
     }
 
+    /// Joins `room` asking for what came after `after`: the room frames replayed before the
+    /// `joined` answer, and the answer.
+    pub async fn rejoin_after(&mut self, room: &str, after: u64) -> (Vec<Value>, Value) {
+        self.send(json!({"action": "joinRoom", "room": room, "after": after}))
+            .await;
+        let mut replay = Vec::new();
+        loop {
+            let frame = self.recv().await;
+            match frame["type"].as_str() {
+                Some("joined") => return (replay, frame),
+                Some("message" | "member") => replay.push(frame),
+                _ => {}
+            }
+        }
+    }
+
     pub async fn say(&mut self, room: &str, text: &str) -> Value {
         let answer = self
             .request(json!({"action": "sendMessage", "room": room, "text": text}))
