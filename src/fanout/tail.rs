@@ -14,7 +14,7 @@ use super::{FanOut, Roster};
 use crate::domain::Event;
 use crate::ports::{LogFeed, StoreError};
 use crate::retry;
-use backon::{Retryable, RetryableWithContext};
+use backon::Retryable;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -51,16 +51,17 @@ pub fn start(
     tokio::spawn(async move {
         while let Some(page) = read.recv().await {
             for (position, event) in &page {
-                // A store error here (not a failed post) would skip recipients: retry it.
-                let fanout = &fanout;
-                (roster, _) = (|mut roster: Roster| async move {
-                    let delivered = fanout.deliver_in(event, &mut roster).await;
-                    (roster, delivered)
-                })
-                .retry(retry::FOLLOW)
-                .context(roster)
-                .notify(|error, _| tracing::error!(%error, position, "fan-out failed; retrying"))
-                .await;
+                // A store error here (not a failed post) would skip recipients: retry it. A
+                // plain loop, not a backon retry: this runs for every event, and the roster
+                // stays borrowed rather than moved in and out of a retried closure.
+                let mut failures = 0;
+                while let Err(error) = fanout.deliver_in(event, &mut roster).await {
+                    failures += 1;
+                    tracing::error!(%error, position, "fan-out failed; retrying");
+                    if let Some(pause) = retry::pause_after(retry::FOLLOW, failures) {
+                        tokio::time::sleep(pause).await;
+                    }
+                }
                 delivered.0.store(*position, Ordering::Release);
             }
         }
