@@ -12,9 +12,14 @@
 use std::future::Future;
 
 /// Runs `stage` to completion on a new thread named `name`, with its own single-threaded runtime.
+///
+/// The runtime has timers but no I/O driver: a stage waits only on channels and timers, and a
+/// runtime that has no sockets to poll parks its thread on a futex rather than in `epoll_wait`.
+/// Being woken — by every answer of sqlx's worker thread — is then one futex call, not a write to
+/// an eventfd plus an epoll wake-up (8% of the committer's CPU before).
 pub fn spawn(name: &str, stage: impl Future<Output = ()> + Send + 'static) {
     let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
+        .enable_time()
         .build()
         .expect("a single-threaded runtime starts");
     std::thread::Builder::new()

@@ -113,6 +113,11 @@ async fn follow(
                 return;
             }
             checkpoint = last;
+            // Caught up with every commit this process has announced: another read would only
+            // find nothing. (Other processes' events are found by the next poll.)
+            if checkpoint >= *wake.borrow() {
+                break;
+            }
         }
         tokio::select! {
             changed = wake.changed() => if changed.is_err() { return },

@@ -1,32 +1,21 @@
-//! Deciding a whole batch in memory, from a few reads.
+//! Deciding a whole batch in memory, against one [`Snapshot`].
 //!
-//! Every statement is a round trip to sqlx's worker thread, so asking the database about each
-//! append one at a time (was this `clientMsgId` used? where is this stream's head?) costs more
-//! than writing the batch. [`Plan::decide`] asks once per batch instead: the heads of every
-//! stream the batch touches, which of its `(stream, user, clientMsgId)` triples are in the log
-//! already, which of its senders and joiners are members of their rooms, and how many rooms its
-//! joiners are in. It then walks the jobs in order and settles each one against that snapshot
-//! plus what the earlier jobs of the same batch did: seqs follow on from heads this batch already
-//! moved, a `clientMsgId` repeated within the batch answers with the first one's event, and an
-//! `Expect::Seq` that an earlier job made stale fails like any other mismatch.
-//!
-//! The snapshot is only safe because it is read inside the `BEGIN IMMEDIATE` transaction the
-//! batch is written in: holding the write lock, nobody else (not even another process on the
-//! same file) can move a head or use a `clientMsgId` between the reads and the writes.
-//!
-//! The two reads pass their keys as one JSON array (`json_each`), so each is one statement text
-//! whatever the batch holds: prepared once and cached by sqlx, and never near SQLite's limit on
-//! bound variables.
+//! Asking the database about each append one at a time (was this `clientMsgId` used? where is
+//! this stream's head?) would cost a round trip to sqlx's worker thread per question.
+//! [`Plan::decide`] instead walks the jobs in order against the snapshot the transaction opened
+//! with (the heads of every stream the batch touches, which of its `clientMsgId`s are logged,
+//! which of its senders and joiners are members, how many rooms its joiners are in) plus what
+//! the earlier jobs of the same batch did: seqs follow on from heads this batch already moved, a
+//! `clientMsgId` repeated within the batch answers with the first one's event, and an
+//! `Expect::Seq` that an earlier job made stale fails like any other mismatch. It reads and
+//! writes nothing itself.
 
 use super::SqliteError;
-use super::rows::{self, EventRow, event_columns, int, uint};
+use super::rows::{self, int};
+use super::snapshot::{MsgKey, Snapshot};
 use crate::domain::event::now;
 use crate::domain::{Appended, Event, EventBody, Expect, Refusal};
-use sqlx::SqliteConnection;
 use std::collections::{HashMap, HashSet};
-
-/// `(stream key, user, clientMsgId)`: what makes a send idempotent.
-type MsgKey = (String, String, String);
 
 /// An event this batch appends, with its columns ready to bind.
 pub(super) struct NewEvent {
@@ -57,24 +46,32 @@ pub(super) struct Plan {
     last: Option<u64>,
 }
 
+impl NewEvent {
+    /// The event's global position (`pos`, which was made from this `u64`).
+    pub fn position(&self) -> u64 {
+        self.pos.unsigned_abs()
+    }
+}
+
 impl Plan {
-    /// Reads what the batch depends on and decides every job, in order. Must run inside the
-    /// write transaction. Writes nothing; an `Err` means the transaction cannot be trusted.
-    pub async fn decide(
-        conn: &mut SqliteConnection,
+    /// Decides every job, in order, against `snapshot`. `streams` are the jobs' stream keys.
+    pub fn decide(
+        snapshot: Snapshot,
         requests: Vec<(EventBody, Expect)>,
-    ) -> Result<Plan, SqliteError> {
-        let streams: Vec<String> = requests
-            .iter()
-            .map(|(body, _)| body.stream().key())
-            .collect();
-        let (last, mut heads) = heads(conn, &streams).await?;
+        streams: Vec<String>,
+    ) -> Plan {
+        let Snapshot {
+            last,
+            mut heads,
+            active,
+            rooms,
+            logged,
+        } = snapshot;
         let mut next_pos = last + 1;
-        let logged = logged(conn, &requests, &streams).await?;
-        let mut members = Members::read(conn, &requests).await?;
+        let mut members = Members { active, rooms };
 
         // One clock reading for the batch: its events are one commit, and with equal times the
-        // batch's aggregated projection (`project::apply_batch`) is exactly what applying each
+        // batch's aggregated projection (`project::Projection::of`) is exactly what applying each
         // event in turn would give.
         let at = now();
         let mut outcomes = Vec::with_capacity(requests.len());
@@ -161,11 +158,11 @@ impl Plan {
                 json,
             }));
         }
-        Ok(Plan { outcomes, last })
+        Plan { outcomes, last }
     }
 
     /// The events to append, in log (and position) order.
-    pub fn events(&self) -> impl Iterator<Item = &NewEvent> {
+    pub fn events(&self) -> impl Iterator<Item = &NewEvent> + Clone {
         self.outcomes.iter().filter_map(|outcome| match outcome {
             Outcome::New(new) => Some(new),
             _ => None,
@@ -196,37 +193,6 @@ impl Plan {
     }
 }
 
-/// The log's last position (0 if empty), and the head (last seq, 0 if none) of each of
-/// `streams`: one statement, so one round trip to the worker thread.
-async fn heads(
-    conn: &mut SqliteConnection,
-    streams: &[String],
-) -> Result<(u64, HashMap<String, u64>), SqliteError> {
-    let unique: HashSet<&str> = streams.iter().map(String::as_str).collect();
-    let keys = serde_json::to_string(&unique).map_err(SqliteError::Encode)?;
-    // Per stream, MAX(seq) is one seek into the primary key (stream, seq); MAX(pos) one into
-    // the position index. The row without a stream carries the position.
-    let rows: Vec<(Option<String>, i64)> = sqlx::query_as(
-        "SELECT s.value, (SELECT COALESCE(MAX(seq), 0) FROM events WHERE stream = s.value) \
-         FROM json_each(?1) AS s \
-         UNION ALL SELECT NULL, COALESCE(MAX(pos), 0) FROM events",
-    )
-    .bind(keys)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut last = 0;
-    let mut heads = HashMap::with_capacity(rows.len());
-    for (stream, value) in rows {
-        match stream {
-            Some(stream) => {
-                heads.insert(stream, uint(value, "seq")?);
-            }
-            None => last = uint(value, "position")?,
-        }
-    }
-    Ok((last, heads))
-}
-
 /// Membership as the batch goes: which of its `(room, user)` pairs are active members, and how
 /// many rooms each of its capped joiners ([`Expect::Join`]) is a member of.
 struct Members {
@@ -235,59 +201,6 @@ struct Members {
 }
 
 impl Members {
-    /// Reads both in one statement: one seek into the primary key `(room, user_id)` per pair,
-    /// one count over `members_rooms_of` per capped joiner.
-    async fn read(
-        conn: &mut SqliteConnection,
-        requests: &[(EventBody, Expect)],
-    ) -> Result<Members, SqliteError> {
-        let mut pairs: HashSet<(&str, &str)> = HashSet::new();
-        let mut joiners: HashSet<&str> = HashSet::new();
-        for (body, expect) in requests {
-            if let Some((room, user, _)) = body.membership_needed()
-                && expect.checks_membership()
-            {
-                pairs.insert((room.as_str(), user.as_str()));
-                if expect.max_rooms().is_some() {
-                    joiners.insert(user.as_str());
-                }
-            }
-        }
-        let mut members = Members {
-            active: HashSet::new(),
-            rooms: HashMap::new(),
-        };
-        if pairs.is_empty() {
-            return Ok(members);
-        }
-        let pairs = serde_json::to_string(&pairs).map_err(SqliteError::Encode)?;
-        let joiners = serde_json::to_string(&joiners).map_err(SqliteError::Encode)?;
-        let found: Vec<(Option<String>, String, i64)> = sqlx::query_as(
-            "SELECT room, user_id, 1 FROM members WHERE active = 1 \
-               AND (room, user_id) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?1)) \
-             UNION ALL \
-             SELECT NULL, user_id, COUNT(*) FROM members WHERE active = 1 \
-               AND user_id IN (SELECT value FROM json_each(?2)) GROUP BY user_id",
-        )
-        .bind(pairs)
-        .bind(joiners)
-        .fetch_all(&mut *conn)
-        .await?;
-        for (room, user, count) in found {
-            match room {
-                Some(room) => {
-                    members.active.insert((room, user));
-                }
-                None => {
-                    members
-                        .rooms
-                        .insert(user, uint(count, "room count")? as usize);
-                }
-            }
-        }
-        Ok(members)
-    }
-
     /// Whether the log may take `body` (whose `(room, user)` is `key`) as things stand.
     fn check(
         &self,
@@ -325,45 +238,4 @@ impl Members {
             _ => {}
         }
     }
-}
-
-/// The events already in the log for the batch's `clientMsgId`s, by [`MsgKey`]; one statement,
-/// none at all when no job carries a `clientMsgId`.
-async fn logged(
-    conn: &mut SqliteConnection,
-    requests: &[(EventBody, Expect)],
-    streams: &[String],
-) -> Result<HashMap<MsgKey, EventRow>, SqliteError> {
-    let wanted: HashSet<(&str, &str, &str)> = requests
-        .iter()
-        .zip(streams)
-        .filter_map(|((body, _), stream)| {
-            let id = body.client_msg_id()?;
-            Some((stream.as_str(), body.user().as_str(), id))
-        })
-        .collect();
-    if wanted.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let keys = serde_json::to_string(&wanted).map_err(SqliteError::Encode)?;
-    // `client_msg_id IS NOT NULL` lets the planner use the partial unique index.
-    /// A user, a clientMsgId, then the event's row.
-    type Found = (String, String, String, i64, i64, String, i64, String);
-    let found: Vec<Found> = sqlx::query_as(concat!(
-        "SELECT user_id, client_msg_id, ",
-        event_columns!(),
-        " FROM events WHERE client_msg_id IS NOT NULL \
-               AND (stream, user_id, client_msg_id) IN \
-                   (SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?1))"
-    ))
-    .bind(keys)
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(found
-        .into_iter()
-        .map(|(user, id, stream, seq, pos, event_id, at, body)| {
-            let key = (stream.clone(), user, id);
-            (key, (stream, seq, pos, event_id, at, body))
-        })
-        .collect())
 }

@@ -7,11 +7,11 @@
 //! [`MAX_BATCH`]), and writes them all in one `BEGIN IMMEDIATE` transaction: one fsync for the
 //! whole batch. Under no load a batch is one append, so latency does not suffer.
 //!
-//! The transaction is set-based, because every statement is a round trip to sqlx's worker thread
-//! and those, not the disk, used to bound a batch: two reads decide every job in memory
-//! ([`batch`](super::batch)), a few multi-row INSERTs write the events
-//! ([`insert`](super::insert)), and the projection is aggregated over the batch
-//! ([`project::apply_batch`]). That is a handful of statements per batch whatever its size.
+//! A batch is two round trips to sqlx's worker thread whatever its size, because those round
+//! trips (two thread switches each), not the disk, used to bound a batch: one opens the
+//! transaction and reads everything the batch depends on ([`snapshot`](super::snapshot)), every
+//! job is then decided in memory ([`batch`](super::batch)), and one writes the events and their
+//! aggregated projection and commits ([`write`](super::write)).
 //!
 //! Within the batch every job is still settled on its own — a `clientMsgId` repeat answers with
 //! the first event, an `Expect::Seq` mismatch fails that job alone — and the others go on.
@@ -26,10 +26,12 @@
 //! [`EventLog::append`]: crate::ports::EventLog::append
 
 use super::batch::Plan;
-use super::{SqliteError, insert, project};
+use super::recent::Recent;
+use super::snapshot::Snapshot;
+use super::{SqliteError, write};
 use crate::domain::{Appended, EventBody, Expect};
 use sqlx::pool::PoolConnection;
-use sqlx::{Connection, Sqlite, SqlitePool};
+use sqlx::{Sqlite, SqlitePool};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -52,6 +54,7 @@ pub(super) struct Job {
 pub(super) async fn committer(
     pool: SqlitePool,
     mut jobs: mpsc::Receiver<Job>,
+    recent: Arc<Recent>,
     committed: watch::Sender<u64>,
 ) {
     let mut conn = None;
@@ -61,7 +64,8 @@ pub(super) async fn committer(
         returning.gather(&mut jobs, &mut batch);
         let started = Instant::now();
         let answered = batch.len();
-        commit(&pool, &mut conn, std::mem::take(&mut batch), &committed).await;
+        let batch = std::mem::take(&mut batch);
+        commit(&pool, &mut conn, batch, &recent, &committed).await;
         returning = Returning {
             appenders: answered,
             patience: (started.elapsed() / 4).min(MAX_PATIENCE),
@@ -117,6 +121,7 @@ async fn commit(
     pool: &SqlitePool,
     conn: &mut Option<PoolConnection<Sqlite>>,
     jobs: Vec<Job>,
+    recent: &Recent,
     committed: &watch::Sender<u64>,
 ) {
     let size = jobs.len();
@@ -130,8 +135,9 @@ async fn commit(
             tracing::debug!(batch = size, position = last, "committed");
             metrics::counter!(crate::metrics::APPENDS).increment(plan.events().count() as u64);
             metrics::histogram!(crate::metrics::COMMIT_BATCH).record(size as f64);
-            // Wake the tails before answering, so that whoever sees the answer also finds the
-            // feed already moved.
+            // Keep the events for the tails, and wake them before answering, so that whoever
+            // sees the answer also finds the feed already moved.
+            recent.committed(plan.events().map(|new| (new.position(), new.event.clone())));
             if let Some(last) = last {
                 committed.send_replace(last);
             }
@@ -161,36 +167,40 @@ async fn write(
         Some(conn) => conn,
         None => held.insert(pool.acquire().await?),
     };
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-    let result = async {
-        let plan = Plan::decide(&mut tx, requests).await?;
-        insert::events(&mut tx, plan.events()).await?;
-        project::apply_batch(&mut tx, plan.events().map(|new| &new.event)).await?;
-        Ok::<_, SqliteError>(plan)
-    }
-    .await;
-    // Whether the connection is still fit for the next batch after a failure.
-    let (error, reusable) = match result {
-        Ok(plan) => match tx.commit().await {
-            Ok(()) => return Ok(plan),
-            // Nothing of the batch is committed. SQLite may have rolled back on its own, and
-            // sqlx would then still count the connection as inside a transaction.
-            Err(e) => (e.into(), false),
-        },
-        Err(e) => match tx.rollback().await {
-            Ok(()) => (e, true),
-            Err(rollback) => {
-                // The connection may still hold the transaction and the write lock.
-                tracing::warn!(error = %rollback, "rollback failed; discarding the connection");
-                (e, false)
+    let streams: Vec<String> = requests
+        .iter()
+        .map(|(body, _)| body.stream().key())
+        .collect();
+    let error = match Snapshot::open(conn, &requests, &streams).await {
+        Ok(snapshot) => {
+            let plan = Plan::decide(snapshot, requests, streams);
+            match write::commit(conn, plan.events()).await {
+                Ok(()) => return Ok(plan),
+                Err(error) => error,
             }
-        },
+        }
+        Err(error) => error,
     };
-    if !reusable && let Some(mut conn) = held.take() {
-        // Do not hand it back to the pool either.
-        conn.close_on_drop();
+    // The transaction may be open (or was never begun, or SQLite rolled it back on its own). The
+    // BEGIN, the writes and the COMMIT are plain statements, so sqlx does not track the
+    // transaction: end it here. If even that fails for another reason, the connection may still
+    // hold the write lock; it is not used again, nor handed back to the pool.
+    if let Err(rollback) = sqlx::query("ROLLBACK").execute(&mut **conn).await
+        && !no_transaction(&rollback)
+    {
+        tracing::warn!(error = %rollback, "rollback failed; discarding the connection");
+        if let Some(mut conn) = held.take() {
+            conn.close_on_drop();
+        }
     }
     Err(error)
+}
+
+/// Whether a failed ROLLBACK failed because SQLite had already rolled the transaction back.
+fn no_transaction(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .is_some_and(|e| e.message().contains("no transaction is active"))
 }
 
 #[cfg(test)]

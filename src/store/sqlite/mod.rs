@@ -9,10 +9,12 @@
 mod batch;
 mod commit;
 mod error;
-mod insert;
 mod project;
+mod recent;
 mod retention;
 mod rows;
+mod snapshot;
+mod write;
 
 pub use error::SqliteError;
 
@@ -22,6 +24,7 @@ use crate::ports::{
     RoomRecord, Store, StoreResult,
 };
 use async_trait::async_trait;
+use recent::Recent;
 use rows::{
     ConnectionRow, EventRow, bound, connection, connection_columns, count, event_columns, room,
     time, uint, user,
@@ -52,6 +55,8 @@ const QUEUE: usize = 4 * commit::MAX_BATCH;
 pub struct SqliteStore {
     pool: SqlitePool,
     jobs: mpsc::Sender<commit::Job>,
+    /// What this process committed last, for `read_all`.
+    recent: Arc<Recent>,
     committed: watch::Sender<u64>,
 }
 
@@ -95,13 +100,15 @@ impl SqliteStore {
             .await?;
         let committed = watch::Sender::new(uint(last, "position")?);
         let (jobs, queue) = mpsc::channel(QUEUE);
+        let recent = Arc::new(Recent::default());
         crate::dedicated::spawn(
             "palaver-committer",
-            commit::committer(pool.clone(), queue, committed.clone()),
+            commit::committer(pool.clone(), queue, recent.clone(), committed.clone()),
         );
         Ok(Arc::new(SqliteStore {
             pool,
             jobs,
+            recent,
             committed,
         }))
     }
@@ -173,6 +180,9 @@ impl SqliteStore {
     }
 
     async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<(u64, Event)>, SqliteError> {
+        if let Some(events) = self.recent.after(after, limit) {
+            return Ok(events);
+        }
         let rows: Vec<EventRow> = sqlx::query_as(concat!(
             "SELECT ",
             event_columns!(),
@@ -189,7 +199,7 @@ impl SqliteStore {
     /// `BEGIN IMMEDIATE` waits (up to [`BUSY_TIMEOUT`]) for a batch in progress to finish.
     async fn apply(&self, event: &Event) -> Result<(), SqliteError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        project::apply(&mut tx, event).await?;
+        write::project(&mut tx, event).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -59,5 +59,7 @@ async fn forget(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    // Some of the deleted events may be among those kept for `read_all`.
+    store.recent.forget();
     Ok(doomed.len())
 }
