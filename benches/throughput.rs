@@ -48,6 +48,17 @@ async fn appends(store: &Store, writers: usize) -> f64 {
     APPENDS as f64 / started.elapsed().as_secs_f64()
 }
 
+/// A SQLite store on a new file, which lives as long as the returned directory.
+async fn fresh_sqlite() -> (Store, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bench.db");
+    let store = SqliteStore::open(path.to_str().unwrap())
+        .await
+        .unwrap()
+        .store();
+    (store, dir)
+}
+
 /// Connections logged per run of [`connects`].
 const PAIRS: usize = 10_000;
 
@@ -68,12 +79,7 @@ fn cpu_seconds() -> f64 {
 /// Appends [`PAIRS`] `connected` + `joined` pairs, `at_once` connections at a time, 100 per
 /// room, while a reader follows the feed to the end; returns CPU microseconds per pair.
 async fn connects(at_once: usize) -> f64 {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("connects.db");
-    let store = SqliteStore::open(path.to_str().unwrap())
-        .await
-        .unwrap()
-        .store();
+    let (store, _dir) = fresh_sqlite().await;
     let feed = store.feed.clone().unwrap();
     let reader = tokio::spawn(async move {
         let mut wake = feed.watch();
@@ -127,12 +133,7 @@ async fn connects(at_once: usize) -> f64 {
 }
 
 async fn end_to_end(members: usize, messages_each: usize) -> (f64, f64) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bench.db");
-    let store = SqliteStore::open(path.to_str().unwrap())
-        .await
-        .unwrap()
-        .store();
+    let (store, _dir) = fresh_sqlite().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let identity = Identity::new(b"bench");
@@ -216,12 +217,7 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("append.db");
-        let sqlite = SqliteStore::open(path.to_str().unwrap())
-            .await
-            .unwrap()
-            .store();
+        let (sqlite, _dir) = fresh_sqlite().await;
         let memory = palaver::store::memory::MemoryStore::store();
         println!("appends of {APPENDS} ~100-byte messages to one room:");
         for writers in [1, 16, 128] {

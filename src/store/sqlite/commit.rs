@@ -183,24 +183,16 @@ async fn write(
     };
     // The transaction may be open (or was never begun, or SQLite rolled it back on its own). The
     // BEGIN, the writes and the COMMIT are plain statements, so sqlx does not track the
-    // transaction: end it here. If even that fails for another reason, the connection may still
-    // hold the write lock; it is not used again, nor handed back to the pool.
-    if let Err(rollback) = sqlx::query("ROLLBACK").execute(&mut **conn).await
-        && !no_transaction(&rollback)
-    {
-        tracing::warn!(error = %rollback, "rollback failed; discarding the connection");
+    // transaction: end it here. If that fails, the connection's state is not known (it may still
+    // hold the write lock): it is not used again, nor handed back to the pool, and the next
+    // batch takes a fresh one.
+    if let Err(rollback) = sqlx::query("ROLLBACK").execute(&mut **conn).await {
+        tracing::debug!(error = %rollback, "rollback failed; discarding the connection");
         if let Some(mut conn) = held.take() {
             conn.close_on_drop();
         }
     }
     Err(error)
-}
-
-/// Whether a failed ROLLBACK failed because SQLite had already rolled the transaction back.
-fn no_transaction(error: &sqlx::Error) -> bool {
-    error
-        .as_database_error()
-        .is_some_and(|e| e.message().contains("no transaction is active"))
 }
 
 #[cfg(test)]

@@ -88,20 +88,24 @@ pub(super) async fn commit<'e>(
         }
         insert.execute(&mut *conn).await?;
     }
-    let projection = Projection::of(events.map(|new| &new.event))?;
-    let projection = serde_json::to_string(&projection).map_err(SqliteError::Encode)?;
-    sqlx::query(PROJECT_AND_COMMIT.as_str())
-        .bind(projection)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
+    run_projection(conn, &PROJECT_AND_COMMIT, events.map(|new| &new.event)).await
 }
 
 /// Applies `event`'s changes to the projection on `conn`, inside the caller's transaction.
 pub(super) async fn project(conn: &mut SqliteConnection, event: &Event) -> Result<(), SqliteError> {
-    let projection = Projection::of(std::iter::once(event))?;
+    run_projection(conn, &PROJECT, std::iter::once(event)).await
+}
+
+/// Runs `statements` (the projection statements, then maybe COMMIT) with the projection of
+/// `events` as their one parameter.
+async fn run_projection<'e>(
+    conn: &mut SqliteConnection,
+    statements: &str,
+    events: impl Iterator<Item = &'e Event>,
+) -> Result<(), SqliteError> {
+    let projection = Projection::of(events)?;
     let projection = serde_json::to_string(&projection).map_err(SqliteError::Encode)?;
-    sqlx::query(PROJECT.as_str())
+    sqlx::query(statements)
         .bind(projection)
         .execute(&mut *conn)
         .await?;
