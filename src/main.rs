@@ -74,9 +74,14 @@ enum Command {
         /// Rooms one user may be a member of at once; joinRoom past it answers `limit`
         #[arg(long, env = "PALAVER_MAX_ROOMS_PER_USER", default_value_t = palaver::domain::limits::DEFAULT_MAX_ROOMS_PER_USER)]
         max_rooms_per_user: usize,
-        /// Drop a connection whose HTTP request head has not fully arrived after this long
+        /// Drop a connection whose HTTP request head has not fully arrived after this long; a
+        /// request body (the management API's) has as long again
         #[arg(long, env = "PALAVER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_ttl)]
         header_timeout: Duration,
+        /// Close a connection (1008) whose client takes nothing the server writes for this long,
+        /// and free what was queued for it
+        #[arg(long, env = "PALAVER_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_ttl)]
+        write_timeout: Duration,
         /// Deliver each event this long after it was logged, at the earliest (1s, 2s): the lag
         /// of DynamoDB's stream on AWS, to try a client's reconnect and replay against
         #[arg(long, env = "PALAVER_FANOUT_DELAY", default_value = "0s", value_parser = parse_ttl)]
@@ -169,6 +174,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             idle_timeout,
             max_connection_age,
             header_timeout,
+            write_timeout,
             fanout_delay,
             max_connections,
             connect_rate,
@@ -182,6 +188,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 idle: idle_timeout,
                 max_age: max_connection_age,
                 header_read: header_timeout,
+                write: write_timeout,
             };
             let settings = ServeSettings {
                 rate_limit,
@@ -464,6 +471,7 @@ fn management_keys() -> Result<Option<ManagementKeys>, Failure> {
         (Some(access_key_id), Some(secret_access_key)) => Ok(Some(ManagementKeys {
             access_key_id,
             secret_access_key,
+            region: var("PALAVER_MANAGEMENT_REGION"),
         })),
         (None, None) => Ok(None),
         _ => Err("set both PALAVER_MANAGEMENT_ACCESS_KEY_ID and \

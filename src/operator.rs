@@ -95,16 +95,51 @@ pub async fn connections(store: &Store, user: Option<&UserId>) -> StoreResult<Ve
 /// spaces between columns and nothing after the last, so that a row still starts with its first
 /// value and `grep`, `cut` and `awk` read it as well as a person does. (`--json` is for
 /// programs.)
+///
+/// Every cell is shown through [`printable`]: what users wrote is text on the operator's
+/// terminal, never a command to it.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut table = comfy_table::Table::new();
     table
         .load_style(comfy_table::presets::NOTHING)
         .set_header(header.to_vec())
-        .add_rows(rows.iter().cloned());
+        .add_rows(
+            rows.iter()
+                .map(|row| row.iter().map(|cell| printable(cell)).collect::<Vec<_>>()),
+        );
     for column in table.column_iter_mut() {
         column.set_padding((0, 2));
     }
     table.trim_fmt() + "\n"
+}
+
+/// `text` with every character that a terminal would act on instead of showing written as an
+/// escape, as JSON writes it (`\u001b`, `\r`, `\n`, `\t`), and `\` as `\\` so an escape that
+/// was typed reads differently from one that was made here. That covers the C0 and C1 controls
+/// and DEL — ESC starts the sequences that move the cursor, recolour or retitle the window; CR
+/// and BS overwrite what a row showed; NUL and BEL — and the bidirectional overrides and
+/// isolates, which make a row read in another order than it is written.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    fn escaped(c: char) -> bool {
+        c == '\\'
+            || c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !text.chars().any(escaped) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if escaped(c) => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.into()
 }
 
 #[cfg(test)]
@@ -124,5 +159,24 @@ mod tests {
              bartholomew  no      0\n"
         );
         assert_eq!(table(&["ROOM", "HEAD"], &[]), "ROOM  HEAD\n");
+    }
+
+    #[test]
+    fn what_users_wrote_reaches_the_terminal_as_text() {
+        let rows = vec![vec![
+            "\r10   2026-12-07T00:00:00Z  admin  maintenance".to_owned(),
+            "\u{1b}]0;owned\u{7}\u{1b}[2J\0 \u{9b}31m \u{202e}txt.exe c:\\x".to_owned(),
+        ]];
+        let shown = table(&["TEXT", "MORE"], &rows);
+        assert_eq!(
+            shown.lines().nth(1).unwrap(),
+            "\\r10   2026-12-07T00:00:00Z  admin  maintenance  \
+             \\u001b]0;owned\\u0007\\u001b[2J\\u0000 \\u009b31m \\u202etxt.exe c:\\\\x"
+        );
+        assert!(
+            !shown.chars().any(|c| c.is_control() && c != '\n'),
+            "{shown:?}"
+        );
+        assert_eq!(printable("plain text, é and 🙂"), "plain text, é and 🙂");
     }
 }

@@ -2,6 +2,10 @@
 //! address opens new ones, as API Gateway caps connections per account and throttles
 //! `$connect`. A refused handshake is answered 429 with `Retry-After` — never dropped silently —
 //! before any work is done for it (no token check, no `$connect`).
+//!
+//! The rate is kept per IPv4 address and per IPv6 /64: one subscriber, one host or one cloud
+//! instance is given a whole /64 (RFC 6177, RFC 7934 §6), so a client that picks a new source
+//! address from its own /64 for every handshake is still one source.
 
 use super::rate::{RateLimit, Verdict};
 use parking_lot::Mutex;
@@ -68,6 +72,7 @@ impl Admission {
         if self.per_address == 0 || peer.is_loopback() {
             return Ok(());
         }
+        let peer = source(peer);
         let mut addresses = self.addresses.lock();
         if addresses.len() >= MAX_ADDRESSES && !addresses.contains_key(&peer) {
             addresses.clear();
@@ -82,6 +87,24 @@ impl Admission {
     }
 }
 
+impl Admission {
+    /// Open connections the server takes at most.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+}
+
+/// The source a connection is counted against: an IPv4 address, or an IPv6 address's /64.
+pub fn source(peer: IpAddr) -> IpAddr {
+    match peer.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
+    }
+}
+
 impl Default for Admission {
     fn default() -> Self {
         Admission::new(DEFAULT_MAX_CONNECTIONS, DEFAULT_CONNECT_RATE)
@@ -91,6 +114,27 @@ impl Default for Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_sources_are_counted_per_64_and_ipv4_per_address() {
+        let admission = Admission::new(1000, 5);
+        // Sixty addresses of one /64, as a client picking a new one per handshake would use.
+        let verdicts: Vec<_> = (1..=60u16)
+            .map(|n| admission.admit(format!("2001:db8:1:2::{n:x}").parse().unwrap(), 0))
+            .collect();
+        assert_eq!(verdicts.iter().filter(|v| v.is_ok()).count(), 10);
+        assert_eq!(verdicts.last(), Some(&Err(Refused::TooFast)));
+        assert_eq!(
+            source("2001:db8:1:2:aaaa:bbbb:cccc:dddd".parse().unwrap()),
+            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
+        );
+        // IPv4 (mapped or not) stays one address each.
+        assert_eq!(
+            source("::ffff:192.0.2.7".parse().unwrap()),
+            "192.0.2.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(admission.admit("192.0.2.8".parse().unwrap(), 0), Ok(()));
+    }
 
     #[test]
     fn a_full_server_refuses_everyone() {
@@ -111,6 +155,11 @@ mod tests {
         }
         assert_eq!(admission.admit(busy, 0), Err(Refused::TooFast));
         assert_eq!(admission.admit(other, 0), Ok(()));
+        // Nor is another address of another /64.
+        assert_eq!(
+            admission.admit("2001:db8:0:1::1".parse().unwrap(), 0),
+            Ok(())
+        );
         // This machine is never rate-limited.
         for _ in 0..100 {
             assert_eq!(admission.admit("::1".parse().unwrap(), 0), Ok(()));

@@ -5,7 +5,7 @@
 //! not hold up a room. It recovers by reconnecting with `joinRoom{after}`, which replays from
 //! the log what it missed.
 
-use super::outbox::Outbox;
+use super::outbox::{Bound, Outbox};
 use super::wire;
 use crate::domain::ConnectionId;
 use crate::ports::{ConnectionGateway, PostError};
@@ -19,13 +19,28 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use tokio::sync::Notify;
 
-/// Frames queued for one connection before it counts as too slow — when its socket is not
-/// taking more (the client is not reading).
-pub const OUTBOX_FRAMES: usize = 1024;
-/// Frames queued for one connection before it is closed in any case. Between the two bounds the
+/// What may wait for one connection before it counts as too slow, when its socket is not taking
+/// more (the client is not reading).
+pub const OUTBOX: Bound = Bound {
+    frames: 1024,
+    bytes: 1024 * 1024,
+};
+/// What may wait for one connection before it is closed in any case. Between the two bounds the
 /// socket is still taking what it is given: the server's writers are behind, not the client, and
 /// a healthy client must not be cut off because the server is busy.
-pub const OUTBOX_HARD_FRAMES: usize = 4 * OUTBOX_FRAMES;
+pub const OUTBOX_HARD: Bound = Bound {
+    frames: 4 * OUTBOX.frames,
+    bytes: 4 * OUTBOX.bytes,
+};
+/// An answer to the connection's own request (or a pong) waits while this much is queued: a
+/// client that asks faster than it reads is slowed down — the session stops reading its frames
+/// until the answer goes in — rather than queued for without end. One answer is at most a page
+/// (`MAX_PAGE_BYTES`), so what waits for a connection stays under [`OUTBOX_HARD`] whatever it
+/// asks for; one that reads nothing at all is closed by the writer's deadline.
+pub const ANSWERS: Bound = Bound {
+    frames: OUTBOX.frames,
+    bytes: 256 * 1024,
+};
 
 /// Why the server closed a connection: becomes the WebSocket close frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,9 +166,9 @@ impl Link {
             return Err(PostError::Opening);
         }
         let bound = if self.socket_full.load(Ordering::Relaxed) {
-            OUTBOX_FRAMES
+            OUTBOX
         } else {
-            OUTBOX_HARD_FRAMES
+            OUTBOX_HARD
         };
         if self.outbox.try_push(frame, bound).is_err() {
             tracing::warn!(connection = %self.id, "outbox full: closing a slow connection");
@@ -163,13 +178,11 @@ impl Link {
         Ok(())
     }
 
-    /// Queues an answer to the connection's own request, waiting for room if need be: a
-    /// client that sends faster than it reads is slowed down, not cut off.
-    pub async fn answer(&self, frame: Bytes) -> Result<(), PostError> {
-        tokio::select! {
-            () = self.outbox.push(frame, OUTBOX_FRAMES) => Ok(()),
-            () = self.closed() => Err(PostError::Gone),
-        }
+    /// Moves the answer in `slot` (to the connection's own request) into the outbox once there
+    /// is room under [`ANSWERS`]. Cancel-safe: the session waits for this, its timers and its
+    /// close at once, and an answer not yet queued stays in `slot`.
+    pub async fn answer_from(&self, slot: &mut Option<Bytes>) {
+        self.outbox.push_from(slot, ANSWERS).await
     }
 }
 
@@ -187,12 +200,17 @@ impl Hub {
     /// Registers a connection before `$connect` runs. Until its upgrade completes a post to it
     /// is refused, as API Gateway refuses it in that window (with 410, which the management API
     /// here answers too); the fan-out is told it is still opening, not gone.
+    ///
+    /// `None` if `max` connections are registered already: counted and registered under one lock,
+    /// so that handshakes at once cannot take more places than there are. A connection stays
+    /// registered, and counted, until its socket is gone (closing ones too).
     pub fn register(
         &self,
         id: ConnectionId,
         source_ip: IpAddr,
         user_agent: Option<String>,
-    ) -> Arc<Link> {
+        max: usize,
+    ) -> Option<Arc<Link>> {
         let connected_at = crate::domain::event::now();
         let link = Arc::new(Link {
             id: id.clone(),
@@ -207,8 +225,12 @@ impl Hub {
             close_reason: RwLock::new(None),
             closed: Notify::new(),
         });
-        self.write().insert(id, link.clone());
-        link
+        let mut links = self.write();
+        if links.len() >= max {
+            return None;
+        }
+        links.insert(id, link.clone());
+        Some(link)
     }
 
     pub fn remove(&self, id: &ConnectionId) {
@@ -285,7 +307,19 @@ mod tests {
     async fn a_connection_is_still_opening_until_its_upgrade_completes() {
         let hub = Hub::new();
         let id = ConnectionId::new("c1");
-        let link = hub.register(id.clone(), IpAddr::from([127, 0, 0, 1]), None);
+        let link = hub
+            .register(id.clone(), IpAddr::from([127, 0, 0, 1]), None, 1)
+            .unwrap();
+        assert!(
+            hub.register(
+                ConnectionId::new("c2"),
+                IpAddr::from([127, 0, 0, 1]),
+                None,
+                1
+            )
+            .is_none(),
+            "one place, taken"
+        );
         let frame = Bytes::from_static(b"{}");
         assert!(matches!(
             hub.post(&id, frame.clone()).await,

@@ -13,8 +13,14 @@ use tokio::time::Instant;
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(10 * 60);
 /// API Gateway's maximum connection duration.
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(2 * 60 * 60);
-/// How long a client has to send its whole request head (the handshake's HTTP request).
+/// How long a client has to send its whole request head (the handshake's HTTP request), and
+/// then its whole body.
 pub const DEFAULT_HEADER_READ: Duration = Duration::from_secs(10);
+/// How long one write to a connection's socket may wait for the client to take it.
+pub const DEFAULT_WRITE: Duration = Duration::from_secs(30);
+/// How long a closing connection has to take what is still queued for it and the close frame;
+/// after that its socket is reset, and whatever the kernel still held for it is freed.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Lifetime {
@@ -26,6 +32,9 @@ pub struct Lifetime {
     /// a client that opens a socket and sends nothing, or sends a byte at a time, holds it no
     /// longer (`gateway::http`).
     pub header_read: Duration,
+    /// A socket that takes nothing of a write for this long is closed as too slow (1008), its
+    /// queue freed: a client that stops reading holds nothing for longer than this.
+    pub write: Duration,
 }
 
 impl Default for Lifetime {
@@ -34,6 +43,7 @@ impl Default for Lifetime {
             idle: DEFAULT_IDLE,
             max_age: DEFAULT_MAX_AGE,
             header_read: DEFAULT_HEADER_READ,
+            write: DEFAULT_WRITE,
         }
     }
 }
@@ -65,7 +75,7 @@ mod tests {
         let life = Lifetime {
             idle: Duration::from_secs(10),
             max_age: Duration::from_secs(60),
-            header_read: DEFAULT_HEADER_READ,
+            ..Lifetime::default()
         };
         let t0 = Instant::now();
         let s = Duration::from_secs;

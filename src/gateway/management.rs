@@ -7,9 +7,9 @@
 //! signed (SigV4) with the operator's key pair when one is set, as API Gateway requires IAM
 //! signatures; without one, requests from this machine only.
 
-use super::GatewayState;
 use super::hub::CloseReason;
 use super::wire;
+use super::{GatewayState, sigv4};
 use crate::domain::ConnectionId;
 use crate::domain::event::rfc3339;
 use crate::domain::limits::MAX_POST_BYTES;
@@ -55,44 +55,95 @@ fn gone(id: &ConnectionId) -> Response {
 /// Lets a management request through if it is signed with the operator's keys
 /// (`PALAVER_MANAGEMENT_ACCESS_KEY_ID` / `PALAVER_MANAGEMENT_SECRET_ACCESS_KEY`) — or, when none
 /// are set, if it comes from this machine. Anything else is 403 in API Gateway's shape.
+///
+/// Who may ask is settled from the request head first, so a request that may not is answered at
+/// once, without its body being waited for. The body then has to arrive whole within the header
+/// timeout and API Gateway's 128 KB: a client that announces a body and never sends it holds a
+/// socket no longer than a slow request head does.
 pub async fn guard(
     State(state): State<Arc<GatewayState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
     next: Next,
 ) -> Response {
-    let Some(keys) = &state.management_keys else {
-        return if from_this_machine(peer.ip()) {
-            next.run(request).await
-        } else {
-            aws_error(
+    let (parts, body) = request.into_parts();
+    let refused = |refusal: sigv4::Refusal| {
+        tracing::warn!(%peer, %refusal, "management request refused");
+        aws_error(StatusCode::FORBIDDEN, refusal.kind(), refusal.to_string())
+    };
+    match &state.management_keys {
+        None if !from_this_machine(peer.ip()) => {
+            return aws_error(
                 StatusCode::FORBIDDEN,
                 "MissingAuthenticationTokenException",
                 "the management API is served to this machine only: set \
                  PALAVER_MANAGEMENT_ACCESS_KEY_ID and PALAVER_MANAGEMENT_SECRET_ACCESS_KEY to \
                  sign requests from elsewhere"
                     .to_owned(),
-            )
-        };
-    };
-    let (parts, body) = request.into_parts();
-    let Ok(body) = axum::body::to_bytes(body, MAX_POST_BYTES + 1).await else {
-        return too_large();
-    };
-    let verified = keys.verify(
-        &parts.method,
-        &parts.uri,
-        &parts.headers,
-        &body,
-        SystemTime::now(),
-    );
-    match verified {
-        Ok(()) => next.run(Request::from_parts(parts, Body::from(body))).await,
-        Err(refusal) => {
-            tracing::warn!(%peer, %refusal, "management request refused");
-            aws_error(StatusCode::FORBIDDEN, refusal.kind(), refusal.to_string())
+            );
+        }
+        None => {}
+        Some(keys) => {
+            if let Err(refusal) = keys.check_head(&parts.headers, SystemTime::now()) {
+                return refused(refusal);
+            }
         }
     }
+    let announced = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|length| length > MAX_POST_BYTES as u64) {
+        return too_large();
+    }
+    let deadline = state.lifetime.header_read;
+    let body = match tokio::time::timeout(deadline, axum::body::to_bytes(body, MAX_POST_BYTES + 1))
+        .await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(error)) if is_too_large(&error) => return too_large(),
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "management request body unreadable");
+            return aws_error(
+                StatusCode::BAD_REQUEST,
+                "BadRequestException",
+                "the request body could not be read".to_owned(),
+            );
+        }
+        Err(_) => {
+            tracing::info!(%peer, "management request body did not arrive in time");
+            return aws_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "RequestTimeoutException",
+                format!("the request body did not arrive within {deadline:?}"),
+            );
+        }
+    };
+    if let Some(keys) = &state.management_keys
+        && let Err(refusal) = keys.verify(
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            &body,
+            SystemTime::now(),
+        )
+    {
+        return refused(refusal);
+    }
+    next.run(Request::from_parts(parts, Body::from(body))).await
+}
+
+/// Whether reading a body failed on its size limit.
+fn is_too_large(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = source {
+        if error.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// A loopback peer, IPv4 or IPv6 (an IPv4-mapped one included).

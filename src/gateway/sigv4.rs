@@ -18,11 +18,17 @@ use std::time::{Duration, SystemTime};
 /// How far a request's `X-Amz-Date` may be from now.
 const MAX_SKEW: Duration = Duration::from_secs(15 * 60);
 
+/// The service name in a credential scope for API Gateway's APIs, the management API among them.
+const SERVICE: &str = "execute-api";
+
 /// The key pair the management API accepts.
 #[derive(Clone)]
 pub struct ManagementKeys {
     pub access_key_id: String,
     pub secret_access_key: String,
+    /// The region a request's credential scope must name (`PALAVER_MANAGEMENT_REGION`); `None`:
+    /// any, as a local server has no region of its own.
+    pub region: Option<String>,
 }
 
 /// Why a request is refused.
@@ -36,6 +42,8 @@ pub enum Refusal {
     UnknownKey,
     #[error("Signature expired: the request's X-Amz-Date is more than 15 minutes from now")]
     Expired,
+    #[error("Credential should be scoped to a valid service and region: {0}")]
+    WrongScope(String),
     #[error(
         "The request signature we calculated does not match the signature you provided. \
          Check your AWS Secret Access Key and signing method."
@@ -51,6 +59,7 @@ impl Refusal {
             Refusal::Malformed(_) => "IncompleteSignatureException",
             Refusal::UnknownKey => "UnrecognizedClientException",
             Refusal::Expired => "InvalidSignatureException",
+            Refusal::WrongScope(_) => "InvalidSignatureException",
             Refusal::BadSignature => "InvalidSignatureException",
         }
     }
@@ -116,6 +125,53 @@ fn amz_date(headers: &HeaderMap) -> Result<SystemTime, Refusal> {
 }
 
 impl ManagementKeys {
+    /// Checks what can be checked before the body is read: a SigV4 `Authorization` with this
+    /// key, scoped to `execute-api` (and the region, if one is set), dated within 15 minutes of
+    /// `now`. A request that fails this is refused without its body being waited for.
+    pub fn check_head(&self, headers: &HeaderMap, now: SystemTime) -> Result<(), Refusal> {
+        let header = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or(Refusal::Missing)?
+            .to_str()
+            .map_err(|_| Refusal::Malformed("not text"))?;
+        self.head(header, headers, now).map(|_| ())
+    }
+
+    fn head<'a>(
+        &self,
+        header: &'a str,
+        headers: &HeaderMap,
+        now: SystemTime,
+    ) -> Result<(Authorization<'a>, SystemTime), Refusal> {
+        let auth = parse(header)?;
+        if auth.access_key_id != self.access_key_id {
+            return Err(Refusal::UnknownKey);
+        }
+        if auth.service != SERVICE {
+            return Err(Refusal::WrongScope(format!(
+                "the service is '{}', expecting '{SERVICE}'",
+                auth.service
+            )));
+        }
+        if let Some(region) = &self.region
+            && auth.region != region
+        {
+            return Err(Refusal::WrongScope(format!(
+                "the region is '{}', expecting '{region}'",
+                auth.region
+            )));
+        }
+        let at = amz_date(headers)?;
+        let skew = now
+            .duration_since(at)
+            .or_else(|e| Ok::<_, ()>(e.duration()))
+            .unwrap_or(Duration::MAX);
+        if skew > MAX_SKEW {
+            return Err(Refusal::Expired);
+        }
+        Ok((auth, at))
+    }
+
     /// Checks the request's signature; `now` is the server's clock.
     pub fn verify(
         &self,
@@ -130,18 +186,7 @@ impl ManagementKeys {
             .ok_or(Refusal::Missing)?
             .to_str()
             .map_err(|_| Refusal::Malformed("not text"))?;
-        let auth = parse(header)?;
-        if auth.access_key_id != self.access_key_id {
-            return Err(Refusal::UnknownKey);
-        }
-        let at = amz_date(headers)?;
-        let skew = now
-            .duration_since(at)
-            .or_else(|e| Ok::<_, ()>(e.duration()))
-            .unwrap_or(Duration::MAX);
-        if skew > MAX_SKEW {
-            return Err(Refusal::Expired);
-        }
+        let (auth, at) = self.head(header, headers, now)?;
         // The headers the client signed, as it sent them (the signer lowercases the names).
         let mut signed: Vec<(&str, &str)> = Vec::with_capacity(auth.signed_headers.len());
         for name in &auth.signed_headers {
@@ -193,4 +238,91 @@ impl ManagementKeys {
 /// Compares in time that does not depend on where the two differ.
 fn equal(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    const KEY: &str = "AKIDPALAVERLOCAL";
+    const SECRET: &str = "management-secret-0123456789abcdef";
+
+    fn keys(region: Option<&str>) -> ManagementKeys {
+        ManagementKeys {
+            access_key_id: KEY.to_owned(),
+            secret_access_key: SECRET.to_owned(),
+            region: region.map(str::to_owned),
+        }
+    }
+
+    /// The headers of a `POST /@connections/abc` signed by the SDK's signer for `service` in
+    /// `region`, at `at`.
+    fn signed(service: &str, region: &str, at: SystemTime, body: &[u8]) -> HeaderMap {
+        let host = "127.0.0.1:8080";
+        let amz_date = chrono::DateTime::<chrono::Utc>::from(at)
+            .format("%Y%m%dT%H%M%SZ")
+            .to_string();
+        let request = SignableRequest::new(
+            "POST",
+            format!("http://{host}/@connections/abc"),
+            [("host", host), ("x-amz-date", amz_date.as_str())].into_iter(),
+            SignableBody::Bytes(body),
+        )
+        .unwrap();
+        let identity = Credentials::new(KEY, SECRET, None, None, "test").into();
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(region)
+            .name(service)
+            .time(at)
+            .settings(SigningSettings::default())
+            .build()
+            .unwrap()
+            .into();
+        let (instructions, _) = sign(request, &params).unwrap().into_parts();
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static(host));
+        for (name, value) in instructions.headers() {
+            headers.insert(
+                axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        headers
+    }
+
+    fn check(keys: &ManagementKeys, headers: &HeaderMap, now: SystemTime) -> Result<(), Refusal> {
+        let uri: Uri = "/@connections/abc".parse().unwrap();
+        keys.check_head(headers, now)?;
+        keys.verify(&Method::POST, &uri, headers, b"hi", now)
+    }
+
+    #[test]
+    fn a_signature_scoped_to_another_service_or_region_is_refused() {
+        let now = SystemTime::now();
+        let api = signed("execute-api", "eu-west-1", now, b"hi");
+        assert_eq!(check(&keys(None), &api, now), Ok(()));
+        assert_eq!(check(&keys(Some("eu-west-1")), &api, now), Ok(()));
+        // A valid signature, made for S3: API Gateway refuses it, and so does palaver.
+        let s3 = signed("s3", "eu-west-1", now, b"hi");
+        assert!(matches!(
+            check(&keys(None), &s3, now),
+            Err(Refusal::WrongScope(_))
+        ));
+        // Signed for another region than the one set.
+        assert!(matches!(
+            check(&keys(Some("us-east-1")), &api, now),
+            Err(Refusal::WrongScope(_))
+        ));
+        // The body is part of what is signed.
+        let uri: Uri = "/@connections/abc".parse().unwrap();
+        assert_eq!(
+            keys(None).verify(&Method::POST, &uri, &api, b"changed", now),
+            Err(Refusal::BadSignature)
+        );
+        // Too old, judged before any body.
+        let later = now + Duration::from_secs(16 * 60);
+        assert_eq!(keys(None).check_head(&api, later), Err(Refusal::Expired));
+    }
 }

@@ -2,7 +2,9 @@
 //! routed by its `action` exactly like `$request.body.action`, the route's answer goes back to
 //! the sender, and the end of the socket runs `$disconnect`.
 
+use super::admission::Refused;
 use super::hub::{CloseReason, Link};
+use super::lifetime::CLOSE_LINGER;
 use super::rate::{RateLimit, Verdict};
 use super::{GatewayState, page, wire};
 use crate::domain::limits::MAX_FRAME_BYTES;
@@ -27,6 +29,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
@@ -53,23 +57,29 @@ pub async fn root(
         }
         Handshake::Accept(accept) => accept,
     };
-    if let Err(refused) = state.admission.admit(peer.ip(), state.hub.len()) {
+    let too_many = |refused: Refused| {
         tracing::info!(%peer, ?refused, "handshake refused");
         refused_handshake(refused.reason());
-        return (
+        (
             StatusCode::TOO_MANY_REQUESTS,
             [(header::RETRY_AFTER, "1")],
             refused.explanation(),
         )
-            .into_response();
+            .into_response()
+    };
+    if let Err(refused) = state.admission.admit(peer.ip(), state.hub.len()) {
+        return too_many(refused);
     }
-    let upgrade = hyper::upgrade::on(&mut request);
     let user_agent = headers
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let id = ConnectionId::random();
-    let link = state.hub.register(id.clone(), peer.ip(), user_agent);
+    let max = state.admission.max_connections();
+    let Some(link) = state.hub.register(id.clone(), peer.ip(), user_agent, max) else {
+        return too_many(Refused::Full);
+    };
+    let upgrade = hyper::upgrade::on(&mut request);
 
     let answered = link.clone();
     let mut connect = state.request(&link, "$connect", "CONNECT", None);
@@ -87,8 +97,16 @@ pub async fn root(
             return Err(response);
         }
         tokio::spawn(async move {
-            match upgrade.await {
-                Ok(upgraded) => session(state, link, TokioIo::new(upgraded)).await,
+            match upgrade
+                .await
+                .map(|upgraded| upgraded.downcast::<TokioIo<TcpStream>>())
+            {
+                Ok(Ok(parts)) => session(state, link, parts.io.into_inner(), parts.read_buf).await,
+                Ok(Err(_)) => {
+                    // `gateway::http` serves TCP streams only; this cannot happen.
+                    tracing::error!(connection = %link.id, "the upgraded connection is not TCP");
+                    Box::pin(state.disconnect(&link)).await;
+                }
                 Err(error) => {
                     // `$connect` succeeded, so `$disconnect` must run: it never opened.
                     tracing::info!(%error, "WebSocket upgrade failed after $connect");
@@ -197,28 +215,42 @@ const IN_FLIGHT: usize = 256;
 /// The most frames handed to the kernel in one vectored write.
 const FRAMES_PER_WRITE: usize = 64;
 
-type Socket = TokioIo<hyper::upgrade::Upgraded>;
-
 /// Runs one open connection until either side ends it.
 ///
 /// The socket is split: tungstenite parses what the client sends, and the writer puts
 /// pre-encoded frames from the connection's outbox straight onto the socket. That way a frame
 /// is encoded once for a whole room, and a connection keeps no write buffer of its own.
 ///
+/// Whatever the client does, the connection holds bounded memory and ends on time: the session
+/// waits for room for its answers (and stops reading the client meanwhile) without ever blocking
+/// its close or its idle and age timers; the writer gives up on a socket that takes nothing for
+/// the write timeout; and a closing connection's socket is reset if it has not taken its close
+/// frame within [`CLOSE_LINGER`]. `$disconnect` runs once the socket is gone, so the caps on
+/// connections count a closing one until then.
+///
 /// The link was marked open when the 101 was answered (in [`root`]), before this runs.
-async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: Socket) {
-    let (reading, writing) = tokio::io::split(socket);
-    let writer = tokio::spawn(write(link.clone(), writing));
+async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: TcpStream, read_ahead: Bytes) {
+    let (reading, writing) = socket.into_split();
+    let mut writer = tokio::spawn(write(link.clone(), writing, state.lifetime.write));
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(HARD_FRAME_LIMIT))
         .max_frame_size(Some(HARD_FRAME_LIMIT));
-    let mut stream =
-        WebSocketStream::from_raw_socket(ReadOnly(reading), Role::Server, Some(config)).await;
+    // What the client sent right behind its handshake was read with the request head.
+    let mut stream = WebSocketStream::from_partially_read(
+        ReadOnly(reading),
+        read_ahead.to_vec(),
+        Role::Server,
+        Some(config),
+    )
+    .await;
 
     let mut rate = RateLimit::new(state.rate_limit);
     let mut pipeline = Pipeline::default();
     let mut refused_a_frame = false;
+    // An answer (or pong) waiting for room in the outbox: until it is in, no other answer is
+    // taken and nothing more is read from the client.
+    let mut answer: Option<Bytes> = None;
     // One timer per connection, re-armed only when it fires: a frame just notes the time.
     let (opened, mut heard) = (Instant::now(), Instant::now());
     let expiry = tokio::time::sleep_until(state.lifetime.deadline(opened, heard));
@@ -226,22 +258,6 @@ async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: Socket) {
     loop {
         let frame = tokio::select! {
             biased;
-            Some(answer) = pipeline.answers.next(), if !pipeline.answers.is_empty() => {
-                if let Some(answer) = answer
-                    && link.answer(wire::text(answer)).await.is_err()
-                {
-                    break;
-                }
-                if pipeline.answers.is_empty() {
-                    pipeline.barrier = false;
-                    pipeline.after = None;
-                    if let Some(text) = pipeline.held.take() {
-                        pipeline.start(&state, &link, text);
-                    }
-                }
-                continue;
-            }
-            frame = stream.next(), if pipeline.accepts() => frame,
             () = link.closed() => break,
             () = &mut expiry => {
                 if let Some(reason) = state.lifetime.expired(opened, heard, Instant::now()) {
@@ -251,29 +267,25 @@ async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: Socket) {
                 expiry.as_mut().reset(state.lifetime.deadline(opened, heard));
                 continue;
             }
-        };
-        heard = Instant::now();
-        let text = match frame {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Binary(_))) => {
-                link.touch();
-                refused_frame("binary");
-                let error = ServerFrame::error(
-                    ErrorCode::BadRequest,
-                    "binary frames are not supported: send JSON text frames",
-                    None,
-                );
-                pipeline.ready(error.to_json());
-                continue;
-            }
-            Some(Ok(Message::Close(_))) | None => break,
-            Some(Ok(Message::Ping(payload))) => {
-                if link.answer(wire::pong(payload)).await.is_err() {
-                    break;
+            () = link.answer_from(&mut answer), if answer.is_some() => continue,
+            Some(done) = pipeline.answers.next(),
+                if answer.is_none() && !pipeline.answers.is_empty() =>
+            {
+                answer = done.map(wire::text);
+                if pipeline.answers.is_empty() {
+                    pipeline.barrier = false;
+                    pipeline.after = None;
+                    if let Some(text) = pipeline.held.take() {
+                        pipeline.start(&state, &link, text);
+                    }
                 }
                 continue;
             }
-            Some(Ok(Message::Pong(_) | Message::Frame(_))) => continue,
+            frame = stream.next(), if answer.is_none() && pipeline.accepts() => frame,
+        };
+        let frame = match frame {
+            Some(Ok(Message::Close(_))) | None => break,
+            Some(Ok(frame)) => frame,
             Some(Err(error)) => {
                 tracing::debug!(connection = %link.id, %error, "socket error");
                 if let Some((code, reason)) = refusal(&error) {
@@ -284,34 +296,70 @@ async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: Socket) {
                 break;
             }
         };
-        link.touch();
-        match rate.as_mut().map_or(Verdict::Admit, RateLimit::admit) {
-            Verdict::Admit => pipeline.start(&state, &link, text),
-            Verdict::Refuse => {
-                refused_frame("rate_limited");
-                pipeline.ready(
-                    ServerFrame::error(ErrorCode::RateLimited, "too many frames: slow down", None)
-                        .to_json(),
-                )
-            }
-            Verdict::Flooding => {
+        heard = Instant::now();
+        if matches!(frame, Message::Text(_) | Message::Binary(_)) {
+            link.touch();
+        }
+        // Every frame counts against the rate, control frames too: a flood of pings or of
+        // empty binary frames costs the server as much as one of text.
+        match (
+            rate.as_mut().map_or(Verdict::Admit, RateLimit::admit),
+            frame,
+        ) {
+            (Verdict::Flooding, _) => {
                 refused_frame("flooding");
                 link.close(CloseReason::Flooding);
                 break;
             }
+            // A throttled ping gets no pong; nothing answers a pong.
+            (Verdict::Refuse, Message::Ping(_) | Message::Pong(_)) => refused_frame("rate_limited"),
+            (Verdict::Refuse, _) => {
+                refused_frame("rate_limited");
+                pipeline.ready(
+                    ServerFrame::error(ErrorCode::RateLimited, "too many frames: slow down", None)
+                        .to_json(),
+                );
+            }
+            (Verdict::Admit, Message::Text(text)) => pipeline.start(&state, &link, text),
+            (Verdict::Admit, Message::Binary(_)) => {
+                refused_frame("binary");
+                let error = ServerFrame::error(
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported: send JSON text frames",
+                    None,
+                );
+                pipeline.ready(error.to_json());
+            }
+            (Verdict::Admit, Message::Ping(payload)) => answer = Some(wire::pong(payload)),
+            (Verdict::Admit, _) => {}
         }
     }
 
-    // Boxed: `$disconnect`'s future is as big as any route's, and a session future sized for it
-    // would be paid by every idle connection.
-    Box::pin(state.disconnect(&link)).await;
-    // Let the writer flush what is queued and the close frame, but not forever.
+    // Nothing more is posted to the connection from here; the writer sends what is queued (not
+    // to a client closed as too slow) and the close frame, for at most CLOSE_LINGER.
     link.close(CloseReason::Deleted);
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-    if refused_a_frame {
-        // Boxed for the same reason.
-        Box::pin(linger(stream.get_mut())).await;
+    let closed_cleanly = match tokio::time::timeout(CLOSE_LINGER, &mut writer).await {
+        Ok(sent) => sent.unwrap_or(false),
+        Err(_) => {
+            writer.abort();
+            let _ = (&mut writer).await;
+            false
+        }
+    };
+    let reading = stream.get_mut();
+    if !closed_cleanly {
+        // The client is not taking what it is sent: reset the socket, so that the kernel frees
+        // what it still holds for it now rather than retrying it for minutes.
+        if let Err(error) = reading.0.as_ref().set_zero_linger() {
+            tracing::debug!(connection = %link.id, %error, "could not reset the socket");
+        }
+    } else if refused_a_frame {
+        // Boxed: a session future sized for it would be paid by every idle connection.
+        Box::pin(linger(reading)).await;
     }
+    drop(stream);
+    // Boxed for the same reason: `$disconnect`'s future is as big as any route's.
+    Box::pin(state.disconnect(&link)).await;
 }
 
 /// How long the server keeps reading, and discarding, what a client is still sending after one
@@ -347,32 +395,46 @@ fn refusal(error: &tokio_tungstenite::tungstenite::Error) -> Option<(CloseReason
 }
 
 /// Puts the connection's outbox onto the socket: everything queued goes to the kernel in
-/// vectored writes, then the writer waits for more. Ends with the close frame.
-async fn write(link: Arc<Link>, mut socket: tokio::io::WriteHalf<Socket>) {
+/// vectored writes, then the writer waits for more. Ends with the close frame, and says whether
+/// it went out; a socket that takes nothing for `deadline` ends it without one (the connection
+/// is closed as too slow, and the session resets the socket).
+async fn write(link: Arc<Link>, mut socket: OwnedWriteHalf, deadline: Duration) -> bool {
     loop {
-        let frames = tokio::select! {
+        let mut frames = tokio::select! {
             biased;
             frames = link.outbox.take() => frames,
             () = link.closed() => break,
         };
-        if write_all(&mut socket, frames, &link).await.is_err() {
-            link.close(CloseReason::Lost);
-            return;
+        match tokio::time::timeout(deadline, write_all(&mut socket, &mut frames, &link)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                link.close(CloseReason::Lost);
+                return false;
+            }
+            Err(_) => {
+                tracing::info!(connection = %link.id, "the client takes nothing: closing it as too slow");
+                link.close(CloseReason::TooSlow);
+                return false;
+            }
         }
     }
-    // What was queued before the close still goes out, then the close frame.
+    // What was queued before the close still goes out, then the close frame — but not to a
+    // client closed for not reading: it would not read that either.
+    let reason = link.close_reason().unwrap_or(CloseReason::Deleted);
     let mut frames = link.outbox.take_now();
-    let (code, reason) = link.close_reason().unwrap_or(CloseReason::Deleted).frame();
-    frames.push_back(wire::close(code, reason));
-    if write_all(&mut socket, frames, &link).await.is_ok() {
-        let _ = socket.shutdown().await;
+    if reason == CloseReason::TooSlow {
+        frames.clear();
     }
+    let (code, text) = reason.frame();
+    frames.push_back(wire::close(code, text));
+    write_all(&mut socket, &mut frames, &link).await.is_ok() && socket.shutdown().await.is_ok()
 }
 
-/// Writes every frame, many per system call, noting on `link` whether the socket is full.
+/// Writes every frame, many per system call, noting on `link` whether the socket is full. What
+/// is left in `frames` when it fails (or is given up) was not written.
 async fn write_all(
     socket: &mut (impl AsyncWrite + Unpin),
-    mut frames: VecDeque<Bytes>,
+    frames: &mut VecDeque<Bytes>,
     link: &Link,
 ) -> std::io::Result<()> {
     let mut sent = 0;
@@ -413,7 +475,7 @@ async fn write_all(
 /// The socket's reading half, as tungstenite wants a whole socket: what tungstenite would
 /// write (its automatic pong and close replies) is dropped here, because the writer owns the
 /// socket's writing half and sends those replies itself.
-struct ReadOnly(tokio::io::ReadHalf<Socket>);
+struct ReadOnly(OwnedReadHalf);
 
 impl AsyncRead for ReadOnly {
     fn poll_read(

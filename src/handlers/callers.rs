@@ -23,15 +23,27 @@ struct Known {
 }
 
 impl KnownCallers {
-    pub(super) fn opened(&self, connection: &ConnectionId, user: &UserId) {
+    /// Takes one of `user`'s `cap` places for `connection`, or says how many are taken. Counted
+    /// and taken under one lock, so that a thousand handshakes of one user at once take exactly
+    /// `cap` places; a place taken is given back by [`KnownCallers::closed`] (`$disconnect`, or a
+    /// `$connect` that failed after taking it).
+    pub(super) fn reserve(
+        &self,
+        connection: &ConnectionId,
+        user: &UserId,
+        cap: usize,
+    ) -> Result<(), usize> {
         let mut known = self.0.write();
-        if known
-            .users
-            .insert(connection.clone(), user.clone())
-            .is_none()
-        {
-            *known.open.entry(user.clone()).or_default() += 1;
+        let open = known.open.get(user).copied().unwrap_or(0);
+        if known.users.contains_key(connection) {
+            return Ok(());
         }
+        if open >= cap {
+            return Err(open);
+        }
+        known.users.insert(connection.clone(), user.clone());
+        *known.open.entry(user.clone()).or_default() += 1;
+        Ok(())
     }
 
     pub(super) fn closed(&self, connection: &ConnectionId) {
@@ -49,9 +61,24 @@ impl KnownCallers {
     pub(super) fn user(&self, connection: &ConnectionId) -> Option<UserId> {
         self.0.read().users.get(connection).cloned()
     }
+}
 
-    /// How many connections `user` has open through this process.
-    pub(super) fn open_of(&self, user: &UserId) -> usize {
-        self.0.read().open.get(user).copied().unwrap_or(0)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn places_are_taken_up_to_the_cap_and_given_back_on_close() {
+        let callers = KnownCallers::default();
+        let ana = UserId::parse("ana").unwrap();
+        let c = |n: u32| ConnectionId::new(format!("c{n}"));
+        assert_eq!(callers.reserve(&c(1), &ana, 2), Ok(()));
+        assert_eq!(callers.reserve(&c(2), &ana, 2), Ok(()));
+        assert_eq!(callers.reserve(&c(3), &ana, 2), Err(2));
+        // The same connection again takes nothing more.
+        assert_eq!(callers.reserve(&c(2), &ana, 2), Ok(()));
+        callers.closed(&c(1));
+        assert_eq!(callers.reserve(&c(3), &ana, 2), Ok(()));
+        assert_eq!(callers.user(&c(3)), Some(ana));
     }
 }

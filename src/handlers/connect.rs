@@ -18,29 +18,28 @@ pub(super) async fn handle(
             return status(401, &format!("Unauthorized: {error}"));
         }
     };
-    // Counted from this process's own connections where it runs every `$connect` (no read),
-    // from the registry otherwise. Approximate under a burst of one user's handshakes at once.
+    // Where this process runs every `$connect` and `$disconnect` (the local gateway) a place is
+    // taken from its own count, under one lock: exact, however many handshakes of one user come
+    // at once. Elsewhere (Lambda) the registry is read: a handshake racing another of the same
+    // user between that read and its append may pass with one place left.
     let open = match &routes.callers {
-        Some(callers) => Ok(callers.open_of(&user)),
-        None => routes
-            .directory
-            .open_connections(Some(&user))
-            .await
-            .map(|open| open.len()),
+        Some(callers) => callers
+            .reserve(&connection, &user, routes.max_connections_per_user)
+            .err(),
+        None => match routes.directory.open_connections(Some(&user)).await {
+            Ok(open) => (open.len() >= routes.max_connections_per_user).then_some(open.len()),
+            Err(error) => {
+                tracing::error!(%connection, %error, "could not count the user's connections");
+                return status(500, "Internal Server Error");
+            }
+        },
     };
-    match open {
-        Ok(open) if open >= routes.max_connections_per_user => {
-            tracing::info!(%connection, %user, open, "connection refused: too many for this user");
-            return status(
-                429,
-                &format!("Too Many Requests: {user} has {open} connections open, the most allowed"),
-            );
-        }
-        Ok(_) => {}
-        Err(error) => {
-            tracing::error!(%connection, %error, "could not count the user's connections");
-            return status(500, "Internal Server Error");
-        }
+    if let Some(open) = open {
+        tracing::info!(%connection, %user, open, "connection refused: too many for this user");
+        return status(
+            429,
+            &format!("Too Many Requests: {user} has {open} connections open, the most allowed"),
+        );
     }
     let body = EventBody::Connected {
         connection: connection.clone(),
@@ -50,13 +49,13 @@ pub(super) async fn handle(
     };
     match routes.log.append(body, Expect::Seq(1)).await {
         Ok(_) => {
-            if let Some(callers) = &routes.callers {
-                callers.opened(&connection, &user);
-            }
             tracing::info!(%connection, %user, "connected");
             status(200, "Connected")
         }
         Err(error) => {
+            if let Some(callers) = &routes.callers {
+                callers.closed(&connection);
+            }
             tracing::error!(%connection, %error, "could not record the connection");
             status(500, "Internal Server Error")
         }

@@ -1017,8 +1017,9 @@ async fn quiet_connections_close_pings_keep_them_and_every_connection_ends_at_it
     assert!(close.reason.contains("maximum"), "{close:?}");
 }
 
-/// A client that stops reading is closed as too slow once its socket is full and 1,024 frames
-/// wait behind it — and it goes offline for the room — while the clients that read keep going.
+/// A client that stops reading is closed as too slow once its socket is full and 1 MiB (or 1,024
+/// frames) waits behind it — and it goes offline for the room — while the clients that read keep
+/// going.
 #[tokio::test]
 async fn a_client_that_stops_reading_is_closed_and_the_room_goes_on() {
     use futures_util::{SinkExt, StreamExt};
@@ -1103,6 +1104,7 @@ async fn a_client_that_stops_reading_is_closed_and_the_room_goes_on() {
         .await
         .expect("zed is closed as too slow within a minute")
         .unwrap();
-    assert!(messages > 1024, "ana kept receiving: {messages} messages");
+    // 1 MiB is 128 of these messages: ana got far more than zed's outbox could hold.
+    assert!(messages > 256, "ana kept receiving: {messages} messages");
     drop(zed);
 }

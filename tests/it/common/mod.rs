@@ -56,6 +56,15 @@ pub struct Server {
     pub stderr: Arc<Mutex<Vec<String>>>,
 }
 
+/// How to start a server beyond its store and environment.
+#[derive(Default)]
+pub struct Launch {
+    /// `--listen`; 127.0.0.1:0 unless set.
+    pub listen: Option<String>,
+    /// The most files (sockets included) the process may hold open (`ulimit -n`).
+    pub open_files: Option<u64>,
+}
+
 /// The stores a suite can run against, picked with `PALAVER_TEST_STORE`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TestStore {
@@ -144,9 +153,44 @@ impl Server {
     }
 
     pub fn start_with_env(dir: tempfile::TempDir, store: &str, env: &[(&str, &str)]) -> Server {
+        Server::start_as(dir, store, &Launch::default(), env)
+    }
+
+    /// A server on a fresh SQLite file started as `launch` says (another address to listen on,
+    /// fewer file descriptors), with more environment.
+    pub fn start_launched(launch: &Launch, env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = format!("sqlite://{}", dir.path().join("palaver.db").display());
+        Server::start_as(dir, &store, launch, env)
+    }
+
+    fn start_as(
+        dir: tempfile::TempDir,
+        store: &str,
+        launch: &Launch,
+        env: &[(&str, &str)],
+    ) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_palaver"));
+        if let Some(limit) = launch.open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe, and nothing else runs between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let listen = launch.listen.as_deref().unwrap_or("127.0.0.1:0");
         command
-            .args(["serve", "--listen", "127.0.0.1:0", "--store", store])
+            .args(["serve", "--listen", listen, "--store", store])
             .env("PALAVER_JWT_SECRET", SECRET)
             .env("PALAVER_ADMIN_TOKEN", ADMIN)
             .env("RUST_LOG", "palaver=debug")
@@ -196,6 +240,40 @@ impl Server {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.addr
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse().ok())
+            .expect("the address ends in a port")
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The sockets the server process holds open (its listener among them), from /proc.
+    pub fn open_sockets(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("the server's /proc/PID/fd")
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("socket:"))
+            .count()
+    }
+
+    /// The server process's resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("the server's /proc/PID/status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
     }
 
     pub fn token(&self, user: &str) -> String {
