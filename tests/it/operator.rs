@@ -156,6 +156,45 @@ async fn operators_see_rooms_members_history_and_connections() {
     assert!(page.text().await.unwrap().contains("palaver"));
 }
 
+/// What users write reaches the operator's terminal as text: a message that would retitle the
+/// window, clear the screen and overwrite its own row with a forged one ("admin" saying
+/// "maintenance") is shown escaped in `palaver history`, and `--json` keeps it exactly.
+#[tokio::test]
+async fn history_shows_control_characters_escaped_never_raw() {
+    let server = Server::start_readable();
+    let mut mallory = server.connect("mallory").await;
+    mallory.join("general").await;
+    let text =
+        "\u{1b}]0;pwned\u{7}\u{1b}[2J\r10   2026-12-07T00:00:00.000Z  admin   maintenance\u{0}";
+    mallory.say("general", text).await;
+
+    let out = server.cli(&["history", "general"]);
+    assert!(out.status.success(), "{out:?}");
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !shown.chars().any(|c| c.is_control() && c != '\n'),
+        "raw control characters on the terminal: {shown:?}"
+    );
+    assert!(
+        shown.contains(
+            "\\u001b]0;pwned\\u0007\\u001b[2J\\r10   2026-12-07T00:00:00.000Z  admin   maintenance\\u0000"
+        ),
+        "{shown}"
+    );
+    // Every row still starts with its own seq and user: no forged row.
+    assert_eq!(shown.lines().filter(|l| l.contains("admin")).count(), 1);
+    let out = server.cli(&["history", "general", "--json"]);
+    let events: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|event| event["text"] == text),
+        "{events}"
+    );
+}
+
 #[tokio::test]
 async fn token_prints_a_token_the_server_accepts() {
     let server = Server::start();

@@ -318,3 +318,94 @@ async fn heads(watcher: &mut common::Client) -> [u64; 2] {
     }
     heads
 }
+
+/// One frame of a flood: any kind a client can send.
+#[derive(Clone, Debug)]
+enum Flood {
+    /// A text frame: a valid `ping` action, or text that is not a request.
+    Text(String),
+    Binary(Vec<u8>),
+    Ping(Vec<u8>),
+    Pong(Vec<u8>),
+}
+
+fn flood_frame() -> impl Strategy<Value = Flood> {
+    prop_oneof![
+        Just(Flood::Text(json!({"action": "ping"}).to_string())),
+        ".{0,40}".prop_map(Flood::Text),
+        prop::collection::vec(any::<u8>(), 0..64).prop_map(Flood::Binary),
+        prop::collection::vec(any::<u8>(), 0..64).prop_map(Flood::Ping),
+        prop::collection::vec(any::<u8>(), 0..64).prop_map(Flood::Pong),
+    ]
+}
+
+/// Any mix of frames sent at once, at the default rate limit (30 a second, bursts of 60), on a
+/// fresh connection: every text or binary frame gets exactly one answer, in order; a ping gets
+/// a pong or nothing; and no more frames are answered than the bucket held — whatever their
+/// kind, pings and binary frames included. The connection stays open (fewer than the 300
+/// refusals that close a flooder).
+#[test]
+fn every_kind_of_frame_counts_against_the_rate_limit() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = Server::start();
+    let url = format!("ws://{}/?token={}", server.addr, server.token("flood"));
+    let mut runner = TestRunner::new(Config::with_cases(12));
+    let frames = prop::collection::vec(flood_frame(), 1..150);
+    let result = runner.run(&frames, |mut frames| {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        // The last is a request, so that every pong is in before its answer.
+        frames.push(Flood::Text(json!({"action": "ping"}).to_string()));
+        runtime.block_on(async {
+            let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+            let (mut asked, mut pinged) = (0, 0);
+            let started = std::time::Instant::now();
+            for frame in &frames {
+                let message = match frame.clone() {
+                    Flood::Text(text) => {
+                        asked += 1;
+                        Message::text(text)
+                    }
+                    Flood::Binary(bytes) => {
+                        asked += 1;
+                        Message::Binary(bytes.into())
+                    }
+                    Flood::Ping(bytes) => {
+                        pinged += 1;
+                        Message::Ping(bytes.into())
+                    }
+                    Flood::Pong(bytes) => Message::Pong(bytes.into()),
+                };
+                ws.feed(message).await.unwrap();
+            }
+            ws.flush().await.unwrap();
+            let (mut answers, mut served, mut pongs) = (0, 0, 0);
+            while answers < asked {
+                match tokio::time::timeout(common::WAIT, ws.next()).await {
+                    Ok(Some(Ok(Message::Text(text)))) => {
+                        answers += 1;
+                        let answer: Value = serde_json::from_str(text.as_str()).unwrap();
+                        if answer["code"] != "rate_limited" {
+                            served += 1;
+                        }
+                    }
+                    Ok(Some(Ok(Message::Pong(_)))) => pongs += 1,
+                    other => prop_assert!(false, "{answers} of {asked} answered, then {other:?}"),
+                }
+            }
+            let refilled = (30.0 * started.elapsed().as_secs_f64()).ceil() as usize;
+            prop_assert!(pongs <= pinged);
+            prop_assert!(
+                served + pongs <= 60 + refilled,
+                "{served} answered and {pongs} pongs for {} frames in {:?}",
+                frames.len(),
+                started.elapsed()
+            );
+            let _ = ws.close(None).await;
+            Ok(())
+        })
+    });
+    if let Err(failure) = result {
+        panic!("{failure}");
+    }
+}
