@@ -184,6 +184,12 @@ impl Link {
     pub async fn answer_from(&self, slot: &mut Option<Bytes>) {
         self.outbox.push_from(slot, ANSWERS).await
     }
+
+    /// [`Link::answer_from`] without waiting: the answer goes in now if there is room, and
+    /// stays in `slot` otherwise.
+    pub fn answer_now(&self, slot: &mut Option<Bytes>) {
+        self.outbox.try_push_from(slot, ANSWERS);
+    }
 }
 
 /// Every open connection of this gateway.

@@ -50,7 +50,7 @@ impl Outbox {
     /// Queues a frame without waiting.
     pub fn try_push(&self, frame: Bytes, bound: Bound) -> Result<(), Full> {
         let mut slot = Some(frame);
-        if self.push_from_slot(&mut slot, bound) {
+        if self.try_push_from(&mut slot, bound) {
             Ok(())
         } else {
             Err(Full)
@@ -64,15 +64,16 @@ impl Outbox {
         loop {
             // Registered before the check, so a `take` between the two is not missed.
             let taken = self.taken.notified();
-            if self.push_from_slot(slot, bound) {
+            if self.try_push_from(slot, bound) {
                 return;
             }
             taken.await;
         }
     }
 
-    /// Whether the frame in `slot` went in (or `slot` was empty).
-    fn push_from_slot(&self, slot: &mut Option<Bytes>, bound: Bound) -> bool {
+    /// Moves the frame in `slot` into the queue if there is room, without waiting; whether it
+    /// went in (or `slot` was empty).
+    pub fn try_push_from(&self, slot: &mut Option<Bytes>, bound: Bound) -> bool {
         {
             let mut queued = self.lock();
             if !bound.has_room(&queued) {

@@ -101,7 +101,14 @@ pub async fn root(
                 .await
                 .map(|upgraded| upgraded.downcast::<TokioIo<TcpStream>>())
             {
-                Ok(Ok(parts)) => session(state, link, parts.io.into_inner(), parts.read_buf).await,
+                Ok(Ok(parts)) => {
+                    // What the client sent behind its request head, copied: the `Bytes` share
+                    // hyper's whole read buffer, which an idle connection must not keep.
+                    let hyper::upgrade::Parts { io, read_buf, .. } = parts;
+                    let read_ahead = read_buf.to_vec();
+                    drop(read_buf);
+                    session(state, link, io.into_inner(), read_ahead).await
+                }
                 Ok(Err(_)) => {
                     // `gateway::http` serves TCP streams only; this cannot happen.
                     tracing::error!(connection = %link.id, "the upgraded connection is not TCP");
@@ -229,7 +236,12 @@ const FRAMES_PER_WRITE: usize = 64;
 /// connections count a closing one until then.
 ///
 /// The link was marked open when the 101 was answered (in [`root`]), before this runs.
-async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: TcpStream, read_ahead: Bytes) {
+async fn session(
+    state: Arc<GatewayState>,
+    link: Arc<Link>,
+    socket: TcpStream,
+    read_ahead: Vec<u8>,
+) {
     let (reading, writing) = socket.into_split();
     let mut writer = tokio::spawn(write(link.clone(), writing, state.lifetime.write));
     let config = WebSocketConfig::default()
@@ -239,7 +251,7 @@ async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: TcpStream, r
     // What the client sent right behind its handshake was read with the request head.
     let mut stream = WebSocketStream::from_partially_read(
         ReadOnly(reading),
-        read_ahead.to_vec(),
+        read_ahead,
         Role::Server,
         Some(config),
     )
@@ -272,6 +284,8 @@ async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: TcpStream, r
                 if answer.is_none() && !pipeline.answers.is_empty() =>
             {
                 answer = done.map(wire::text);
+                // Most of the time there is room: no turn of the loop just to queue it.
+                link.answer_now(&mut answer);
                 if pipeline.answers.is_empty() {
                     pipeline.barrier = false;
                     pipeline.after = None;
@@ -330,7 +344,10 @@ async fn session(state: Arc<GatewayState>, link: Arc<Link>, socket: TcpStream, r
                 );
                 pipeline.ready(error.to_json());
             }
-            (Verdict::Admit, Message::Ping(payload)) => answer = Some(wire::pong(payload)),
+            (Verdict::Admit, Message::Ping(payload)) => {
+                answer = Some(wire::pong(payload));
+                link.answer_now(&mut answer);
+            }
             (Verdict::Admit, _) => {}
         }
     }
