@@ -195,7 +195,13 @@ pub enum PostError {
     /// from gone; the local gateway can.
     #[error("connection is still opening")]
     Opening,
-    /// Anything else (throttled, payload too large, network): the connection may still be there.
+    /// The management API itself failed — throttled past every retry, in server trouble,
+    /// unreachable, or refusing the caller — so no post can succeed now, whoever it is for: a
+    /// later try may. The connection may well be there.
+    #[error("the management API failed: {0}")]
+    Unavailable(String),
+    /// This post failed (payload too large, no answer in time): the connection may still be
+    /// there.
     #[error("post failed: {0}")]
     Failed(String),
 }
@@ -246,13 +252,13 @@ pub trait Checkpoints: Send + Sync {
     /// Where the fan-out is with `stream`.
     async fn checkpoint(&self, stream: &Stream) -> StoreResult<Checkpoint>;
 
-    /// Records delivery up to `seq`; never moves a checkpoint backwards. `relayed_until`, when
-    /// given, is stored with it (a checkpoint that does not move keeps its old one).
+    /// Records delivery up to `seq`; never moves a checkpoint backwards. `relay`, when given,
+    /// is stored with it (a checkpoint that does not move keeps its old one).
     async fn advance(
         &self,
         stream: &Stream,
         seq: u64,
-        relayed_until: Option<DateTime<Utc>>,
+        relay: Option<RelayLease>,
     ) -> StoreResult<()>;
 
     /// The seq delivered up to (0 when nothing was).
@@ -266,9 +272,20 @@ pub trait Checkpoints: Send + Sync {
 pub struct Checkpoint {
     /// The seq delivered up to (0 when nothing was).
     pub seq: u64,
-    /// Until when the room's frames go through the delivery queue whatever the size of their
-    /// audience: frames of it may still wait there, and one posted directly would overtake them.
-    pub relayed_until: Option<DateTime<Utc>>,
+    /// The room's frames go through the delivery queue, whatever the size of their audience,
+    /// while this lease lasts: frames of it may still wait there, and one posted directly would
+    /// overtake them.
+    pub relay: Option<RelayLease>,
+}
+
+/// A room's frames going through the delivery queue: until when, and over how many lanes (FIFO
+/// message groups). A connection's lane is fixed by its id and the number of lanes, so the
+/// number is kept for as long as the room relays: changed while frames wait in the queue, it
+/// would move connections to lanes where a later frame could overtake an earlier one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayLease {
+    pub until: DateTime<Utc>,
+    pub lanes: u32,
 }
 
 /// One frame for a set of connections, handed to a delivery worker.

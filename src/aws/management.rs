@@ -37,12 +37,16 @@ use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use std::time::Duration;
 
-/// What one failed post attempt means: gone, worth another try, or failed for good.
+/// What one failed post attempt means: gone, worth another try, or failed for good — this post
+/// alone, or the API for everyone.
 #[derive(Debug, PartialEq, Eq)]
 enum Attempt {
     Gone,
-    /// Worth another try after a pause.
+    /// Worth another try after a pause (throttled, server trouble, unreachable); past the last
+    /// try the API counts as unavailable.
     Retry(String),
+    /// The API refuses every post (a missing permission): no retry helps now.
+    Unavailable(String),
     Failed(String),
 }
 
@@ -121,7 +125,8 @@ impl ConnectionGateway for ManagementApi {
             Ok(()) => Ok(()),
             Err(Attempt::Gone) => Err(PostError::Gone),
             Err(Attempt::Failed(why)) => Err(PostError::Failed(why)),
-            Err(Attempt::Retry(why)) => Err(PostError::Failed(format!(
+            Err(Attempt::Unavailable(why)) => Err(PostError::Unavailable(why)),
+            Err(Attempt::Retry(why)) => Err(PostError::Unavailable(format!(
                 "{why} (gave up after {tries} tries)"
             ))),
         }
@@ -160,6 +165,9 @@ fn attempt_of(error: &SdkError<PostToConnectionError, HttpResponse>) -> Attempt 
             Attempt::Retry(format!("throttled: {described}"))
         } else if status.is_some_and(|s| matches!(s, 500 | 502 | 503 | 504)) {
             Attempt::Retry(format!("server error: {described}"))
+        } else if status.is_some_and(|s| matches!(s, 401 | 403)) {
+            // A missing permission or a bad key: the same for every post.
+            Attempt::Unavailable(described)
         } else {
             Attempt::Failed(described)
         };
@@ -176,8 +184,10 @@ fn attempt_of(error: &SdkError<PostToConnectionError, HttpResponse>) -> Attempt 
                 describe(error)
             ))
         }
+        // Not retried: one connection's post that hangs would otherwise hold its whole job (and
+        // its delivery lane) for every try; the others' posts go on meanwhile.
         SdkError::TimeoutError(_) => {
-            Attempt::Retry("the management API did not answer in time".to_owned())
+            Attempt::Failed("the management API did not answer in time".to_owned())
         }
         _ => Attempt::Failed(describe(error)),
     }
@@ -306,7 +316,7 @@ mod tests {
         assert!(post_to(&api, "throttled-twice").await.is_ok());
         assert_eq!(calls_of(&calls, "throttled-twice"), 3);
 
-        let Err(PostError::Failed(why)) = post_to(&api, "throttled").await else {
+        let Err(PostError::Unavailable(why)) = post_to(&api, "throttled").await else {
             panic!("a recipient that stays throttled fails");
         };
         assert!(
@@ -317,7 +327,7 @@ mod tests {
 
         assert!(matches!(
             post_to(&api, "throttled-bare").await,
-            Err(PostError::Failed(_))
+            Err(PostError::Unavailable(_))
         ));
         assert_eq!(
             calls_of(&calls, "throttled-bare"),
@@ -332,8 +342,8 @@ mod tests {
     #[tokio::test]
     async fn other_errors_fail_at_once_and_say_why() {
         let (api, calls) = fake_api().await;
-        let Err(PostError::Failed(why)) = post_to(&api, "forbidden").await else {
-            panic!("forbidden is a failure");
+        let Err(PostError::Unavailable(why)) = post_to(&api, "forbidden").await else {
+            panic!("forbidden is the API refusing the caller");
         };
         assert!(
             why.contains("ForbiddenException") && why.contains("403"),
@@ -356,8 +366,8 @@ mod tests {
         let config = test_config();
         let api = ManagementApi::new(&config, &format!("http://127.0.0.1:{port}/prod"))
             .with_retry(quick(2));
-        let Err(PostError::Failed(why)) = post_to(&api, "anyone").await else {
-            panic!("an unreachable endpoint is a failure");
+        let Err(PostError::Unavailable(why)) = post_to(&api, "anyone").await else {
+            panic!("an unreachable endpoint is the API unavailable");
         };
         assert!(why.contains("could not reach"), "{why}");
     }

@@ -24,6 +24,10 @@ use backon::RetryableWithContext;
 const BATCH_ENTRIES: usize = 10;
 /// Bytes of message bodies per `SendMessageBatch`: SQS's limit for a batch's total payload.
 const BATCH_BYTES: usize = 256 * 1024;
+/// `SendMessageBatch` calls of one frame in flight at once: a frame of a room of 10,000 is 100
+/// jobs, 10 calls; sent one after another at ~10 ms each they would cap the room at a few
+/// frames a second.
+const BATCHES_AT_ONCE: usize = 16;
 
 /// The delivery queue: `PALAVER_DELIVERY_QUEUE_URL`.
 #[derive(Clone, Debug)]
@@ -159,10 +163,20 @@ impl DeliveryQueue for SqsDeliveryQueue {
             })
             .collect::<Result<Vec<_>, serde_json::Error>>()
             .map_err(|e| QueueError(format!("cannot encode a delivery job: {e}")))?;
-        for batch in batches(entries) {
-            self.send_batch(batch).await?;
+        // The batches of one frame go out at once: its jobs are the same frame for different
+        // connections, so their order does not matter, even within a lane; the next frame's
+        // jobs are queued only once this call returns, so lanes keep the frames' order.
+        use futures_util::StreamExt;
+        let mut sent = futures_util::stream::iter(batches(entries))
+            .map(|batch| self.send_batch(batch))
+            .buffer_unordered(BATCHES_AT_ONCE);
+        let mut failure = None;
+        while let Some(result) = sent.next().await {
+            if let Err(error) = result {
+                failure.get_or_insert(error);
+            }
         }
-        Ok(())
+        failure.map_or(Ok(()), Err)
     }
 }
 

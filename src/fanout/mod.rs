@@ -25,7 +25,7 @@ use crate::ports::{
 };
 use async_trait::async_trait;
 use bytes::Bytes;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +40,9 @@ pub struct Delivery {
     pub gone: Vec<ConnectionId>,
     /// Posts that failed for another reason (the connection may still be there).
     pub failed: usize,
+    /// Of `failed`, those that failed because the management API itself did
+    /// ([`PostError::Unavailable`]): a later try of the same posts may succeed.
+    pub unavailable: usize,
     /// Recipients handed to delivery workers instead of posted here.
     pub queued: usize,
 }
@@ -49,6 +52,7 @@ impl Delivery {
         self.delivered += other.delivered;
         self.gone.extend(other.gone);
         self.failed += other.failed;
+        self.unavailable += other.unavailable;
         self.queued += other.queued;
     }
 }
@@ -80,15 +84,17 @@ pub trait Listeners: Send {
     /// The gateway found `connection` gone; its `disconnected` event will follow.
     fn gone(&mut self, connection: &ConnectionId);
 
-    /// Whether `room`'s frames went to the delivery queue earlier in this run of events. Once
-    /// they have, the run's later frames of the room follow them there: posted directly, a
-    /// later frame could reach someone before an earlier one still waiting in the queue.
-    fn relayed(&self, _room: &RoomName) -> bool {
-        false
+    /// Over how many lanes `room`'s frames went to the delivery queue earlier in this run of
+    /// events (or under a lease from an earlier run), if they did. Once they have, the run's
+    /// later frames of the room follow them there, over the same lanes: posted directly, or
+    /// through another lane, a later frame could reach someone before an earlier one still
+    /// waiting in the queue.
+    fn relay_lanes(&self, _room: &RoomName) -> Option<u32> {
+        None
     }
 
-    /// Notes that `room`'s frames went to the delivery queue.
-    fn relay(&mut self, _room: &RoomName) {}
+    /// Notes that `room`'s frames went to the delivery queue over `lanes` lanes.
+    fn relay(&mut self, _room: &RoomName, _lanes: u32) {}
 }
 
 /// The store's projection as the listeners, with each room's audience read once per run of
@@ -96,8 +102,8 @@ pub trait Listeners: Send {
 pub struct StoreListeners {
     directory: Arc<dyn Directory>,
     rooms: HashMap<RoomName, Audience>,
-    /// Rooms whose frames went to the delivery queue in this run.
-    relayed: HashSet<RoomName>,
+    /// Rooms whose frames went to the delivery queue in this run, and over how many lanes.
+    relayed: HashMap<RoomName, u32>,
 }
 
 /// A room's listeners as read from the store.
@@ -145,7 +151,7 @@ impl StoreListeners {
         StoreListeners {
             directory,
             rooms: HashMap::new(),
-            relayed: HashSet::new(),
+            relayed: HashMap::new(),
         }
     }
 }
@@ -197,32 +203,52 @@ impl Listeners for StoreListeners {
         self.rooms.clear();
     }
 
-    fn relayed(&self, room: &RoomName) -> bool {
-        self.relayed.contains(room)
+    fn relay_lanes(&self, room: &RoomName) -> Option<u32> {
+        self.relayed.get(room).copied()
     }
 
-    fn relay(&mut self, room: &RoomName) {
-        self.relayed.insert(room.clone());
+    fn relay(&mut self, room: &RoomName, lanes: u32) {
+        self.relayed.insert(room.clone(), lanes);
     }
 }
 
-/// How many delivery groups a big room's recipients are spread over: this many workers can post
-/// one room's frames at once, each group in order.
-pub const RELAY_GROUPS: u64 = 256;
+/// The most lanes (delivery queue message groups) one room's recipients are spread over: this
+/// many workers can post one room's frames at once, each lane in order.
+pub const MAX_RELAY_LANES: u32 = 256;
+/// The fewest lanes a relayed room gets, however small it is when it starts relaying. A room's
+/// lanes are fixed while it relays (see [`RelayLease`]), so a room that starts at the threshold
+/// and grows keeps them: with 8, a room of 10,000 still has 8 workers posting at once, each job
+/// of `job_size` posts concurrent — more than an account's 10,000 posts a second.
+///
+/// [`RelayLease`]: crate::ports::RelayLease
+pub const MIN_RELAY_LANES: u32 = 8;
 
-/// The jobs for one frame: recipients spread over [`RELAY_GROUPS`] groups by a stable hash of
-/// their connection id — so a connection is in the same group for every frame of the room, and
-/// sees them in order — and each group cut into jobs of at most `job_size` connections.
+/// The lanes for a room that starts relaying with `recipients`: one per `job_size` of them, so
+/// that each lane's job is about `job_size` connections, within [`MIN_RELAY_LANES`] and
+/// [`MAX_RELAY_LANES`].
+pub fn relay_lanes_for(recipients: usize, job_size: usize) -> u32 {
+    let lanes = recipients.div_ceil(job_size.max(1));
+    u32::try_from(lanes)
+        .unwrap_or(u32::MAX)
+        .clamp(MIN_RELAY_LANES, MAX_RELAY_LANES)
+}
+
+/// The jobs for one frame: recipients spread over `lanes` lanes by a stable hash of their
+/// connection id — so a connection is in the same lane for every frame of the room while its
+/// lanes are kept, and sees them in order — and each lane cut into jobs of at most `job_size`
+/// connections.
 fn relay_jobs(
     recipients: &[ConnectionId],
     frame: &str,
     room: &RoomName,
     key: &str,
     job_size: usize,
+    lanes: u32,
 ) -> Vec<DeliveryJob> {
-    let mut groups: Vec<Vec<ConnectionId>> = vec![Vec::new(); RELAY_GROUPS as usize];
+    let lanes = u64::from(lanes.max(1));
+    let mut groups: Vec<Vec<ConnectionId>> = vec![Vec::new(); lanes as usize];
     for connection in recipients {
-        let group = fnv1a(connection.as_str().as_bytes()) % RELAY_GROUPS;
+        let group = fnv1a(connection.as_str().as_bytes()) % lanes;
         groups[group as usize].push(connection.clone());
     }
     let mut jobs = Vec::new();
@@ -414,14 +440,16 @@ impl FanOut {
         key: &str,
         listeners: &mut dyn Listeners,
     ) -> StoreResult<Delivery> {
+        let lanes = listeners.relay_lanes(room);
         let Some(relay) = self
             .relay
             .as_ref()
-            .filter(|r| recipients.len() > r.threshold || listeners.relayed(room))
+            .filter(|r| recipients.len() > r.threshold || lanes.is_some())
         else {
             return Ok(self.post_to(recipients, frame).await);
         };
-        listeners.relay(room);
+        let lanes = lanes.unwrap_or_else(|| relay_lanes_for(recipients.len(), relay.job_size));
+        listeners.relay(room, lanes);
         let queued = recipients.len();
         let jobs = relay_jobs(
             recipients,
@@ -429,6 +457,7 @@ impl FanOut {
             room,
             key,
             relay.job_size,
+            lanes,
         );
         relay
             .queue
@@ -476,6 +505,11 @@ impl FanOut {
                     tracing::debug!(%connection, "still opening: frame not delivered");
                     delivery.failed += 1;
                 }
+                PostError::Unavailable(why) => {
+                    tracing::warn!(%connection, %why, "post failed: the management API did");
+                    delivery.failed += 1;
+                    delivery.unavailable += 1;
+                }
                 error => {
                     tracing::warn!(%connection, %error, "post failed");
                     delivery.failed += 1;
@@ -494,19 +528,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_ten_thousand_connection_room_is_one_job_per_group_per_event() {
+    fn jobs_hold_about_job_size_connections_whatever_the_room() {
+        let room = RoomName::parse("hall").unwrap();
+        let connections = |n: usize| -> Vec<ConnectionId> {
+            (0..n)
+                .map(|n| ConnectionId::new(format!("conn{n:05}")))
+                .collect()
+        };
+        // Just over the threshold: a handful of jobs, not one per connection.
+        let small = connections(201);
+        let lanes = relay_lanes_for(small.len(), 100);
+        assert_eq!(lanes, MIN_RELAY_LANES);
+        let jobs = relay_jobs(&small, "{}", &room, "r:hall:1", 100, lanes);
+        assert!(jobs.len() <= lanes as usize, "{} jobs", jobs.len());
+        assert_eq!(jobs.iter().map(|j| j.connections.len()).sum::<usize>(), 201);
+        // 10,000 that started relaying at 10,000: 100 lanes of about 100, capped at job_size.
+        let big = connections(10_000);
+        let lanes = relay_lanes_for(big.len(), 100);
+        assert_eq!(lanes, 100);
+        let jobs = relay_jobs(&big, "{}", &room, "r:hall:1", 100, lanes);
+        assert!(jobs.iter().all(|j| j.connections.len() <= 100));
+        assert!(jobs.len() < 200, "{} jobs", jobs.len());
+        // The same room under a small lease: few lanes, each cut into jobs of at most 100.
+        let jobs = relay_jobs(&big, "{}", &room, "r:hall:1", 100, MIN_RELAY_LANES);
+        assert!(jobs.iter().all(|j| j.connections.len() <= 100));
+        assert!(jobs.len() <= 100 + MIN_RELAY_LANES as usize);
+        assert_eq!(relay_lanes_for(1_000_000, 100), MAX_RELAY_LANES);
+    }
+
+    #[test]
+    fn a_connection_keeps_its_lane_for_every_event() {
         let recipients: Vec<ConnectionId> = (0..10_000)
             .map(|n| ConnectionId::new(format!("conn{n:05}")))
             .collect();
         let room = RoomName::parse("hall").unwrap();
-        let jobs = relay_jobs(&recipients, "{}", &room, "r:hall:1", 100);
+        let jobs = relay_jobs(&recipients, "{}", &room, "r:hall:1", 100, 256);
         let mut per_group: HashMap<&str, usize> = HashMap::new();
         for job in &jobs {
             *per_group.entry(job.group.as_str()).or_default() += 1;
         }
         assert_eq!(per_group.values().max(), Some(&1), "{} jobs", jobs.len());
         // The same connection lands in the same group for every event.
-        let again = relay_jobs(&recipients, "{}", &room, "r:hall:2", 100);
+        let again = relay_jobs(&recipients, "{}", &room, "r:hall:2", 100, 256);
         let group_of = |jobs: &[DeliveryJob], c: &ConnectionId| {
             jobs.iter()
                 .find(|j| j.connections.contains(c))

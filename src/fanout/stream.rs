@@ -13,7 +13,7 @@
 
 use super::{Delivery, FanOut, Listeners, StoreListeners};
 use crate::domain::{ConnectionId, Event, EventBody, Stream};
-use crate::ports::{Checkpoints, Directory, EventLog, Store, StoreError};
+use crate::ports::{Checkpoints, Directory, EventLog, RelayLease, Store, StoreError};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -127,8 +127,8 @@ impl StreamFanOut {
         // A room whose frames went to the queue in an earlier batch, not long ago: this batch's
         // follow them there.
         for (mention, stream) in mentions.iter().zip(&pending) {
-            if let (true, Stream::Room(room)) = (stream.relaying, &mention.stream) {
-                listeners.relay(room);
+            if let (Some(lanes), Stream::Room(room)) = (stream.relaying, &mention.stream) {
+                listeners.relay(room, lanes);
             }
         }
         let mut activity: HashMap<ConnectionId, Event> = HashMap::new();
@@ -176,16 +176,17 @@ impl StreamFanOut {
 
         for (mention, stream) in mentions.iter().zip(pending) {
             let mut failed = stream.failed.or(stream.unavailable);
-            let relayed_until = match &mention.stream {
-                Stream::Room(room) if listeners.relayed(room) => {
-                    Some(chrono::Utc::now() + RELAY_LEASE)
-                }
+            let relay = match &mention.stream {
+                Stream::Room(room) => listeners.relay_lanes(room).map(|lanes| RelayLease {
+                    until: chrono::Utc::now() + RELAY_LEASE,
+                    lanes,
+                }),
                 _ => None,
             };
             if stream.done > stream.start
                 && let Err(error) = self
                     .checkpoints
-                    .advance(&mention.stream, stream.done, relayed_until)
+                    .advance(&mention.stream, stream.done, relay)
                     .await
             {
                 failed.get_or_insert(error);
@@ -212,8 +213,9 @@ impl StreamFanOut {
         let start = match self.checkpoints.checkpoint(stream).await {
             Ok(checkpoint) => {
                 pending.relaying = checkpoint
-                    .relayed_until
-                    .is_some_and(|until| until > chrono::Utc::now());
+                    .relay
+                    .filter(|lease| lease.until > chrono::Utc::now())
+                    .map(|lease| lease.lanes);
                 checkpoint.seq
             }
             Err(error) => {
@@ -274,8 +276,9 @@ impl StreamFanOut {
 struct Pending {
     /// Its checkpoint when the batch started.
     start: u64,
-    /// Its room's frames still had to go through the delivery queue when the batch started.
-    relaying: bool,
+    /// Its room's frames still had to go through the delivery queue when the batch started,
+    /// over this many lanes.
+    relaying: Option<u32>,
     /// Delivered (or passed over) up to here.
     done: u64,
     items: VecDeque<Item>,

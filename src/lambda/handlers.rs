@@ -36,12 +36,14 @@ pub async fn fan_out(fanout: &StreamFanOut, event: StreamEvent) -> DynamoDbEvent
 ///
 /// A message is handed back to the queue (a batch item failure) when its body is not a
 /// delivery job — it lands in the dead-letter queue after `maxReceiveCount` tries, where an
-/// operator can read it — or when **every** post failed for a reason other than gone: then the
-/// management API itself is in trouble (an outage, a missing permission), nobody got the
-/// frame, and a later try can only help. When only some posts failed (after the management
-/// client's own retries), the message counts as done: handing it back would post the frame
-/// again to everyone who already has it, while the few who missed it see the gap in `seq` and
-/// catch up with `joinRoom{after}` or `getHistory` — as after any lost frame.
+/// operator can read it — or when no post succeeded **and the management API itself failed**
+/// (throttled past the client's retries, in server trouble, unreachable, refusing the
+/// caller): nobody got the frame, and a later try can only help. A post that failed on its own
+/// (one slow connection's timeout) never hands a job back: its lane would wait out the
+/// visibility timeout for one client. When only some posts failed, the message counts as done:
+/// handing it back would post the frame again to everyone who already has it, while the few who
+/// missed it see the gap in `seq` and catch up with `joinRoom{after}` or `getHistory` — as
+/// after any lost frame.
 ///
 /// The queue is FIFO: once a message is handed back, every later message of the batch is handed
 /// back too, unposted, so that no connection gets a later frame before an earlier one (this is
@@ -73,9 +75,92 @@ pub async fn deliver(fanout: &FanOut, event: SqsEvent) -> SqsBatchResponse {
             failed = delivery.failed,
             "delivery handled"
         );
-        if delivery.failed > 0 && delivery.delivered == 0 {
+        if delivery.unavailable > 0 && delivery.delivered == 0 {
             failed.push(queued.message_id);
         }
     }
     sqs_response(failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ConnectionId;
+    use crate::ports::{ConnectionGateway, DeliveryJob, PostError};
+    use async_trait::async_trait;
+    use aws_lambda_events::event::sqs::SqsMessage;
+    use std::sync::Arc;
+
+    /// A management API whose answer depends on the connection: `slow-…` times out, `ok-…`
+    /// takes the post, anything else finds the API refusing the caller.
+    struct Scripted;
+
+    #[async_trait]
+    impl ConnectionGateway for Scripted {
+        async fn post(&self, connection: &ConnectionId, _: Bytes) -> Result<(), PostError> {
+            match connection.as_str() {
+                c if c.starts_with("slow") => {
+                    Err(PostError::Failed("did not answer in time".to_owned()))
+                }
+                c if c.starts_with("ok") => Ok(()),
+                _ => Err(PostError::Unavailable("ForbiddenException".to_owned())),
+            }
+        }
+
+        async fn close(&self, _: &ConnectionId) -> Result<(), PostError> {
+            Ok(())
+        }
+    }
+
+    fn message(id: &str, connections: &[&str]) -> SqsMessage {
+        let job = DeliveryJob {
+            frame: "{}".to_owned(),
+            connections: connections.iter().map(|c| ConnectionId::new(*c)).collect(),
+            group: "r#0".to_owned(),
+            id: id.to_owned(),
+        };
+        let mut message = SqsMessage::default();
+        message.message_id = Some(id.to_owned());
+        message.body = Some(serde_json::to_string(&job).unwrap());
+        message
+    }
+
+    fn failed(response: &SqsBatchResponse) -> Vec<String> {
+        response
+            .batch_item_failures
+            .iter()
+            .map(|f| f.item_identifier.clone())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_job_goes_back_only_when_the_management_api_itself_fails() {
+        let store = crate::store::memory::MemoryStore::store();
+        let fanout = FanOut::new(&store, Arc::new(Scripted));
+        let event = |messages: Vec<SqsMessage>| {
+            let mut event = SqsEvent::default();
+            event.records = messages;
+            event
+        };
+        // One slow client, alone in its job or not: its lane goes on.
+        let response = deliver(
+            &fanout,
+            event(vec![
+                message("alone", &["slow-1"]),
+                message("shared", &["slow-2", "ok-1"]),
+            ]),
+        )
+        .await;
+        assert_eq!(failed(&response), Vec::<String>::new());
+        // The API refusing everyone: back to the queue, and what follows it on the FIFO lane.
+        let response = deliver(
+            &fanout,
+            event(vec![
+                message("refused", &["x-1", "x-2"]),
+                message("next", &["ok-2"]),
+            ]),
+        )
+        .await;
+        assert_eq!(failed(&response), ["refused", "next"]);
+    }
 }

@@ -10,7 +10,7 @@ use crate::domain::{
 };
 use crate::ports::{
     Checkpoint, Checkpoints, ConnectionRecord, Directory, EventLog, Listener, LogFeed,
-    MemberRecord, RoomRecord, Store, StoreError, StoreResult,
+    MemberRecord, RelayLease, RoomRecord, Store, StoreError, StoreResult,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -442,14 +442,14 @@ impl Checkpoints for MemoryStore {
         &self,
         stream: &Stream,
         seq: u64,
-        relayed_until: Option<DateTime<Utc>>,
+        relay: Option<RelayLease>,
     ) -> StoreResult<()> {
         let mut delivered = self.delivered.lock();
         let at = delivered.entry(stream.key()).or_default();
         if seq > at.seq {
             at.seq = seq;
-            if relayed_until.is_some() {
-                at.relayed_until = relayed_until;
+            if relay.is_some() {
+                at.relay = relay;
             }
         }
         Ok(())

@@ -5,13 +5,13 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
 use palaver::domain::{ConnectionId, EventBody, Expect, RoomName, Stream, UserId};
 use palaver::fanout::FanOut;
 use palaver::fanout::change_stream::ChangeSource;
 use palaver::fanout::stream::StreamFanOut;
 use palaver::ports::{
-    Checkpoint, Checkpoints, ConnectionGateway, PostError, Store, StoreError, StoreResult,
+    Checkpoint, Checkpoints, ConnectionGateway, PostError, RelayLease, Store, StoreError,
+    StoreResult,
 };
 use palaver::store::dynamodb::{self as dynamo, DynamoStore, Tables};
 use serde_json::Value;
@@ -94,9 +94,9 @@ impl Checkpoints for Flaky {
         &self,
         stream: &Stream,
         seq: u64,
-        relayed_until: Option<DateTime<Utc>>,
+        relay: Option<RelayLease>,
     ) -> StoreResult<()> {
-        self.inner.advance(stream, seq, relayed_until).await
+        self.inner.advance(stream, seq, relay).await
     }
 }
 

@@ -20,7 +20,8 @@ use palaver::domain::{
     UserId,
 };
 use palaver::ports::{
-    Checkpoint, ConnectionRecord, MemberRecord, RoomRecord, Store, StoreError, StoreResult,
+    Checkpoint, ConnectionRecord, MemberRecord, RelayLease, RoomRecord, Store, StoreError,
+    StoreResult,
 };
 use palaver::store::dynamodb as dynamo;
 use palaver::store::memory::MemoryStore;
@@ -694,21 +695,22 @@ mod contract {
 
         // The delivery-queue lease is kept with a checkpoint that moves, and only then.
         let until = chrono::DateTime::from_timestamp_millis(1_900_000_000_123).unwrap();
-        checkpoints.advance(&lobby, 6, Some(until)).await.unwrap();
-        let later = until + chrono::Duration::minutes(5);
+        let lease = RelayLease { until, lanes: 12 };
+        checkpoints.advance(&lobby, 6, Some(lease)).await.unwrap();
+        let later = RelayLease {
+            until: until + chrono::Duration::minutes(5),
+            lanes: 40,
+        };
         checkpoints.advance(&lobby, 6, Some(later)).await.unwrap();
         checkpoints.advance(&lobby, 7, None).await.unwrap();
         assert_eq!(
             checkpoints.checkpoint(&lobby).await.unwrap(),
             Checkpoint {
                 seq: 7,
-                relayed_until: Some(until)
+                relay: Some(lease)
             }
         );
-        assert_eq!(
-            checkpoints.checkpoint(&other).await.unwrap().relayed_until,
-            None
-        );
+        assert_eq!(checkpoints.checkpoint(&other).await.unwrap().relay, None);
     }
 
     /// With `Expect::Membership` the log takes no message or leave from a non-member and no

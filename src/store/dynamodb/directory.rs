@@ -16,10 +16,9 @@ use crate::domain::projection::changes;
 use crate::domain::{ConnectionId, Event, RoomName, Stream, UserId};
 use crate::ports::{
     Checkpoint, Checkpoints, ConnectionRecord, Directory, EventLog, Listener, MemberRecord,
-    RoomRecord, StoreResult,
+    RelayLease, RoomRecord, StoreResult,
 };
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use futures_util::{StreamExt, TryStreamExt};
 
 /// How many per-member reads run at once.
@@ -276,8 +275,17 @@ impl Checkpoints for DynamoStore {
         match self.get(checkpoint_key(stream)).await? {
             Some(item) => Ok(Checkpoint {
                 seq: number(&item, "seq")?,
-                relayed_until: match item.get("relayed_until") {
-                    Some(_) => Some(time(&item, "relayed_until")?),
+                relay: match item.get("relayed_until") {
+                    Some(_) => Some(RelayLease {
+                        until: time(&item, "relayed_until")?,
+                        // A lease written before lanes were kept used 256 of them.
+                        lanes: match item.get("relay_lanes") {
+                            Some(_) => {
+                                u32::try_from(number(&item, "relay_lanes")?).unwrap_or(u32::MAX)
+                            }
+                            None => 256,
+                        },
+                    }),
                     None => None,
                 },
             }),
@@ -289,7 +297,7 @@ impl Checkpoints for DynamoStore {
         &self,
         stream: &Stream,
         seq: u64,
-        relayed_until: Option<DateTime<Utc>>,
+        relay: Option<RelayLease>,
     ) -> StoreResult<()> {
         let mut set = vec!["#seq = :seq"];
         let mut update = self
@@ -307,11 +315,14 @@ impl Checkpoints for DynamoStore {
                 .expression_attribute_names("#expires", "expires")
                 .expression_attribute_values(":expires", expires(&now()));
         }
-        if let Some(until) = relayed_until {
+        if let Some(relay) = relay {
             set.push("#relayed = :relayed");
+            set.push("#lanes = :lanes");
             update = update
                 .expression_attribute_names("#relayed", "relayed_until")
-                .expression_attribute_values(":relayed", ms(&until));
+                .expression_attribute_values(":relayed", ms(&relay.until))
+                .expression_attribute_names("#lanes", "relay_lanes")
+                .expression_attribute_values(":lanes", n(u64::from(relay.lanes)));
         }
         match update
             .update_expression(format!("SET {}", set.join(", ")))
