@@ -64,7 +64,7 @@ impl Delivery {
 #[async_trait]
 pub trait Listeners: Send {
     /// Takes `event` into account.
-    fn observe(&mut self, event: &Event);
+    async fn observe(&mut self, event: &Event) -> StoreResult<()>;
 
     /// Every open connection of every member of `room` — for a room event (`seq` given), only
     /// those that hear it live ([`Directory::live_from`]): a connection that started listening
@@ -98,10 +98,16 @@ pub trait Listeners: Send {
 }
 
 /// The store's projection as the listeners, with each room's audience read once per run of
-/// events and forgotten as soon as an event in the run changes who is listening.
+/// events and kept up to date through the run: a connection that opens is added to the rooms
+/// it listens to, one that closes or is found gone is taken out — no audience is read again for
+/// them. (A reconnect storm is a run of `connected` events: re-reading every room's audience for
+/// each would be a Query per room per event.) A join or a leave drops its room's audience, to be
+/// read again when next needed.
 pub struct StoreListeners {
     directory: Arc<dyn Directory>,
     rooms: HashMap<RoomName, Audience>,
+    /// Users' rooms, as read in this run (a connect's presence and its listening need them).
+    user_rooms: HashMap<UserId, Vec<RoomName>>,
     /// Rooms whose frames went to the delivery queue in this run, and over how many lanes.
     relayed: HashMap<RoomName, u32>,
 }
@@ -118,6 +124,30 @@ struct Audience {
 }
 
 impl Audience {
+    /// Adds `connection`, hearing the room from `live_from` on, unless it is there already
+    /// (the audience was read after its connect was applied).
+    fn add(&mut self, connection: &ConnectionId, live_from: u64) {
+        if self.everyone.contains(connection) {
+            return;
+        }
+        let mut everyone = self.everyone.to_vec();
+        everyone.push(connection.clone());
+        self.everyone = everyone.into();
+        self.live_from.push(live_from);
+        self.settled_from = self.settled_from.max(live_from);
+    }
+
+    /// Takes `connection` out, if it is there.
+    fn remove(&mut self, connection: &ConnectionId) {
+        let Some(at) = self.everyone.iter().position(|c| c == connection) else {
+            return;
+        };
+        let mut everyone = self.everyone.to_vec();
+        everyone.remove(at);
+        self.everyone = everyone.into();
+        self.live_from.remove(at);
+    }
+
     fn of(listeners: Vec<Listener>) -> Audience {
         let settled_from = listeners.iter().map(|l| l.live_from).max().unwrap_or(0);
         let (everyone, live_from): (Vec<ConnectionId>, Vec<u64>) = listeners
@@ -147,10 +177,18 @@ impl Audience {
 }
 
 impl StoreListeners {
+    /// Takes a closed connection out of every audience read so far.
+    fn forget(&mut self, connection: &ConnectionId) {
+        for audience in self.rooms.values_mut() {
+            audience.remove(connection);
+        }
+    }
+
     pub fn new(directory: Arc<dyn Directory>) -> Self {
         StoreListeners {
             directory,
             rooms: HashMap::new(),
+            user_rooms: HashMap::new(),
             relayed: HashMap::new(),
         }
     }
@@ -158,16 +196,38 @@ impl StoreListeners {
 
 #[async_trait]
 impl Listeners for StoreListeners {
-    /// Drops what `event` may have changed: its room's audience for a join or leave, every
-    /// audience for a connection opening or closing. (The store applied the event already.)
-    fn observe(&mut self, event: &Event) {
+    /// Brings the audiences read so far up to `event` (which the store applied already): a
+    /// join or leave drops its room's; a connection that opened joins the audiences of its
+    /// user's rooms (its listener rows give the seq it hears each from: a read per room of the
+    /// user's that is cached, never a room's whole audience); one that closed leaves them all.
+    async fn observe(&mut self, event: &Event) -> StoreResult<()> {
         match &event.body {
-            EventBody::Joined { room, .. } | EventBody::Left { room, .. } => {
+            EventBody::Joined { room, user } | EventBody::Left { room, user } => {
                 self.rooms.remove(room);
+                self.user_rooms.remove(user);
             }
-            EventBody::Connected { .. } | EventBody::Disconnected { .. } => self.rooms.clear(),
+            EventBody::Connected {
+                connection, user, ..
+            } => {
+                if self.rooms.is_empty() {
+                    return Ok(());
+                }
+                for room in self.rooms_of(user).await? {
+                    if !self.rooms.contains_key(&room) {
+                        continue;
+                    }
+                    let live_from = self.directory.live_from(connection, &room).await?;
+                    if let (Some(live_from), Some(audience)) =
+                        (live_from, self.rooms.get_mut(&room))
+                    {
+                        audience.add(connection, live_from);
+                    }
+                }
+            }
+            EventBody::Disconnected { connection, .. } => self.forget(connection),
             EventBody::MessagePosted { .. } => {}
         }
+        Ok(())
     }
 
     async fn audience(
@@ -185,7 +245,12 @@ impl Listeners for StoreListeners {
     }
 
     async fn rooms_of(&mut self, user: &UserId) -> StoreResult<Vec<RoomName>> {
-        self.directory.rooms_of(user).await
+        if let Some(rooms) = self.user_rooms.get(user) {
+            return Ok(rooms.clone());
+        }
+        let rooms = self.directory.rooms_of(user).await?;
+        self.user_rooms.insert(user.clone(), rooms.clone());
+        Ok(rooms)
     }
 
     async fn connections_of(&mut self, user: &UserId) -> StoreResult<Vec<ConnectionId>> {
@@ -198,9 +263,9 @@ impl Listeners for StoreListeners {
             .collect())
     }
 
-    fn gone(&mut self, _connection: &ConnectionId) {
-        // Its close is in the store already; the next audience read leaves it out.
-        self.rooms.clear();
+    fn gone(&mut self, connection: &ConnectionId) {
+        // Its close is in the store already; the audiences read before it still have it.
+        self.forget(connection);
     }
 
     fn relay_lanes(&self, room: &RoomName) -> Option<u32> {
@@ -357,7 +422,7 @@ impl FanOut {
                 tokio::time::sleep(wait).await;
             }
         }
-        listeners.observe(event);
+        listeners.observe(event).await?;
         let delivery = match &event.body {
             EventBody::Joined { room, .. }
             | EventBody::Left { room, .. }

@@ -217,8 +217,9 @@ impl Roster {
 
 #[async_trait]
 impl Listeners for Roster {
-    fn observe(&mut self, event: &Event) {
+    async fn observe(&mut self, event: &Event) -> StoreResult<()> {
         self.apply(event);
+        Ok(())
     }
 
     /// The roster is folded in log order, so a connection is in a room's audience exactly from

@@ -576,3 +576,141 @@ async fn a_room_stays_on_the_queue_in_the_batches_after_it_went_there() {
         "{frames:?}"
     );
 }
+
+/// The memory store's projection, counting how often each room's audience is read.
+struct CountingDirectory {
+    inner: Arc<MemoryStore>,
+    audience_reads: Mutex<std::collections::HashMap<String, usize>>,
+}
+
+#[async_trait]
+impl palaver::ports::Directory for CountingDirectory {
+    async fn apply(&self, event: &Event) -> StoreResult<()> {
+        self.inner.apply(event).await
+    }
+    async fn connection(
+        &self,
+        id: &ConnectionId,
+    ) -> StoreResult<Option<palaver::ports::ConnectionRecord>> {
+        self.inner.connection(id).await
+    }
+    async fn open_connections(
+        &self,
+        user: Option<&UserId>,
+    ) -> StoreResult<Vec<palaver::ports::ConnectionRecord>> {
+        self.inner.open_connections(user).await
+    }
+    async fn is_member(&self, room: &RoomName, user: &UserId) -> StoreResult<bool> {
+        self.inner.is_member(room, user).await
+    }
+    async fn members(&self, room: &RoomName) -> StoreResult<Vec<palaver::ports::MemberRecord>> {
+        self.inner.members(room).await
+    }
+    async fn rooms_of(&self, user: &UserId) -> StoreResult<Vec<RoomName>> {
+        self.inner.rooms_of(user).await
+    }
+    async fn rooms(&self) -> StoreResult<Vec<palaver::ports::RoomRecord>> {
+        self.inner.rooms().await
+    }
+    async fn listeners(&self, room: &RoomName) -> StoreResult<Vec<palaver::ports::Listener>> {
+        *self
+            .audience_reads
+            .lock()
+            .unwrap()
+            .entry(room.to_string())
+            .or_default() += 1;
+        self.inner.listeners(room).await
+    }
+    async fn live_from(
+        &self,
+        connection: &ConnectionId,
+        room: &RoomName,
+    ) -> StoreResult<Option<u64>> {
+        self.inner.live_from(connection, room).await
+    }
+}
+
+/// A reconnect storm in one batch: every member of two rooms drops and comes back with a new
+/// connection, between messages. Each room's audience is read once for the whole batch — the
+/// connects and disconnects update it rather than clear it — and still no message reaches a
+/// connection it should not: the new ones hear from their open on, the old ones nothing after
+/// their close.
+#[tokio::test]
+async fn a_reconnect_storm_reads_each_rooms_audience_once_per_batch() {
+    use palaver::domain::DisconnectReason;
+    let memory = MemoryStore::new();
+    let directory = Arc::new(CountingDirectory {
+        inner: memory.clone(),
+        audience_reads: Mutex::default(),
+    });
+    let store = Store {
+        log: memory.clone(),
+        directory: directory.clone(),
+        feed: Some(memory.clone()),
+        checkpoints: Some(memory.clone()),
+        retention: None,
+    };
+    let gateway = Arc::new(Recorder::default());
+    let fanout = StreamFanOut::new(&store, FanOut::new(&store, gateway.clone())).unwrap();
+    let users = ["ana", "bo", "cy", "di"];
+    let mut wakes = Vec::new();
+    for who in users {
+        connect(&store, &format!("{who}-old"), who).await;
+        wakes.push(wake_connection(&format!("{who}-old"), 1));
+        for r in ["east", "west"] {
+            let seq = join(&store, r, who).await;
+            wakes.push(wake(r, seq));
+        }
+    }
+    assert!(fanout.handle(wakes).await.failed.is_empty());
+    directory.audience_reads.lock().unwrap().clear();
+
+    // The storm: a message in each room, then each user drops and reconnects, then another.
+    let mut batch = Vec::new();
+    let mut said_before = Vec::new();
+    for r in ["east", "west"] {
+        let seq = say(&store, r, "ana", &format!("{r} before")).await;
+        said_before.push(seq);
+        batch.push(wake(r, seq));
+    }
+    for who in users {
+        let old = format!("{who}-old");
+        let body = EventBody::Disconnected {
+            connection: ConnectionId::new(&old),
+            user: user(who),
+            reason: DisconnectReason::Closed,
+        };
+        store.log.append(body, Expect::Seq(2)).await.unwrap();
+        batch.push(wake_connection(&old, 2));
+        let new = format!("{who}-new");
+        connect(&store, &new, who).await;
+        batch.push(wake_connection(&new, 1));
+    }
+    let mut said_after = Vec::new();
+    for r in ["east", "west"] {
+        let seq = say(&store, r, "bo", &format!("{r} after")).await;
+        said_after.push(seq);
+        batch.push(wake(r, seq));
+    }
+    let report = fanout.handle(batch).await;
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+
+    let reads = directory.audience_reads.lock().unwrap().clone();
+    assert!(
+        reads.values().all(|n| *n == 1) && reads.len() == 2,
+        "each room's audience read once: {reads:?}"
+    );
+    for who in users {
+        let old = seqs_of(&gateway.frames(&format!("{who}-old")), "message");
+        let new = seqs_of(&gateway.frames(&format!("{who}-new")), "message");
+        // The store is ahead of the fan-out: the old connections were closed before this
+        // batch read the rooms, so they get nothing of it — least of all what came after their
+        // close (they replay with `joinRoom{after}` on reconnecting).
+        assert!(
+            said_after.iter().all(|s| !old.contains(s)),
+            "{who}'s old connection: {old:?}"
+        );
+        assert!(said_before.iter().all(|s| !new.contains(s)));
+        assert_eq!(new, said_after, "{who}'s new connection");
+    }
+}
