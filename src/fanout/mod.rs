@@ -338,6 +338,18 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
+/// One frame for one room's recipients, planned by [`FanOut::plan_in`] and sent by
+/// [`FanOut::send`].
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub room: RoomName,
+    frame: Bytes,
+    recipients: Arc<[ConnectionId]>,
+    key: String,
+    /// Through the delivery queue, over this many lanes; posted here when `None`.
+    lanes: Option<u32>,
+}
+
 /// Big rooms: above `threshold` recipients, the fan-out hands the recipients, `job_size` at a time,
 /// to delivery workers instead of posting itself.
 #[derive(Clone)]
@@ -416,6 +428,25 @@ impl FanOut {
         event: &Event,
         listeners: &mut dyn Listeners,
     ) -> StoreResult<Delivery> {
+        let mut delivery = Delivery::default();
+        for outgoing in self.plan_in(event, listeners).await? {
+            delivery.add(self.send(outgoing).await?);
+        }
+        for connection in &delivery.gone {
+            listeners.gone(connection);
+        }
+        Ok(delivery)
+    }
+
+    /// What delivering one event sends, without sending it: the frames and their recipients,
+    /// room by room, in the order they must go out. [`FanOut::send`] sends each. Split so that
+    /// a stream batch can plan its events in order and then send to its rooms at once, each
+    /// room's frames in order.
+    pub async fn plan_in(
+        &self,
+        event: &Event,
+        listeners: &mut dyn Listeners,
+    ) -> StoreResult<Vec<Outgoing>> {
         if !self.delay.is_zero() {
             let due = event.at + self.delay;
             if let Ok(wait) = (due - chrono::Utc::now()).to_std() {
@@ -423,17 +454,22 @@ impl FanOut {
             }
         }
         listeners.observe(event).await?;
-        let delivery = match &event.body {
+        match &event.body {
             EventBody::Joined { room, .. }
             | EventBody::Left { room, .. }
             | EventBody::MessagePosted { room, .. } => {
                 let Some(frame) = ServerFrame::of_event(event) else {
-                    return Ok(Delivery::default());
+                    return Ok(Vec::new());
                 };
                 let audience = listeners.audience(room, Some(event.seq)).await?;
                 let key = format!("{}:{}", event.stream, event.seq);
-                self.send(&audience, frame.to_bytes(), room, &key, listeners)
-                    .await?
+                Ok(vec![self.outgoing(
+                    audience,
+                    frame.to_bytes(),
+                    room,
+                    key,
+                    listeners,
+                )])
             }
             EventBody::Connected {
                 connection, user, ..
@@ -443,22 +479,18 @@ impl FanOut {
                 // believing the wrong final state.
                 let open = listeners.connections_of(user).await?;
                 if open.first() != Some(connection) {
-                    return Ok(Delivery::default());
+                    return Ok(Vec::new());
                 }
                 self.presence(event, user, true, Some(connection), listeners)
-                    .await?
+                    .await
             }
             EventBody::Disconnected { user, .. } => {
                 if !listeners.connections_of(user).await?.is_empty() {
-                    return Ok(Delivery::default());
+                    return Ok(Vec::new());
                 }
-                self.presence(event, user, false, None, listeners).await?
+                self.presence(event, user, false, None, listeners).await
             }
-        };
-        for connection in &delivery.gone {
-            listeners.gone(connection);
         }
-        Ok(delivery)
     }
 
     async fn presence(
@@ -468,15 +500,15 @@ impl FanOut {
         online: bool,
         except: Option<&ConnectionId>,
         listeners: &mut dyn Listeners,
-    ) -> StoreResult<Delivery> {
-        let mut total = Delivery::default();
+    ) -> StoreResult<Vec<Outgoing>> {
+        let mut outgoing = Vec::new();
         for room in listeners.rooms_of(user).await? {
             let frame = ServerFrame::Presence {
                 room: room.clone(),
                 user: user.clone(),
                 online,
             };
-            let audience: Vec<ConnectionId> = listeners
+            let audience: Arc<[ConnectionId]> = listeners
                 .audience(&room, None)
                 .await?
                 .iter()
@@ -485,42 +517,59 @@ impl FanOut {
                 .cloned()
                 .collect();
             let key = format!("{}:{}:{room}", event.stream, event.seq);
-            total.add(
-                self.send(&audience, frame.to_bytes(), &room, &key, listeners)
-                    .await?,
-            );
+            outgoing.push(self.outgoing(audience, frame.to_bytes(), &room, key, listeners));
         }
-        Ok(total)
+        Ok(outgoing)
     }
 
-    /// Posts `frame` to `recipients` here, or hands them to delivery workers when there are
-    /// more than the relay's threshold — or when the room's frames already went to them in this
-    /// run of events. `room` and `key` (what the frame is of: the event's stream and seq) name
-    /// the jobs.
-    async fn send(
+    /// `frame` for `recipients`, to be posted here or handed to delivery workers: through them
+    /// when there are more recipients than the relay's threshold — or when the room's frames
+    /// already went to them (in this run of events, or under a lease), over the same lanes.
+    /// `room` and `key` (what the frame is of: the event's stream and seq) name the jobs.
+    fn outgoing(
         &self,
-        recipients: &[ConnectionId],
+        recipients: Arc<[ConnectionId]>,
         frame: Bytes,
         room: &RoomName,
-        key: &str,
+        key: String,
         listeners: &mut dyn Listeners,
-    ) -> StoreResult<Delivery> {
+    ) -> Outgoing {
         let lanes = listeners.relay_lanes(room);
-        let Some(relay) = self
-            .relay
-            .as_ref()
-            .filter(|r| recipients.len() > r.threshold || lanes.is_some())
-        else {
-            return Ok(self.post_to(recipients, frame).await);
+        let lanes = match &self.relay {
+            Some(relay) if recipients.len() > relay.threshold || lanes.is_some() => {
+                let lanes =
+                    lanes.unwrap_or_else(|| relay_lanes_for(recipients.len(), relay.job_size));
+                listeners.relay(room, lanes);
+                Some(lanes)
+            }
+            _ => None,
         };
-        let lanes = lanes.unwrap_or_else(|| relay_lanes_for(recipients.len(), relay.job_size));
-        listeners.relay(room, lanes);
-        let queued = recipients.len();
-        let jobs = relay_jobs(
+        Outgoing {
+            room: room.clone(),
+            frame,
             recipients,
-            &String::from_utf8_lossy(&frame),
-            room,
             key,
+            lanes,
+        }
+    }
+
+    /// Sends what [`FanOut::plan_in`] planned: posts it, or queues it for delivery workers.
+    pub async fn send(&self, outgoing: Outgoing) -> StoreResult<Delivery> {
+        let Outgoing {
+            room,
+            frame,
+            recipients,
+            key,
+            lanes,
+        } = outgoing;
+        let (Some(lanes), Some(relay)) = (lanes, self.relay.as_ref()) else {
+            return Ok(self.post_to(&recipients, frame).await);
+        };
+        let jobs = relay_jobs(
+            &recipients,
+            &String::from_utf8_lossy(&frame),
+            &room,
+            &key,
             relay.job_size,
             lanes,
         );
@@ -530,7 +579,7 @@ impl FanOut {
             .await
             .map_err(StoreError::backend)?;
         Ok(Delivery {
-            queued,
+            queued: recipients.len(),
             ..Delivery::default()
         })
     }

@@ -11,7 +11,7 @@
 //! the log that cannot be decoded is passed over with an error in the log rather than retried
 //! forever: it would otherwise stop its room's fan-out for good.
 
-use super::{Delivery, FanOut, Listeners, StoreListeners};
+use super::{Delivery, FanOut, Listeners, Outgoing, StoreListeners};
 use crate::domain::{ConnectionId, Event, EventBody, Stream};
 use crate::ports::{Checkpoints, Directory, EventLog, RelayLease, Store, StoreError};
 use std::collections::{HashMap, VecDeque};
@@ -132,6 +132,9 @@ impl StreamFanOut {
             }
         }
         let mut activity: HashMap<ConnectionId, Event> = HashMap::new();
+        // First every event is planned, in the batch's order (reads, cached for the batch);
+        // then each room's frames are sent, rooms at once and each room's in order.
+        let mut planned: Vec<Planned> = Vec::new();
         // Every record in order, then each stream to its end (events read past its last record).
         let everything = (0..mentions.len()).map(|index| (index, u64::MAX));
         for (index, upto) in order.into_iter().chain(everything) {
@@ -145,16 +148,19 @@ impl StreamFanOut {
                 };
                 let event = match item {
                     Item::Skipped(seq) => {
-                        stream.done = seq;
+                        stream.passed.push(seq);
                         continue;
                     }
                     Item::Event(event) => event,
                 };
-                match self.fanout.deliver_in(&event, &mut listeners).await {
-                    Ok(delivery) => {
-                        report.delivery.add(delivery);
-                        report.events += 1;
-                        stream.done = event.seq;
+                match self.fanout.plan_in(&event, &mut listeners).await {
+                    Ok(outgoing) => {
+                        stream.passed.push(event.seq);
+                        planned.extend(outgoing.into_iter().map(|outgoing| Planned {
+                            mention: index,
+                            seq: event.seq,
+                            outgoing,
+                        }));
                         if let EventBody::MessagePosted {
                             connection: Some(connection),
                             ..
@@ -172,6 +178,31 @@ impl StreamFanOut {
                     }
                 }
             }
+        }
+        for sent in self.send_by_room(planned).await {
+            report.delivery.add(sent.delivery);
+            for (mention, seq, error) in sent.failed {
+                let stream = &mut pending[mention];
+                if stream.failed_at.is_none_or(|at| seq < at) {
+                    stream.failed_at = Some(seq);
+                    stream.failed = Some(error);
+                }
+            }
+        }
+        for stream in &mut pending {
+            // Delivered up to the event before the first whose frames did not all go out.
+            let done: Vec<u64> = stream
+                .passed
+                .iter()
+                .copied()
+                .filter(|seq| stream.failed_at.is_none_or(|at| *seq < at))
+                .collect();
+            report.events += done.len();
+            stream.done = done
+                .last()
+                .copied()
+                .unwrap_or(stream.start)
+                .max(stream.start);
         }
 
         for (mention, stream) in mentions.iter().zip(pending) {
@@ -204,6 +235,53 @@ impl StreamFanOut {
             }
         }
         report
+    }
+
+    /// Sends the planned frames: rooms at once (at most [`ROOMS_AT_ONCE`]), each room's in the
+    /// order planned. A room whose send fails stops there; what it had not sent is reported
+    /// with the first event it belongs to, so that event's stream is not checkpointed past it.
+    async fn send_by_room(&self, planned: Vec<Planned>) -> Vec<Sent> {
+        use futures_util::StreamExt;
+        let mut rooms: Vec<Vec<Planned>> = Vec::new();
+        let mut index: HashMap<crate::domain::RoomName, usize> = HashMap::new();
+        for plan in planned {
+            let at = *index.entry(plan.outgoing.room.clone()).or_insert_with(|| {
+                rooms.push(Vec::new());
+                rooms.len() - 1
+            });
+            rooms[at].push(plan);
+        }
+        futures_util::stream::iter(rooms)
+            .map(|plans| async move {
+                let mut sent = Sent::default();
+                let mut plans = plans.into_iter();
+                while let Some(plan) = plans.next() {
+                    match self.fanout.send(plan.outgoing).await {
+                        Ok(delivery) => sent.delivery.add(delivery),
+                        Err(error) => {
+                            let why = error.to_string();
+                            sent.failed.push((plan.mention, plan.seq, error));
+                            // What the room had still to send stays unsent: each stream it
+                            // came from must not be checkpointed past it either.
+                            for rest in plans {
+                                if sent.failed.iter().all(|(m, _, _)| *m != rest.mention) {
+                                    let error =
+                                        StoreError::backend(std::io::Error::other(format!(
+                                            "not sent: an earlier frame of {} failed ({why})",
+                                            rest.outgoing.room
+                                        )));
+                                    sent.failed.push((rest.mention, rest.seq, error));
+                                }
+                            }
+                            break;
+                        }
+                    }
+                }
+                sent
+            })
+            .buffer_unordered(ROOMS_AT_ONCE)
+            .collect()
+            .await
     }
 
     /// Reads `mention.stream` from its checkpoint up to at least `mention.upto`.
@@ -271,6 +349,26 @@ impl StreamFanOut {
     }
 }
 
+/// How many rooms of one batch are sent to at once. Each room's frames still go out in order;
+/// rooms have nothing to wait for from each other, and a batch of a busy shard mentions many.
+const ROOMS_AT_ONCE: usize = 16;
+
+/// A frame planned for one event of a mentioned log stream.
+struct Planned {
+    mention: usize,
+    seq: u64,
+    outgoing: Outgoing,
+}
+
+/// What sending one room's planned frames did, and where it stopped if it failed.
+#[derive(Default)]
+struct Sent {
+    delivery: Delivery,
+    /// For each log stream whose frames the room could not all send: its first such event,
+    /// and why.
+    failed: Vec<(usize, u64, StoreError)>,
+}
+
 /// What one log stream of a batch has to deliver.
 #[derive(Default)]
 struct Pending {
@@ -281,6 +379,10 @@ struct Pending {
     relaying: Option<u32>,
     /// Delivered (or passed over) up to here.
     done: u64,
+    /// The seqs planned (or passed over), in order.
+    passed: Vec<u64>,
+    /// The first seq whose frames could not all be sent.
+    failed_at: Option<u64>,
     items: VecDeque<Item>,
     /// Why the rest of it cannot be delivered in this batch.
     failed: Option<StoreError>,

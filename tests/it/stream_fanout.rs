@@ -714,3 +714,81 @@ async fn a_reconnect_storm_reads_each_rooms_audience_once_per_batch() {
         assert_eq!(new, said_after, "{who}'s new connection");
     }
 }
+
+/// A queue that refuses the jobs of one room until told otherwise, and keeps the rest.
+#[derive(Default)]
+struct Refusing {
+    jobs: Mutex<Vec<DeliveryJob>>,
+    refused_room: Mutex<Option<String>>,
+}
+
+#[async_trait]
+impl DeliveryQueue for Refusing {
+    async fn enqueue(&self, jobs: Vec<DeliveryJob>) -> Result<(), QueueError> {
+        if let Some(room) = self.refused_room.lock().unwrap().as_deref()
+            && jobs
+                .iter()
+                .any(|j| j.group.starts_with(&format!("{room}#")))
+        {
+            return Err(QueueError(format!("{room}: refused")));
+        }
+        self.jobs.lock().unwrap().extend(jobs);
+        Ok(())
+    }
+}
+
+/// Rooms of one batch are sent to at once, and independently: one whose frames cannot be
+/// queued fails its own records — its checkpoint stays, so the retry sends them, once — while
+/// the other room's frames all go out, in order.
+#[tokio::test]
+async fn one_rooms_failure_holds_back_that_room_only() {
+    let store = MemoryStore::store();
+    let gateway = Arc::new(Recorder::default());
+    let queue = Arc::new(Refusing::default());
+    let fanout = FanOut::new(&store, gateway.clone()).with_relay(queue.clone(), 2, 10);
+    let fanout = StreamFanOut::new(&store, fanout).unwrap();
+    for (i, r) in ["big", "big", "big", "small"].iter().enumerate() {
+        connect(&store, &format!("c{i}"), &format!("u{i}")).await;
+        join(&store, r, &format!("u{i}")).await;
+    }
+    join(&store, "small", "u0").await;
+    let mut batch = Vec::new();
+    for n in 0..3 {
+        batch.push(wake(
+            "big",
+            say(&store, "big", "u0", &format!("big {n}")).await,
+        ));
+        batch.push(wake(
+            "small",
+            say(&store, "small", "u3", &format!("small {n}")).await,
+        ));
+    }
+    *queue.refused_room.lock().unwrap() = Some("big".to_owned());
+    let report = fanout.handle(batch.clone()).await;
+    assert_eq!(report.failed, ["rec-big-4"], "only big's first record");
+    let small: Vec<u64> = seqs_of(&gateway.frames("c3"), "message");
+    assert_eq!(small, [3, 4, 5], "small's messages went out, in order");
+    assert!(queue.jobs.lock().unwrap().is_empty());
+
+    *queue.refused_room.lock().unwrap() = None;
+    let retry = fanout.handle(batch).await;
+    assert!(retry.failed.is_empty(), "{:?}", retry.failed);
+    let queued: Vec<u64> = queue
+        .jobs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|job| {
+            let frame: Value = serde_json::from_str(&job.frame).unwrap();
+            (frame["type"] == "message").then(|| frame["seq"].as_u64().unwrap())
+        })
+        .collect::<std::collections::BTreeSet<u64>>()
+        .into_iter()
+        .collect();
+    assert_eq!(queued, [4, 5, 6], "big's messages, once each, on the retry");
+    assert_eq!(
+        seqs_of(&gateway.frames("c3"), "message"),
+        [3, 4, 5],
+        "small not again"
+    );
+}
