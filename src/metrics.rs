@@ -34,9 +34,11 @@ pub const FRAMES_REFUSED: &str = "palaver_frames_refused_total";
 pub const HANDSHAKES_REFUSED: &str = "palaver_handshakes_refused_total";
 /// Counter: events replayed to clients by `joinRoom{after}`.
 pub const REPLAYED: &str = "palaver_replayed_events_total";
+/// Counter: `postToConnection` attempts answered 429 (the account's API Gateway throttle).
+pub const POSTS_THROTTLED: &str = "palaver_posts_throttled_total";
 
 /// Every metric with its help text, for [`describe`] and the docs.
-pub const ALL: [(&str, &str); 13] = [
+pub const ALL: [(&str, &str); 14] = [
     (
         CONNECTIONS_OPEN,
         "WebSocket connections open on this gateway",
@@ -68,6 +70,10 @@ pub const ALL: [(&str, &str); 13] = [
     ),
     (HANDSHAKES_REFUSED, "Handshakes refused, by reason"),
     (REPLAYED, "Events replayed by joinRoom{after}"),
+    (
+        POSTS_THROTTLED,
+        "postToConnection attempts API Gateway answered 429 (throttled), each retried",
+    ),
 ];
 
 /// Gives every metric its help text in the installed recorder.

@@ -162,6 +162,7 @@ fn attempt_of(error: &SdkError<PostToConnectionError, HttpResponse>) -> Attempt 
         return if service.is_gone_exception() || status == Some(410) {
             Attempt::Gone
         } else if service.is_limit_exceeded_exception() || status == Some(429) {
+            metrics::counter!(crate::metrics::POSTS_THROTTLED).increment(1);
             Attempt::Retry(format!("throttled: {described}"))
         } else if status.is_some_and(|s| matches!(s, 500 | 502 | 503 | 504)) {
             Attempt::Retry(format!("server error: {described}"))
@@ -176,6 +177,7 @@ fn attempt_of(error: &SdkError<PostToConnectionError, HttpResponse>) -> Attempt 
         // A response arrived but could not be parsed: its status still says what happened.
         SdkError::ResponseError(_) if status == Some(410) => Attempt::Gone,
         SdkError::ResponseError(_) if status == Some(429) => {
+            metrics::counter!(crate::metrics::POSTS_THROTTLED).increment(1);
             Attempt::Retry("throttled (HTTP 429)".to_owned())
         }
         SdkError::DispatchFailure(failure) if failure.is_io() || failure.is_timeout() => {

@@ -1525,6 +1525,86 @@ mod dynamodb_only {
     }
 }
 
+mod dynamodb_stale {
+    use super::*;
+    use aws_sdk_dynamodb::types::AttributeValue;
+
+    /// API Gateway's `$disconnect` is best effort: a connection whose close never came keeps
+    /// its rows until the table's TTL deletes them — which DynamoDB does only eventually, up to
+    /// days late. Once its `expires` has passed (3 h after it opened: API Gateway closed it at
+    /// 2 h) every read treats it as closed: not open, not counted toward its user's cap, not in
+    /// any audience — while the rows are still in the table.
+    #[tokio::test]
+    async fn a_connection_past_its_ttl_is_closed_to_every_read() {
+        let fixture = dynamodb_store().await;
+        let store = &fixture.store;
+        let d = &store.directory;
+        append(store, joined("lobby", "ana")).await;
+        for c in ["a1", "a2"] {
+            store
+                .log
+                .append(connected(c, "ana"), Expect::Seq(1))
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            d.open_connections(Some(&user("ana"))).await.unwrap().len(),
+            2
+        );
+
+        // a1's $disconnect never came, and its TTL passed an hour ago; DynamoDB has not
+        // deleted its rows yet.
+        let client = palaver::store::aws_client().await;
+        let tables = dynamo::Tables::new(fixture.prefix.as_deref().unwrap());
+        let past = (chrono::Utc::now() - chrono::Duration::hours(1)).timestamp();
+        let mut stale = 0;
+        let mut rows = client
+            .scan()
+            .table_name(&tables.state)
+            .into_paginator()
+            .items()
+            .send();
+        let mut keys = Vec::new();
+        while let Some(item) = rows.try_next().await.unwrap() {
+            let key = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
+            let (Some(pk), Some(sk)) = (key("pk"), key("sk")) else {
+                continue;
+            };
+            if item.contains_key("expires") && (pk.contains("a1") || sk.contains("a1")) {
+                keys.push((pk, sk));
+            }
+        }
+        for (pk, sk) in keys {
+            client
+                .update_item()
+                .table_name(&tables.state)
+                .key("pk", AttributeValue::S(pk))
+                .key("sk", AttributeValue::S(sk))
+                .update_expression("SET expires = :past")
+                .expression_attribute_values(":past", AttributeValue::N(past.to_string()))
+                .send()
+                .await
+                .unwrap();
+            stale += 1;
+        }
+        assert!(stale >= 3, "a1's registry, user and listener rows: {stale}");
+
+        let open = d.open_connections(Some(&user("ana"))).await.unwrap();
+        assert_eq!(
+            open.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+            ["a2"]
+        );
+        assert!(!d.connection(&conn("a1")).await.unwrap().unwrap().open);
+        assert_eq!(d.audience(&room("lobby")).await.unwrap(), [conn("a2")]);
+        assert_eq!(
+            d.live_from(&conn("a1"), &room("lobby")).await.unwrap(),
+            None
+        );
+        let everyone = d.open_connections(None).await.unwrap();
+        assert!(everyone.iter().all(|c| c.id.as_str() != "a1"));
+    }
+}
+
 mod dynamodb_retention {
     use super::*;
     use aws_sdk_dynamodb::types::{AttributeValue, TimeToLiveStatus};

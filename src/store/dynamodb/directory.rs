@@ -5,8 +5,8 @@
 
 use super::error::DynamoError;
 use super::items::{
-    Item, after, checkpoint_key, connection_key, expires, flag, listener_key, member_key, ms, n,
-    number, s, string, time,
+    Item, after, checkpoint_key, connection_key, expired, expires, flag, listener_key, member_key,
+    ms, n, number, s, string, time,
 };
 use super::listeners::Scope;
 use super::writes::writes;
@@ -72,6 +72,7 @@ impl DynamoStore {
         self.partition(format!("user#{user}"), "conn#")
             .await?
             .iter()
+            .filter(|item| !expired(item))
             .map(|item| after(item, "conn#").map(ConnectionId::new))
             .collect()
     }
@@ -107,7 +108,9 @@ fn connection_of(item: &Item) -> Result<ConnectionRecord, DynamoError> {
         last_active_at: time(item, "lastActiveAt")?,
         source_ip: string(item, "sourceIp").ok().map(str::to_owned),
         node: string(item, "node").ok().map(str::to_owned),
-        open: !item.contains_key("closedAt"),
+        // Open until closed — or until its TTL passed: then API Gateway closed it long ago,
+        // whether or not its `$disconnect` came.
+        open: !item.contains_key("closedAt") && !expired(item),
     })
 }
 
@@ -169,7 +172,10 @@ impl Directory for DynamoStore {
                     .items()
                     .send();
                 while let Some(item) = rows.try_next().await.map_err(DynamoError::sdk)? {
-                    records.push(connection_of(&item)?);
+                    let record = connection_of(&item)?;
+                    if record.open {
+                        records.push(record);
+                    }
                 }
             }
         }
@@ -239,6 +245,7 @@ impl Directory for DynamoStore {
             .partition(format!("room#{room}"), "listener#")
             .await?
             .iter()
+            .filter(|item| !expired(item))
             .map(listener_of)
             .collect::<Result<_, _>>()?;
         listeners.sort_by(|a, b| a.connection.cmp(&b.connection));
@@ -252,7 +259,8 @@ impl Directory for DynamoStore {
         room: &RoomName,
     ) -> StoreResult<Option<u64>> {
         match self.get(listener_key(room, connection)).await? {
-            Some(item) => Ok(Some(listener_of(&item)?.live_from)),
+            Some(item) if !expired(&item) => Ok(Some(listener_of(&item)?.live_from)),
+            Some(_) => Ok(None),
             None => Ok(None),
         }
     }

@@ -60,6 +60,18 @@ pub fn expires(at: &DateTime<Utc>) -> AttributeValue {
     n(at.timestamp() + CONNECTION_TTL_SECS)
 }
 
+/// Whether `item`'s TTL (`expires`, Unix seconds) has passed. DynamoDB deletes expired items
+/// only eventually — up to days later — so every read of what a TTL bounds (an open
+/// connection's rows, its listener rows) must skip such items itself: a connection whose
+/// `$disconnect` never came (API Gateway's is best effort) would otherwise stay online, count
+/// toward its user's cap and be posted to long after API Gateway closed it (2 h at most).
+pub fn expired(item: &Item) -> bool {
+    item.get("expires")
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+        .is_some_and(|expires| expires <= Utc::now().timestamp())
+}
+
 /// The TTL (Unix seconds) of what a connection leaves once closed at `closed` (its registry row,
 /// its `disconnected` event): `retention` later; `None` keeps it.
 pub fn kept_until(closed: &DateTime<Utc>, retention: Option<Duration>) -> Option<AttributeValue> {
