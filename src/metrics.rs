@@ -34,11 +34,13 @@ pub const FRAMES_REFUSED: &str = "palaver_frames_refused_total";
 pub const HANDSHAKES_REFUSED: &str = "palaver_handshakes_refused_total";
 /// Counter: events replayed to clients by `joinRoom{after}`.
 pub const REPLAYED: &str = "palaver_replayed_events_total";
+/// Counter: connections closed because posts to them timed out while others were answered.
+pub const SLOW_CLOSED: &str = "palaver_slow_connections_closed_total";
 /// Counter: `postToConnection` attempts answered 429 (the account's API Gateway throttle).
 pub const POSTS_THROTTLED: &str = "palaver_posts_throttled_total";
 
 /// Every metric with its help text, for [`describe`] and the docs.
-pub const ALL: [(&str, &str); 14] = [
+pub const ALL: [(&str, &str); 15] = [
     (
         CONNECTIONS_OPEN,
         "WebSocket connections open on this gateway",
@@ -73,6 +75,10 @@ pub const ALL: [(&str, &str); 14] = [
     (
         POSTS_THROTTLED,
         "postToConnection attempts API Gateway answered 429 (throttled), each retried",
+    ),
+    (
+        SLOW_CLOSED,
+        "Connections closed because posts to them timed out while others were answered",
     ),
 ];
 

@@ -200,8 +200,11 @@ pub enum PostError {
     /// later try may. The connection may well be there.
     #[error("the management API failed: {0}")]
     Unavailable(String),
-    /// This post failed (payload too large, no answer in time): the connection may still be
-    /// there.
+    /// The post got no answer in time. When others to the same frame were answered, the
+    /// connection is the slow one: it is not taking its frames.
+    #[error("post timed out: {0}")]
+    TimedOut(String),
+    /// This post failed otherwise (payload too large): the connection may still be there.
     #[error("post failed: {0}")]
     Failed(String),
 }

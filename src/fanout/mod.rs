@@ -588,12 +588,26 @@ impl FanOut {
 
     /// Posts the same bytes to every recipient; closes the ones found gone. Delivery workers
     /// call this with the jobs the fan-out queued.
+    ///
+    /// A post that times out while others of the same frame were answered is a connection that
+    /// does not take its frames: it is closed (`deleteConnection`), as the local gateway closes
+    /// a client too slow to read, so that it holds up its room (its job, its lane) once and not
+    /// at every frame; it reconnects and replays with `joinRoom{after}`. When every post of
+    /// several timed out, the management API itself is slow: nobody is closed, and the failures
+    /// count as the API's.
     pub async fn post_to(&self, recipients: &[ConnectionId], frame: Bytes) -> Delivery {
         let failures = self.gateway.post_each(recipients, frame).await;
         let mut delivery = Delivery {
             delivered: recipients.len() - failures.len(),
             ..Delivery::default()
         };
+        // One recipient alone tells nothing either way: taken for a slow client, so that a
+        // job of one never goes back to its lane for the visibility timeout.
+        let answered = delivery.delivered > 0
+            || recipients.len() == 1
+            || failures
+                .iter()
+                .any(|(_, e)| !matches!(e, PostError::TimedOut(_)));
         for (i, error) in failures {
             let connection = &recipients[i];
             match error {
@@ -623,6 +637,19 @@ impl FanOut {
                 }
                 PostError::Unavailable(why) => {
                     tracing::warn!(%connection, %why, "post failed: the management API did");
+                    delivery.failed += 1;
+                    delivery.unavailable += 1;
+                }
+                PostError::TimedOut(why) if answered => {
+                    tracing::warn!(%connection, %why, "closing a connection too slow to post to");
+                    if let Err(error) = self.gateway.close(connection).await {
+                        tracing::warn!(%connection, %error, "could not close a slow connection");
+                    }
+                    metrics::counter!(crate::metrics::SLOW_CLOSED).increment(1);
+                    delivery.failed += 1;
+                }
+                PostError::TimedOut(why) => {
+                    tracing::warn!(%connection, %why, "post timed out, as every other");
                     delivery.failed += 1;
                     delivery.unavailable += 1;
                 }

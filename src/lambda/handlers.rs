@@ -92,22 +92,26 @@ mod tests {
     use std::sync::Arc;
 
     /// A management API whose answer depends on the connection: `slow-…` times out, `ok-…`
-    /// takes the post, anything else finds the API refusing the caller.
-    struct Scripted;
+    /// takes the post, anything else finds the API refusing the caller. Closes are recorded.
+    #[derive(Default)]
+    struct Scripted {
+        closed: std::sync::Mutex<Vec<String>>,
+    }
 
     #[async_trait]
     impl ConnectionGateway for Scripted {
         async fn post(&self, connection: &ConnectionId, _: Bytes) -> Result<(), PostError> {
             match connection.as_str() {
                 c if c.starts_with("slow") => {
-                    Err(PostError::Failed("did not answer in time".to_owned()))
+                    Err(PostError::TimedOut("no answer within 1000 ms".to_owned()))
                 }
                 c if c.starts_with("ok") => Ok(()),
                 _ => Err(PostError::Unavailable("ForbiddenException".to_owned())),
             }
         }
 
-        async fn close(&self, _: &ConnectionId) -> Result<(), PostError> {
+        async fn close(&self, connection: &ConnectionId) -> Result<(), PostError> {
+            self.closed.lock().unwrap().push(connection.to_string());
             Ok(())
         }
     }
@@ -136,13 +140,15 @@ mod tests {
     #[tokio::test]
     async fn a_job_goes_back_only_when_the_management_api_itself_fails() {
         let store = crate::store::memory::MemoryStore::store();
-        let fanout = FanOut::new(&store, Arc::new(Scripted));
+        let api = Arc::new(Scripted::default());
+        let fanout = FanOut::new(&store, api.clone());
         let event = |messages: Vec<SqsMessage>| {
             let mut event = SqsEvent::default();
             event.records = messages;
             event
         };
-        // One slow client, alone in its job or not: its lane goes on.
+        // One slow client, alone in its job or not: its lane goes on, and it is closed (it
+        // reconnects and replays) instead of holding the lane up at every frame.
         let response = deliver(
             &fanout,
             event(vec![
@@ -152,6 +158,16 @@ mod tests {
         )
         .await;
         assert_eq!(failed(&response), Vec::<String>::new());
+        assert_eq!(*api.closed.lock().unwrap(), ["slow-1", "slow-2"]);
+        // Every post of a job timing out is the API being slow: nobody is closed, and the job
+        // goes back to be tried again.
+        let response = deliver(
+            &fanout,
+            event(vec![message("stuck", &["slow-3", "slow-4"])]),
+        )
+        .await;
+        assert_eq!(failed(&response), ["stuck"]);
+        assert_eq!(api.closed.lock().unwrap().len(), 2);
         // The API refusing everyone: back to the queue, and what follows it on the FIFO lane.
         let response = deliver(
             &fanout,
