@@ -32,6 +32,9 @@ pub struct Shared {
     pub acked: AtomicU64,
     pub connect_refusals: AtomicU64,
     pub error_frames: AtomicU64,
+    /// Frames heard, by type; `error:CODE` for palaver's error frames, `apigw:MESSAGE` for API
+    /// Gateway's own (`message`/`sent`/`member` frames counted where they are checked).
+    pub frames: Mutex<std::collections::BTreeMap<String, u64>>,
     /// Send → receive of each `message` frame, microseconds.
     pub latencies_us: Mutex<Vec<u64>>,
     /// Acknowledged messages: (room, seq).
@@ -58,6 +61,7 @@ impl Shared {
             acked: AtomicU64::new(0),
             connect_refusals: AtomicU64::new(0),
             error_frames: AtomicU64::new(0),
+            frames: Mutex::default(),
             latencies_us: Mutex::default(),
             acked_seqs: Mutex::default(),
             views: Mutex::default(),
@@ -272,6 +276,7 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce()) {
 fn heard(shared: &Shared, views: &mut HashMap<String, RoomView>, frame: &Value) {
     match frame["type"].as_str() {
         Some("sent") => {
+            *shared.frames.lock().entry("sent".to_owned()).or_default() += 1;
             shared.acked.fetch_add(1, Relaxed);
             if let (Some(room), Some(seq)) = (frame["room"].as_str(), frame["seq"].as_u64()) {
                 shared.acked_seqs.lock().push((room.to_owned(), seq));
@@ -281,6 +286,7 @@ fn heard(shared: &Shared, views: &mut HashMap<String, RoomView>, frame: &Value) 
             let (Some(room), Some(seq)) = (frame["room"].as_str(), frame["seq"].as_u64()) else {
                 return;
             };
+            *shared.frames.lock().entry(kind.to_owned()).or_default() += 1;
             let Some(view) = views.get_mut(room) else { return };
             if seq <= view.joined_head {
                 return;
@@ -309,10 +315,17 @@ fn heard(shared: &Shared, views: &mut HashMap<String, RoomView>, frame: &Value) 
         }
         Some("error") => {
             shared.error_frames.fetch_add(1, Relaxed);
+            let code = frame["code"].as_str().unwrap_or("?");
+            *shared.frames.lock().entry(format!("error:{code}")).or_default() += 1;
         }
         None if frame.get("message").is_some() => {
             shared.error_frames.fetch_add(1, Relaxed);
+            let message = frame["message"].as_str().unwrap_or("?");
+            *shared.frames.lock().entry(format!("apigw:{message}")).or_default() += 1;
         }
-        _ => {}
+        Some(other) => {
+            *shared.frames.lock().entry(other.to_owned()).or_default() += 1;
+        }
+        None => {}
     }
 }

@@ -279,7 +279,7 @@ async fn run(
     let setup_deadline = Instant::now() + Duration::from_secs(600);
     report::wait_until(setup_deadline, || ready.load(Relaxed) >= connections).await;
     let joined = ready.load(Relaxed);
-    report::settle(&metrics, Instant::now() + Duration::from_secs(300)).await;
+    report::settle(&metrics, &lambda, Instant::now() + Duration::from_secs(300)).await;
     let setup_s = started.elapsed().as_secs_f64();
     eprintln!("aws-sim: {joined}/{connections} joined, settled in {setup_s:.1} s");
 

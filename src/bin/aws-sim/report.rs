@@ -24,19 +24,25 @@ pub async fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// Waits until API Gateway has sent nothing for a second (the join storm's frames are out),
-/// or `deadline`.
-pub async fn settle(metrics: &Metrics, deadline: Instant) {
+/// Waits until the join storm's frames are out: no fan-out or delivery running and API Gateway
+/// quiet for 2 s (longer than the stream's poll interval), or `deadline`.
+pub async fn settle(metrics: &Metrics, lambda: &LambdaService, deadline: Instant) {
     let moved = || {
         metrics.apigw_outbound.get() + metrics.posts_gone.get() + metrics.posts_throttled.get()
+    };
+    let busy = || {
+        lambda
+            .stats()
+            .iter()
+            .any(|(name, _, s)| *name != "palaver-route" && s.running > 0)
     };
     let mut last = (moved(), Instant::now());
     while Instant::now() < deadline {
         tokio::time::sleep(LOOK).await;
         let now = moved();
-        if now != last.0 {
+        if now != last.0 || busy() {
             last = (now, Instant::now());
-        } else if last.1.elapsed() >= Duration::from_secs(1) {
+        } else if last.1.elapsed() >= Duration::from_secs(2) {
             return;
         }
     }
@@ -377,6 +383,7 @@ pub fn line(run: Run<'_>) -> String {
         "duplicates": duplicates,
         "out_of_order": out_of_order,
         "error_frames": shared.error_frames.load(Relaxed),
+        "frames_heard": shared.frames.lock().clone(),
         "connect_refusals": shared.connect_refusals.load(Relaxed),
         "disconnects_lost": metrics.disconnects_lost.get(),
         "functions": functions,
