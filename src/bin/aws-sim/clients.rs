@@ -203,8 +203,13 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce()) {
                     break;
                 }
                 if frame.get("message").is_some() && frame.get("type").is_none() {
-                    // API Gateway's own error frame (throttled, integration failed): try again.
+                    // API Gateway's own error frame (throttled, integration failed): try again
+                    // after a pause, with jitter, as a client should.
                     shared.error_frames.fetch_add(1, Relaxed);
+                    let message = frame["message"].as_str().unwrap_or("?");
+                    *shared.frames.lock().entry(format!("apigw:{message}")).or_default() += 1;
+                    let pause = Duration::from_millis(500).mul_f64(rand::random_range(0.5..1.5));
+                    tokio::time::sleep(pause).await;
                     if sink.send(Message::Text(json!({"action": "joinRoom", "room": room}).to_string().into())).await.is_err() {
                         continue 'connection;
                     }

@@ -209,19 +209,21 @@ impl Gateway {
         event
     }
 
-    /// Invokes the route function; its response as JSON.
+    /// Invokes the route function; its response as JSON. API Gateway stops waiting after the
+    /// integration timeout; the function runs on (holding its concurrency) until it ends.
     async fn invoke_route(&self, event: &Value) -> Result<Value, InvokeError> {
         let Some(slot) = self.lambda.try_acquire(ROUTE_FUNCTION) else {
             return Err(InvokeError::Throttled);
         };
         let payload = Bytes::from(event.to_string());
-        // API Gateway gives up on the integration after its timeout (the function runs on).
-        let answer = tokio::time::timeout(
-            settings::APIGW_INTEGRATION_TIMEOUT,
-            self.lambda.invoke(&slot, payload),
-        )
-        .await
-        .map_err(|_| InvokeError::Timeout)??;
+        let lambda = self.lambda.clone();
+        let invocation = tokio::spawn(async move { lambda.invoke(&slot, payload).await });
+        let answer = match tokio::time::timeout(settings::APIGW_INTEGRATION_TIMEOUT, invocation)
+            .await
+        {
+            Ok(Ok(answer)) => answer?,
+            Ok(Err(_)) | Err(_) => return Err(InvokeError::Timeout),
+        };
         serde_json::from_slice(&answer).map_err(|e| InvokeError::Function(e.to_string()))
     }
 

@@ -92,6 +92,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     Ok(())
 }
 
+/// Clients connecting and joining at once during set-up.
+const SETUP_CONCURRENCY: usize = 32;
+
 const SECRET: &str = "aws-sim-secret-0123456789abcdef0123456789";
 
 /// The environment template.yaml gives a function, and the AWS settings that point its SDK
@@ -269,11 +272,16 @@ async fn run(
     let plans = scenario::plans(&scaled);
     let connections = plans.len();
     let ready = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Clients set up a few at a time, as a load generator opens connections (and as users
+    // arrive): everyone at once would make the room's first appends contend all together.
+    let setting_up = Arc::new(tokio::sync::Semaphore::new(SETUP_CONCURRENCY));
     let mut tasks = Vec::new();
     for plan in plans {
         let ready = ready.clone();
+        let permit = setting_up.clone().acquire_owned().await?;
         tasks.push(tokio::spawn(clients::run(shared.clone(), plan, move || {
             ready.fetch_add(1, Relaxed);
+            drop(permit);
         })));
     }
     let setup_deadline = Instant::now() + Duration::from_secs(600);
