@@ -310,9 +310,10 @@ async fn run(
     }
     shared.set(&shared.sending, false);
     let sending_s = measured.elapsed().as_secs_f64();
-    // Drain: until every acknowledged message reached every member, or nothing moves for a
-    // while.
-    report::drain(&shared, &scaled, Duration::from_secs(30)).await;
+    // Drain: until every acknowledged message reached every member, nothing moves for a
+    // while, or as long again as the sending took (at least a minute).
+    let drain_deadline = Instant::now() + Duration::from_secs_f64(shape.secs.max(60.0));
+    report::drain(&shared, &scaled, Duration::from_secs(30), drain_deadline).await;
     let elapsed_s = measured.elapsed().as_secs_f64();
     let after = report::Snapshot::take(&metrics, &lambda);
     shared.set(&shared.stop, true);

@@ -48,9 +48,10 @@ pub async fn settle(metrics: &Metrics, lambda: &LambdaService, deadline: Instant
     }
 }
 
-/// Waits until every acknowledged message has reached every connection of its room, or until
-/// nothing arrived for `idle`.
-pub async fn drain(shared: &Shared, scaled: &Scaled, idle: Duration) {
+/// Waits until every acknowledged message has reached every connection of its room, until
+/// nothing arrived for `idle`, or until `deadline` (a fan-out that cannot keep up makes
+/// progress forever).
+pub async fn drain(shared: &Shared, scaled: &Scaled, idle: Duration, deadline: Instant) {
     let heard = || shared.latencies_us.lock().len();
     let mut last = (heard(), Instant::now());
     let mut done_once = false;
@@ -59,7 +60,7 @@ pub async fn drain(shared: &Shared, scaled: &Scaled, idle: Duration) {
         let now = heard();
         // Twice in a row: a client may be sending its last frame as sending stops.
         let done = now >= expected && shared.acked.load(Relaxed) >= shared.sent.load(Relaxed);
-        if done && done_once {
+        if (done && done_once) || Instant::now() > deadline {
             return;
         }
         done_once = done;

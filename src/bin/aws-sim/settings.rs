@@ -174,7 +174,9 @@ impl Default for Parameters {
 
 impl Parameters {
     /// Reserved concurrency scaled as [`Account::scaled`] scales the account's (a reservation
-    /// stays a reservation: never rounded down to 0, which means "unreserved").
+    /// stays a reservation: never rounded down to 0, which means "unreserved"); the big-room
+    /// threshold and the job size scaled as room sizes are, so that a scaled room takes the
+    /// path (direct posts or the delivery queue) and the number of jobs its full size would.
     pub fn scaled(&self, scale: f64) -> Parameters {
         let by = |n: usize| {
             if n == 0 {
@@ -186,7 +188,8 @@ impl Parameters {
         Parameters {
             route_concurrency: by(self.route_concurrency),
             deliver_concurrency: by(self.deliver_concurrency),
-            ..self.clone()
+            shard_threshold: by(self.shard_threshold),
+            shard_size: by(self.shard_size),
         }
     }
 }
