@@ -172,7 +172,9 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce()) {
         let (mut sink, mut stream) = ws.split();
         // Join every room, in turn; with `after` when rejoining.
         for room in &plan.rooms {
-            let after = views.get(room).map(|v| v.seqs.last().copied().unwrap_or(v.joined_head));
+            let after = views
+                .get(room)
+                .map(|v| v.seqs.last().copied().unwrap_or(v.joined_head));
             let mut frame = json!({"action": "joinRoom", "room": room});
             if let Some(after) = after {
                 frame["after"] = json!(after);
@@ -180,7 +182,11 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce()) {
                     view.replaying = true;
                 }
             }
-            if sink.send(Message::Text(frame.to_string().into())).await.is_err() {
+            if sink
+                .send(Message::Text(frame.to_string().into()))
+                .await
+                .is_err()
+            {
                 continue 'connection;
             }
             let deadline = tokio::time::Instant::now() + ANSWER_WAIT;
@@ -190,8 +196,12 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce()) {
                     tracing::warn!(user = plan.user, room, "no `joined`");
                     continue 'connection;
                 };
-                let Message::Text(text) = message else { continue };
-                let Ok(frame) = serde_json::from_str::<Value>(&text) else { continue };
+                let Message::Text(text) = message else {
+                    continue;
+                };
+                let Ok(frame) = serde_json::from_str::<Value>(&text) else {
+                    continue;
+                };
                 if frame["type"] == "joined" && frame["room"] == room.as_str() {
                     let head = frame["head"].as_u64().unwrap_or(0);
                     views.entry(room.clone()).or_insert_with(|| RoomView {
@@ -207,10 +217,22 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce()) {
                     // after a pause, with jitter, as a client should.
                     shared.error_frames.fetch_add(1, Relaxed);
                     let message = frame["message"].as_str().unwrap_or("?");
-                    *shared.frames.lock().entry(format!("apigw:{message}")).or_default() += 1;
+                    *shared
+                        .frames
+                        .lock()
+                        .entry(format!("apigw:{message}"))
+                        .or_default() += 1;
                     let pause = Duration::from_millis(500).mul_f64(rand::random_range(0.5..1.5));
                     tokio::time::sleep(pause).await;
-                    if sink.send(Message::Text(json!({"action": "joinRoom", "room": room}).to_string().into())).await.is_err() {
+                    if sink
+                        .send(Message::Text(
+                            json!({"action": "joinRoom", "room": room})
+                                .to_string()
+                                .into(),
+                        ))
+                        .await
+                        .is_err()
+                    {
                         continue 'connection;
                     }
                     continue;
@@ -292,7 +314,9 @@ fn heard(shared: &Shared, views: &mut HashMap<String, RoomView>, frame: &Value) 
                 return;
             };
             *shared.frames.lock().entry(kind.to_owned()).or_default() += 1;
-            let Some(view) = views.get_mut(room) else { return };
+            let Some(view) = views.get_mut(room) else {
+                return;
+            };
             if seq <= view.joined_head {
                 return;
             }
@@ -321,12 +345,20 @@ fn heard(shared: &Shared, views: &mut HashMap<String, RoomView>, frame: &Value) 
         Some("error") => {
             shared.error_frames.fetch_add(1, Relaxed);
             let code = frame["code"].as_str().unwrap_or("?");
-            *shared.frames.lock().entry(format!("error:{code}")).or_default() += 1;
+            *shared
+                .frames
+                .lock()
+                .entry(format!("error:{code}"))
+                .or_default() += 1;
         }
         None if frame.get("message").is_some() => {
             shared.error_frames.fetch_add(1, Relaxed);
             let message = frame["message"].as_str().unwrap_or("?");
-            *shared.frames.lock().entry(format!("apigw:{message}")).or_default() += 1;
+            *shared
+                .frames
+                .lock()
+                .entry(format!("apigw:{message}"))
+                .or_default() += 1;
         }
         Some(other) => {
             *shared.frames.lock().entry(other.to_owned()).or_default() += 1;

@@ -43,10 +43,10 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::Message;
 
 type WebSocket = WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
 
@@ -218,12 +218,11 @@ impl Gateway {
         let payload = Bytes::from(event.to_string());
         let lambda = self.lambda.clone();
         let invocation = tokio::spawn(async move { lambda.invoke(&slot, payload).await });
-        let answer = match tokio::time::timeout(settings::APIGW_INTEGRATION_TIMEOUT, invocation)
-            .await
-        {
-            Ok(Ok(answer)) => answer?,
-            Ok(Err(_)) | Err(_) => return Err(InvokeError::Timeout),
-        };
+        let answer =
+            match tokio::time::timeout(settings::APIGW_INTEGRATION_TIMEOUT, invocation).await {
+                Ok(Ok(answer)) => answer?,
+                Ok(Err(_)) | Err(_) => return Err(InvokeError::Timeout),
+            };
         serde_json::from_slice(&answer).map_err(|e| InvokeError::Function(e.to_string()))
     }
 
@@ -274,9 +273,9 @@ impl Gateway {
             // Assumed shape: API Gateway's error frames carry `message`, `connectionId` and
             // `requestId`; the throttle's message is "Too Many Requests".
             self.metrics.frames_throttled.add(1);
-            let _ = connection
-                .out
-                .send(Out::Text(self.error_frame(&connection, "Too Many Requests")));
+            let _ = connection.out.send(Out::Text(
+                self.error_frame(&connection, "Too Many Requests"),
+            ));
             return;
         }
         let answer = if route == "ping" {
@@ -473,7 +472,10 @@ async fn session(
 fn aws_error(status: StatusCode, kind: &str, message: &str) -> Response {
     (
         status,
-        [("x-amzn-ErrorType", kind), ("content-type", "application/json")],
+        [
+            ("x-amzn-ErrorType", kind),
+            ("content-type", "application/json"),
+        ],
         json!({ "message": message }).to_string(),
     )
         .into_response()

@@ -95,12 +95,15 @@ struct Function {
     stats: Mutex<FunctionStats>,
 }
 
+/// Where an invocation's answer goes: the function's response body, or its error.
+type Reply = oneshot::Sender<Result<Bytes, String>>;
+
 /// One invocation handed to an environment.
 struct Invocation {
     request_id: String,
     payload: Bytes,
     deadline: chrono::DateTime<chrono::Utc>,
-    reply: oneshot::Sender<Result<Bytes, String>>,
+    reply: Reply,
 }
 
 /// One execution environment: one process of the function.
@@ -112,7 +115,7 @@ struct Env {
     inbox_tx: mpsc::Sender<Invocation>,
     inbox: tokio::sync::Mutex<mpsc::Receiver<Invocation>>,
     /// The invocation the process is working on: its request id and where its answer goes.
-    current: Mutex<Option<(String, oneshot::Sender<Result<Bytes, String>>)>>,
+    current: Mutex<Option<(String, Reply)>>,
     kill: Mutex<Option<oneshot::Sender<()>>>,
 }
 
@@ -330,8 +333,14 @@ impl LambdaService {
             .env("AWS_LAMBDA_RUNTIME_API", format!("{}/env/{id}", self.api))
             .env("AWS_LAMBDA_FUNCTION_NAME", spec.name)
             .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", spec.memory_mb.to_string())
-            .env("AWS_LAMBDA_LOG_GROUP_NAME", format!("/palaver/sim/{}", spec.name))
+            .env(
+                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+                spec.memory_mb.to_string(),
+            )
+            .env(
+                "AWS_LAMBDA_LOG_GROUP_NAME",
+                format!("/palaver/sim/{}", spec.name),
+            )
             .env("AWS_LAMBDA_LOG_STREAM_NAME", format!("env-{id}"))
             .env("AWS_EXECUTION_ENV", "AWS_Lambda_provided.al2023")
             .env("_HANDLER", "bootstrap")

@@ -160,61 +160,59 @@ async fn run(
     let management = format!("http://{}/prod", gateway_listener.local_addr()?);
     let bin = |name: &str| args.bin_dir.join(name);
     let mut parameters = scaled.parameters.clone();
-    let specs = |parameters: &settings::Parameters,
-                 route: String,
-                 fanout: String,
-                 deliver: String| {
-        let reserve = |n: usize| (n > 0).then_some(n);
-        vec![
-            lambda::FunctionSpec {
-                name: "palaver-route",
-                binary: bin("palaver-route"),
-                memory_mb: settings::ROUTE_MEMORY_MB,
-                timeout: settings::ROUTE_TIMEOUT,
-                reserved: reserve(parameters.route_concurrency),
-                env: function_env(
-                    &route,
-                    &stack,
-                    &management,
-                    &[("PALAVER_JWT_SECRET_ID", stack.secret_id.clone())],
-                ),
-            },
-            lambda::FunctionSpec {
-                name: "palaver-fanout",
-                binary: bin("palaver-fanout"),
-                memory_mb: settings::FANOUT_MEMORY_MB,
-                timeout: settings::FANOUT_TIMEOUT,
-                reserved: None,
-                env: function_env(
-                    &fanout,
-                    &stack,
-                    &management,
-                    &[
-                        (
-                            "PALAVER_DELIVERY_QUEUE_URL",
-                            stack.delivery_queue_url.clone(),
-                        ),
-                        (
-                            "PALAVER_FANOUT_SHARD_THRESHOLD",
-                            parameters.shard_threshold.to_string(),
-                        ),
-                        (
-                            "PALAVER_FANOUT_SHARD_SIZE",
-                            parameters.shard_size.to_string(),
-                        ),
-                    ],
-                ),
-            },
-            lambda::FunctionSpec {
-                name: "palaver-deliver",
-                binary: bin("palaver-deliver"),
-                memory_mb: settings::DELIVER_MEMORY_MB,
-                timeout: settings::DELIVER_TIMEOUT,
-                reserved: reserve(parameters.deliver_concurrency),
-                env: function_env(&deliver, &stack, &management, &[]),
-            },
-        ]
-    };
+    let specs =
+        |parameters: &settings::Parameters, route: String, fanout: String, deliver: String| {
+            let reserve = |n: usize| (n > 0).then_some(n);
+            vec![
+                lambda::FunctionSpec {
+                    name: "palaver-route",
+                    binary: bin("palaver-route"),
+                    memory_mb: settings::ROUTE_MEMORY_MB,
+                    timeout: settings::ROUTE_TIMEOUT,
+                    reserved: reserve(parameters.route_concurrency),
+                    env: function_env(
+                        &route,
+                        &stack,
+                        &management,
+                        &[("PALAVER_JWT_SECRET_ID", stack.secret_id.clone())],
+                    ),
+                },
+                lambda::FunctionSpec {
+                    name: "palaver-fanout",
+                    binary: bin("palaver-fanout"),
+                    memory_mb: settings::FANOUT_MEMORY_MB,
+                    timeout: settings::FANOUT_TIMEOUT,
+                    reserved: None,
+                    env: function_env(
+                        &fanout,
+                        &stack,
+                        &management,
+                        &[
+                            (
+                                "PALAVER_DELIVERY_QUEUE_URL",
+                                stack.delivery_queue_url.clone(),
+                            ),
+                            (
+                                "PALAVER_FANOUT_SHARD_THRESHOLD",
+                                parameters.shard_threshold.to_string(),
+                            ),
+                            (
+                                "PALAVER_FANOUT_SHARD_SIZE",
+                                parameters.shard_size.to_string(),
+                            ),
+                        ],
+                    ),
+                },
+                lambda::FunctionSpec {
+                    name: "palaver-deliver",
+                    binary: bin("palaver-deliver"),
+                    memory_mb: settings::DELIVER_MEMORY_MB,
+                    timeout: settings::DELIVER_TIMEOUT,
+                    reserved: reserve(parameters.deliver_concurrency),
+                    env: function_env(&deliver, &stack, &management, &[]),
+                },
+            ]
+        };
     let route_endpoint = upstream.listen("route").await?;
     let fanout_endpoint = upstream.listen("fanout").await?;
     let deliver_endpoint = upstream.listen("deliver").await?;
@@ -230,7 +228,12 @@ async fn run(
     if deploy_error.is_some() {
         parameters.route_concurrency = 0;
         parameters.deliver_concurrency = 0;
-        functions = specs(&parameters, route_endpoint, fanout_endpoint, deliver_endpoint);
+        functions = specs(
+            &parameters,
+            route_endpoint,
+            fanout_endpoint,
+            deliver_endpoint,
+        );
     }
     let deliver_pollers = match parameters.deliver_concurrency {
         0 => scaled.account.lambda_concurrency,
@@ -279,10 +282,14 @@ async fn run(
     for plan in plans {
         let ready = ready.clone();
         let permit = setting_up.clone().acquire_owned().await?;
-        tasks.push(tokio::spawn(clients::run(shared.clone(), plan, move || {
-            ready.fetch_add(1, Relaxed);
-            drop(permit);
-        })));
+        tasks.push(tokio::spawn(clients::run(
+            shared.clone(),
+            plan,
+            move || {
+                ready.fetch_add(1, Relaxed);
+                drop(permit);
+            },
+        )));
     }
     let setup_deadline = Instant::now() + Duration::from_secs(600);
     report::wait_until(setup_deadline, || ready.load(Relaxed) >= connections).await;

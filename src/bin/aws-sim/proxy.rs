@@ -137,7 +137,14 @@ async fn forward(State(caller): State<Caller>, request: Request) -> Response {
     let Ok(answer_body) = to_bytes(Body::new(answer_body), 256 * 1024 * 1024).await else {
         return StatusCode::BAD_GATEWAY.into_response();
     };
-    account(upstream, service, &action, &body, &answer_body, answer_parts.status);
+    account(
+        upstream,
+        service,
+        &action,
+        &body,
+        &answer_body,
+        answer_parts.status,
+    );
     if let Some(latency) = latency {
         tokio::time::sleep_until(started + latency).await;
     }

@@ -27,9 +27,8 @@ pub async fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) {
 /// Waits until the join storm's frames are out: no fan-out or delivery running and API Gateway
 /// quiet for 2 s (longer than the stream's poll interval), or `deadline`.
 pub async fn settle(metrics: &Metrics, lambda: &LambdaService, deadline: Instant) {
-    let moved = || {
-        metrics.apigw_outbound.get() + metrics.posts_gone.get() + metrics.posts_throttled.get()
-    };
+    let moved =
+        || metrics.apigw_outbound.get() + metrics.posts_gone.get() + metrics.posts_throttled.get();
     let busy = || {
         lambda
             .stats()
@@ -313,7 +312,8 @@ pub fn line(run: Run<'_>) -> String {
         let invocations = stats.invocations - invocations0;
         let billed_ms = stats.billed_ms - billed0;
         lambda_usd += invocations as f64 * prices::LAMBDA_PER_REQUEST
-            + billed_ms as f64 / 1000.0 * (f64::from(spec.memory_mb) / 1024.0)
+            + billed_ms as f64 / 1000.0
+                * (f64::from(spec.memory_mb) / 1024.0)
                 * prices::LAMBDA_PER_GB_SECOND;
         let mut colds: Vec<f64> = stats
             .cold_starts

@@ -129,10 +129,7 @@ impl Shape {
             let members = (self.rooms * self.members) as f64 * scale / rooms as f64;
             (rooms, (members.round() as usize).max(2))
         } else {
-            (
-                1,
-                ((self.members as f64 * scale).round() as usize).max(2),
-            )
+            (1, ((self.members as f64 * scale).round() as usize).max(2))
         };
         let mut account = Account::with_concurrency(self.account_concurrency).scaled(scale);
         let mut parameters = self.parameters.scaled(scale);

@@ -137,7 +137,9 @@ pub async fn create(
         .attributes(QueueAttributeName::FifoThroughputLimit, "perMessageGroupId")
         .attributes(
             QueueAttributeName::VisibilityTimeout,
-            crate::settings::SQS_VISIBILITY_TIMEOUT.as_secs().to_string(),
+            crate::settings::SQS_VISIBILITY_TIMEOUT
+                .as_secs()
+                .to_string(),
         )
         .attributes(QueueAttributeName::MessageRetentionPeriod, "7200")
         .attributes(

@@ -55,7 +55,13 @@ impl StreamSource {
         };
         let shards: Vec<String> = described
             .stream_description()
-            .map(|d| d.shards().iter().filter_map(|s| s.shard_id()).map(str::to_owned).collect())
+            .map(|d| {
+                d.shards()
+                    .iter()
+                    .filter_map(|s| s.shard_id())
+                    .map(str::to_owned)
+                    .collect()
+            })
             .unwrap_or_default();
         let mut tasks = Vec::new();
         for shard in shards {
@@ -130,12 +136,12 @@ impl StreamSource {
         let mut work: VecDeque<(Vec<Value>, u32)> = VecDeque::from([(batch, 0)]);
         while let Some((records, retries)) = work.pop_front() {
             let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
-            let (records, expired): (Vec<Value>, Vec<Value>) =
-                records.into_iter().partition(|r| {
-                    now - created(r) <= settings::STREAM_MAX_RECORD_AGE.as_secs_f64()
-                });
+            let (records, expired): (Vec<Value>, Vec<Value>) = records
+                .into_iter()
+                .partition(|r| now - created(r) <= settings::STREAM_MAX_RECORD_AGE.as_secs_f64());
             if !expired.is_empty() {
-                self.dead_letter(shard, &expired, "MaximumRecordAgeExceeded").await;
+                self.dead_letter(shard, &expired, "MaximumRecordAgeExceeded")
+                    .await;
             }
             if records.is_empty() {
                 continue;
@@ -156,7 +162,11 @@ impl StreamSource {
                     let answer: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
                     let failed: Vec<&str> = answer["batchItemFailures"]
                         .as_array()
-                        .map(|f| f.iter().filter_map(|f| f["itemIdentifier"].as_str()).collect())
+                        .map(|f| {
+                            f.iter()
+                                .filter_map(|f| f["itemIdentifier"].as_str())
+                                .collect()
+                        })
                         .unwrap_or_default();
                     let Some(from) = records.iter().position(|r| {
                         failed.contains(&r["dynamodb"]["SequenceNumber"].as_str().unwrap_or(""))
@@ -165,7 +175,8 @@ impl StreamSource {
                     };
                     let rest = records[from..].to_vec();
                     if retries >= settings::STREAM_MAX_RETRIES {
-                        self.dead_letter(shard, &rest, "RetryAttemptsExhausted").await;
+                        self.dead_letter(shard, &rest, "RetryAttemptsExhausted")
+                            .await;
                     } else {
                         self.metrics.stream_retries.add(1);
                         tokio::time::sleep(RETRY_PAUSE).await;
@@ -180,7 +191,8 @@ impl StreamSource {
                 Err(error) => {
                     tracing::warn!(%error, records = records.len(), "fan-out invocation failed");
                     if retries >= settings::STREAM_MAX_RETRIES {
-                        self.dead_letter(shard, &records, "RetryAttemptsExhausted").await;
+                        self.dead_letter(shard, &records, "RetryAttemptsExhausted")
+                            .await;
                         continue;
                     }
                     self.metrics.stream_retries.add(1);
@@ -211,7 +223,12 @@ impl StreamSource {
     /// The OnFailure destination: a `DDBStreamBatchInfo` record in the stream dead-letter queue.
     async fn dead_letter(&self, shard: &str, records: &[Value], condition: &str) {
         self.metrics.stream_dead_letters.add(records.len() as u64);
-        let seq = |r: &Value| r["dynamodb"]["SequenceNumber"].as_str().unwrap_or("").to_owned();
+        let seq = |r: &Value| {
+            r["dynamodb"]["SequenceNumber"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        };
         let info = json!({
             "requestContext": {
                 "condition": condition,
@@ -307,7 +324,11 @@ fn aws_smithy_base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
