@@ -294,7 +294,10 @@ async fn run(
     let setup_deadline = Instant::now() + Duration::from_secs(600);
     report::wait_until(setup_deadline, || ready.load(Relaxed) >= connections).await;
     let joined = ready.load(Relaxed);
-    report::settle(&metrics, &lambda, Instant::now() + Duration::from_secs(300)).await;
+    // The measured phase starts when the join storm's frames are out, or after 5 minutes
+    // (`"settled": false`: its backlog is then still being delivered).
+    let settled =
+        report::settle(&metrics, &lambda, Instant::now() + Duration::from_secs(300)).await;
     let setup_s = started.elapsed().as_secs_f64();
     eprintln!("aws-sim: {joined}/{connections} joined, settled in {setup_s:.1} s");
 
@@ -337,6 +340,7 @@ async fn run(
         connections,
         joined,
         setup_s,
+        settled,
         sending_s,
         elapsed_s,
         shared: &shared,

@@ -40,13 +40,12 @@ pub struct QueueSource {
 
 impl QueueSource {
     pub async fn run(self: Arc<Self>) {
-        let mut tasks = Vec::new();
+        // A JoinSet: when this task is aborted, the pollers are too.
+        let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..self.pollers.max(1) {
-            tasks.push(tokio::spawn(self.clone().poll()));
+            tasks.spawn(self.clone().poll());
         }
-        for task in tasks {
-            let _ = task.await;
-        }
+        while tasks.join_next().await.is_some() {}
     }
 
     async fn slot(&self) -> Slot {

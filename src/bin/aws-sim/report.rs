@@ -26,7 +26,9 @@ pub async fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) {
 
 /// Waits until the join storm's frames are out: no fan-out or delivery running and API Gateway
 /// quiet for 2 s (longer than the stream's poll interval), or `deadline`.
-pub async fn settle(metrics: &Metrics, lambda: &LambdaService, deadline: Instant) {
+///
+/// Whether it settled before the deadline.
+pub async fn settle(metrics: &Metrics, lambda: &LambdaService, deadline: Instant) -> bool {
     let moved =
         || metrics.apigw_outbound.get() + metrics.posts_gone.get() + metrics.posts_throttled.get();
     let busy = || {
@@ -42,9 +44,10 @@ pub async fn settle(metrics: &Metrics, lambda: &LambdaService, deadline: Instant
         if now != last.0 || busy() {
             last = (now, Instant::now());
         } else if last.1.elapsed() >= Duration::from_secs(2) {
-            return;
+            return true;
         }
     }
+    false
 }
 
 /// Waits until every acknowledged message has reached every connection of its room, until
@@ -205,6 +208,7 @@ pub struct Run<'a> {
     pub connections: usize,
     pub joined: usize,
     pub setup_s: f64,
+    pub settled: bool,
     pub sending_s: f64,
     pub elapsed_s: f64,
     pub shared: &'a Shared,
@@ -358,6 +362,7 @@ pub fn line(run: Run<'_>) -> String {
         "connections": run.connections,
         "joined": run.joined,
         "setup_s": round(run.setup_s, 1),
+        "settled": run.settled,
         "sending_s": round(run.sending_s, 1),
         "elapsed_s": round(run.elapsed_s, 1),
         "sent": shared.sent.load(Relaxed),

@@ -63,13 +63,12 @@ impl StreamSource {
                     .collect()
             })
             .unwrap_or_default();
-        let mut tasks = Vec::new();
+        // A JoinSet: when this task is aborted, the shards' tasks are too.
+        let mut tasks = tokio::task::JoinSet::new();
         for shard in shards {
-            tasks.push(tokio::spawn(self.clone().shard(shard)));
+            tasks.spawn(self.clone().shard(shard));
         }
-        for task in tasks {
-            let _ = task.await;
-        }
+        while tasks.join_next().await.is_some() {}
     }
 
     async fn shard(self: Arc<Self>, shard: String) {
