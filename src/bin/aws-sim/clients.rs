@@ -160,8 +160,9 @@ async fn open(shared: &Shared, plan: &Plan) -> Option<Ws> {
     }
 }
 
-/// Runs one client until `shared.stop`. `ready` is called once it has joined every room.
-pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce()) {
+/// Runs one client until `shared.stop`. `ready` is called once: with `true` when it has joined
+/// every room, with `false` if it gave up before.
+pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce(bool)) {
     let mut views: HashMap<String, RoomView> = HashMap::new();
     let mut ready = Some(ready);
     let mut counter = 0u64;
@@ -241,7 +242,7 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce()) {
             }
         }
         if let Some(ready) = ready.take() {
-            ready();
+            ready(true);
         }
         let mut changed = shared.changed.subscribe();
         let period = Duration::from_secs_f64(1.0 / plan.rate.max(1e-3));
@@ -295,6 +296,9 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce()) {
                 }
             }
         }
+    }
+    if let Some(ready) = ready.take() {
+        ready(false);
     }
     shared.views.lock().extend(views.into_values());
 }

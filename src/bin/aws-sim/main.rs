@@ -48,6 +48,10 @@ struct Args {
     /// Seconds of sending, instead of each scenario's.
     #[arg(long)]
     secs: Option<f64>,
+    /// Longest wait, after every client joined, for the join storm's frames to be out before
+    /// the measured phase starts.
+    #[arg(long, default_value_t = 300.0)]
+    settle_secs: f64,
     /// Where the functions' logs go.
     #[arg(long, default_value = "target/aws-sim")]
     logs: PathBuf,
@@ -275,6 +279,7 @@ async fn run(
     let plans = scenario::plans(&scaled);
     let connections = plans.len();
     let ready = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let gave_up = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // Clients set up a few at a time, as a load generator opens connections (and as users
     // arrive): everyone at once would make the room's first appends contend all together.
     let setting_up = Arc::new(tokio::sync::Semaphore::new(SETUP_CONCURRENCY));
@@ -292,12 +297,19 @@ async fn run(
         )));
     }
     let setup_deadline = Instant::now() + Duration::from_secs(600);
-    report::wait_until(setup_deadline, || ready.load(Relaxed) >= connections).await;
+    report::wait_until(setup_deadline, || {
+        ready.load(Relaxed) + gave_up.load(Relaxed) >= connections
+    })
+    .await;
     let joined = ready.load(Relaxed);
-    // The measured phase starts when the join storm's frames are out, or after 5 minutes
+    // The measured phase starts when the join storm's frames are out, or after --settle-secs
     // (`"settled": false`: its backlog is then still being delivered).
-    let settled =
-        report::settle(&metrics, &lambda, Instant::now() + Duration::from_secs(300)).await;
+    let settled = report::settle(
+        &metrics,
+        &lambda,
+        Instant::now() + Duration::from_secs_f64(args.settle_secs),
+    )
+    .await;
     let setup_s = started.elapsed().as_secs_f64();
     eprintln!("aws-sim: {joined}/{connections} joined, settled in {setup_s:.1} s");
 
