@@ -285,13 +285,17 @@ async fn run(
     let setting_up = Arc::new(tokio::sync::Semaphore::new(SETUP_CONCURRENCY));
     let mut tasks = Vec::new();
     for plan in plans {
-        let ready = ready.clone();
+        let (ready, gave_up) = (ready.clone(), gave_up.clone());
         let permit = setting_up.clone().acquire_owned().await?;
         tasks.push(tokio::spawn(clients::run(
             shared.clone(),
             plan,
-            move || {
-                ready.fetch_add(1, Relaxed);
+            move |joined| {
+                if joined {
+                    ready.fetch_add(1, Relaxed);
+                } else {
+                    gave_up.fetch_add(1, Relaxed);
+                }
                 drop(permit);
             },
         )));
