@@ -23,6 +23,9 @@ pub struct Metrics {
     /// AWS requests through the counting proxy, by "caller service.Action" (the caller is the
     /// function whose environment made it, or `esm` for the event source mappings).
     pub aws_requests: Mutex<BTreeMap<String, u64>>,
+    /// How long moto itself took, by "service.Action": requests, total and longest seconds.
+    /// Beside the modelled latency it shows when moto, not the model, sets the pace.
+    pub moto_time: Mutex<BTreeMap<String, (u64, f64, f64)>>,
     /// DynamoDB request units, estimated from the requests' and answers' sizes (see proxy.rs).
     pub dynamodb_write_units: Mutex<f64>,
     pub dynamodb_read_units: Mutex<f64>,

@@ -137,6 +137,14 @@ async fn forward(State(caller): State<Caller>, request: Request) -> Response {
     let Ok(answer_body) = to_bytes(Body::new(answer_body), 256 * 1024 * 1024).await else {
         return StatusCode::BAD_GATEWAY.into_response();
     };
+    let took = started.elapsed().as_secs_f64();
+    {
+        let mut times = upstream.metrics.moto_time.lock();
+        let entry = times.entry(format!("{service}.{action}")).or_default();
+        entry.0 += 1;
+        entry.1 += took;
+        entry.2 = entry.2.max(took);
+    }
     account(
         upstream,
         service,

@@ -394,6 +394,15 @@ pub fn line(run: Run<'_>) -> String {
         "disconnects_lost": metrics.disconnects_lost.get(),
         "functions": functions,
         "aws_requests": requests,
+        "moto_ms": metrics
+            .moto_time
+            .lock()
+            .iter()
+            .map(|(k, (n, total, max))| {
+                let mean = total / (*n).max(1) as f64 * 1000.0;
+                (k.clone(), json!({"mean": round(mean, 1), "max": round(max * 1000.0, 1)}))
+            })
+            .collect::<Map<String, Value>>(),
         "apigw_messages": messages,
         "usd": {
             "apigw": round(apigw, 6),
