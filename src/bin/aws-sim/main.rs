@@ -212,7 +212,8 @@ async fn run(
                     binary: bin("palaver-deliver"),
                     memory_mb: settings::DELIVER_MEMORY_MB,
                     timeout: settings::DELIVER_TIMEOUT,
-                    reserved: reserve(parameters.deliver_concurrency),
+                    // Limited by its trigger's MaximumConcurrency, not a reservation.
+                    reserved: None,
                     env: function_env(&deliver, &stack, &management, &[]),
                 },
             ]
@@ -227,11 +228,10 @@ async fn run(
         deliver_endpoint.clone(),
     );
     // CloudFormation refuses reservations the account cannot give; the operator then deploys
-    // with RouteConcurrency=0 DeliverConcurrency=0, which is what runs.
+    // with RouteConcurrency=0, which is what runs.
     let deploy_error = lambda::check_reservations(&scaled.account, &functions).err();
     if deploy_error.is_some() {
         parameters.route_concurrency = 0;
-        parameters.deliver_concurrency = 0;
         functions = specs(
             &parameters,
             route_endpoint,
@@ -239,10 +239,11 @@ async fn run(
             deliver_endpoint,
         );
     }
-    let deliver_pollers = match parameters.deliver_concurrency {
-        0 => scaled.account.lambda_concurrency,
-        n => n,
-    };
+    // The trigger runs at most MaximumConcurrency invocations at once (and no more than the
+    // account gives).
+    let deliver_pollers = parameters
+        .deliver_max_concurrency
+        .min(scaled.account.lambda_concurrency);
     let logs = args.logs.join(shape.name);
     let _ = std::fs::remove_dir_all(&logs);
     let lambda = lambda::LambdaService::start(scaled.account.clone(), functions, logs).await?;

@@ -422,7 +422,7 @@ pub fn line(run: Run<'_>) -> String {
         },
         "parameters": {
             "RouteConcurrency": run.parameters.route_concurrency,
-            "DeliverConcurrency": run.parameters.deliver_concurrency,
+            "DeliverMaxConcurrency": run.parameters.deliver_max_concurrency,
             "FanOutShardThreshold": run.parameters.shard_threshold,
             "FanOutShardSize": run.parameters.shard_size,
         },

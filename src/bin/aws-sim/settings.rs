@@ -95,10 +95,14 @@ pub const FANOUT_MEMORY_MB: u32 = 1_024;
 pub const FANOUT_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DELIVER_MEMORY_MB: u32 = 1_024;
 pub const DELIVER_TIMEOUT: Duration = Duration::from_secs(30);
-/// template.yaml parameters' defaults: RouteConcurrency 200, DeliverConcurrency 100 (reserved
-/// concurrency; 0 leaves a function unreserved), FanOutShardThreshold 200, FanOutShardSize 100.
-pub const DEFAULT_ROUTE_CONCURRENCY: usize = 200;
-pub const DEFAULT_DELIVER_CONCURRENCY: usize = 100;
+/// template.yaml parameters' defaults: RouteConcurrency 0 (reserved concurrency; 0 leaves the
+/// route function unreserved), DeliverMaxConcurrency 20 (the delivery queue trigger's
+/// `ScalingConfig.MaximumConcurrency`, 2–1,000: no reservation), FanOutShardThreshold 200,
+/// FanOutShardSize 100.
+pub const DEFAULT_ROUTE_CONCURRENCY: usize = 0;
+pub const DEFAULT_DELIVER_MAX_CONCURRENCY: usize = 20;
+/// The least `ScalingConfig.MaximumConcurrency` takes. LIMITS: Lambda, "SQS FIFO source".
+pub const MIN_SQS_MAXIMUM_CONCURRENCY: usize = 2;
 pub const DEFAULT_SHARD_THRESHOLD: usize = 200;
 pub const DEFAULT_SHARD_SIZE: usize = 100;
 
@@ -156,7 +160,8 @@ impl Account {
 #[derive(Clone, Debug)]
 pub struct Parameters {
     pub route_concurrency: usize,
-    pub deliver_concurrency: usize,
+    /// The delivery queue trigger's `ScalingConfig.MaximumConcurrency`.
+    pub deliver_max_concurrency: usize,
     pub shard_threshold: usize,
     pub shard_size: usize,
 }
@@ -165,7 +170,7 @@ impl Default for Parameters {
     fn default() -> Parameters {
         Parameters {
             route_concurrency: DEFAULT_ROUTE_CONCURRENCY,
-            deliver_concurrency: DEFAULT_DELIVER_CONCURRENCY,
+            deliver_max_concurrency: DEFAULT_DELIVER_MAX_CONCURRENCY,
             shard_threshold: DEFAULT_SHARD_THRESHOLD,
             shard_size: DEFAULT_SHARD_SIZE,
         }
@@ -187,9 +192,48 @@ impl Parameters {
         };
         Parameters {
             route_concurrency: by(self.route_concurrency),
-            deliver_concurrency: by(self.deliver_concurrency),
+            deliver_max_concurrency: by(self.deliver_max_concurrency)
+                .max(MIN_SQS_MAXIMUM_CONCURRENCY),
             shard_threshold: by(self.shard_threshold),
             shard_size: by(self.shard_size),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A parameter's `Default:` in template.yaml.
+    fn template_default(name: &str) -> usize {
+        let template = include_str!("../../../template.yaml");
+        let mut lines = template
+            .lines()
+            .skip_while(|line| line.trim_end() != format!("  {name}:"));
+        assert!(lines.next().is_some(), "{name} is not a template parameter");
+        lines
+            .take_while(|line| line.starts_with("    "))
+            .find_map(|line| line.trim().strip_prefix("Default:"))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} has no numeric Default"))
+    }
+
+    /// What the simulation deploys is what template.yaml deploys: its defaults, read from it.
+    #[test]
+    fn the_defaults_are_the_templates() {
+        let defaults = Parameters::default();
+        assert_eq!(
+            defaults.route_concurrency,
+            template_default("RouteConcurrency")
+        );
+        assert_eq!(
+            defaults.deliver_max_concurrency,
+            template_default("DeliverMaxConcurrency")
+        );
+        assert_eq!(
+            defaults.shard_threshold,
+            template_default("FanOutShardThreshold")
+        );
+        assert_eq!(defaults.shard_size, template_default("FanOutShardSize"));
     }
 }
