@@ -75,7 +75,7 @@ impl PeakMemory {
         let seen = peak.clone();
         let sampler = tokio::spawn(async move {
             loop {
-                if let Some(rss) = rss_kib(pid) {
+                if let Some(rss) = common::rss_kib(pid) {
                     seen.fetch_max(rss, std::sync::atomic::Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -95,12 +95,16 @@ impl Drop for PeakMemory {
     }
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+/// ana, a member of room `big`, whose history is long enough that every `getHistory` page
+/// is as large as a page gets (~96 KB): 12 messages of 15 KiB.
+async fn long_history(server: &Server) -> common::Client {
+    let mut ana = server.connect("ana").await;
+    ana.join("big").await;
+    let text = "h".repeat(15 * 1024);
+    for i in 0..12 {
+        ana.say("big", &format!("{i} {text}")).await;
+    }
+    ana
 }
 
 /// 100 connections of one user that never read ask for 60 pages of history each (~96 KB a
@@ -118,12 +122,7 @@ async fn clients_that_never_read_hold_bounded_memory_and_no_socket_once_closed()
             ("PALAVER_WRITE_TIMEOUT", "2s"),
         ],
     );
-    let mut ana = server.connect("ana").await;
-    ana.join("big").await;
-    let text = "h".repeat(15 * 1024);
-    for i in 0..12 {
-        ana.say("big", &format!("{i} {text}")).await;
-    }
+    let mut ana = long_history(&server).await;
     let sockets_before = server.open_sockets();
     let rss_before = server.rss_kib();
     let peak = PeakMemory::watch(&server);
@@ -230,12 +229,7 @@ async fn idle_and_age_limits_hold_while_a_client_floods_and_never_reads() {
             ("PALAVER_WRITE_TIMEOUT", "1h"),
         ],
     );
-    let mut ana = server.connect("ana").await;
-    ana.join("big").await;
-    let text = "h".repeat(15 * 1024);
-    for i in 0..8 {
-        ana.say("big", &format!("{i} {text}")).await;
-    }
+    let ana = long_history(&server).await;
     drop(ana);
     eventually("ana's connection to close", || {
         let open = open_connections(&server, "ana");

@@ -35,6 +35,10 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
+/// How long an event source mapping waits before asking again for a concurrency slot Lambda
+/// refused it. AWS documents no figure.
+pub const THROTTLE_PAUSE: Duration = Duration::from_millis(100);
+
 /// A function as template.yaml deploys it.
 #[derive(Clone, Debug)]
 pub struct FunctionSpec {
@@ -220,6 +224,23 @@ impl LambdaService {
             .with_state(service.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
         Ok(service)
+    }
+
+    /// A concurrency slot for `function`, waiting for one as an event source mapping does:
+    /// every refusal counted as the mapping's throttle, then tried again after
+    /// [`THROTTLE_PAUSE`].
+    pub async fn acquire(
+        self: &Arc<Self>,
+        function: &'static str,
+        metrics: &crate::metrics::Metrics,
+    ) -> Slot {
+        loop {
+            if let Some(slot) = self.try_acquire(function) {
+                return slot;
+            }
+            metrics.esm_throttled.add(1);
+            tokio::time::sleep(THROTTLE_PAUSE).await;
+        }
     }
 
     /// A concurrency slot for `function`, if the account and the function have one free.

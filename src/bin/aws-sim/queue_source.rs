@@ -13,18 +13,16 @@
 //! An idle poller waits as a long poll does: until a message is sent (the counting proxy wakes
 //! one poller per message sent), until messages handed back become visible again, or 20 s.
 
-use crate::lambda::{InvokeError, LambdaService, Slot};
+use crate::lambda::{InvokeError, LambdaService};
 use crate::metrics::Metrics;
 use crate::settings;
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName};
 use axum::body::Bytes;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::Notify;
 
 const FUNCTION: &str = "palaver-deliver";
-const THROTTLE_PAUSE: Duration = Duration::from_millis(100);
 
 pub struct QueueSource {
     pub sqs: aws_sdk_sqs::Client,
@@ -48,19 +46,9 @@ impl QueueSource {
         while tasks.join_next().await.is_some() {}
     }
 
-    async fn slot(&self) -> Slot {
-        loop {
-            if let Some(slot) = self.lambda.try_acquire(FUNCTION) {
-                return slot;
-            }
-            self.metrics.esm_throttled.add(1);
-            tokio::time::sleep(THROTTLE_PAUSE).await;
-        }
-    }
-
     async fn poll(self: Arc<Self>) {
         loop {
-            let slot = self.slot().await;
+            let slot = self.lambda.acquire(FUNCTION, &self.metrics).await;
             let received = self
                 .sqs
                 .receive_message()

@@ -12,7 +12,7 @@
 //! counting as a retry. Each record's lag — its ApproximateCreationDateTime to its first
 //! invocation — is measured.
 
-use crate::lambda::{InvokeError, LambdaService, Slot};
+use crate::lambda::{InvokeError, LambdaService};
 use crate::metrics::Metrics;
 use crate::settings;
 use aws_sdk_dynamodbstreams::types::{AttributeValue, Record, ShardIteratorType};
@@ -23,10 +23,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const FUNCTION: &str = "palaver-fanout";
-/// Pause before a failed batch is invoked again, and between tries for a concurrency slot.
+/// Pause before a failed batch is invoked again.
 /// AWS documents no figure for either.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
-const THROTTLE_PAUSE: Duration = Duration::from_millis(100);
 
 pub struct StreamSource {
     pub streams: aws_sdk_dynamodbstreams::Client,
@@ -145,7 +144,7 @@ impl StreamSource {
             if records.is_empty() {
                 continue;
             }
-            let slot = self.slot().await;
+            let slot = self.lambda.acquire(FUNCTION, &self.metrics).await;
             if !lagged {
                 lagged = true;
                 let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
@@ -184,7 +183,7 @@ impl StreamSource {
                 }
                 Err(InvokeError::Throttled) => {
                     self.metrics.esm_throttled.add(1);
-                    tokio::time::sleep(THROTTLE_PAUSE).await;
+                    tokio::time::sleep(crate::lambda::THROTTLE_PAUSE).await;
                     work.push_front((records, retries));
                 }
                 Err(error) => {
@@ -206,16 +205,6 @@ impl StreamSource {
                     }
                 }
             }
-        }
-    }
-
-    async fn slot(&self) -> Slot {
-        loop {
-            if let Some(slot) = self.lambda.try_acquire(FUNCTION) {
-                return slot;
-            }
-            self.metrics.esm_throttled.add(1);
-            tokio::time::sleep(THROTTLE_PAUSE).await;
         }
     }
 

@@ -267,13 +267,7 @@ impl Server {
 
     /// The server process's resident memory in KiB, from /proc.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("the server's /proc/PID/status");
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc/PID/status")
+        rss_kib(self.pid()).expect("VmRSS in the server's /proc/PID/status")
     }
 
     pub fn token(&self, user: &str) -> String {
@@ -322,6 +316,15 @@ impl Drop for Server {
             );
         }
     }
+}
+
+/// Process `pid`'s resident memory in KiB (`VmRSS` in /proc/PID/status), while it runs.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Reads `pipe` line by line on a thread of its own, into the returned list, calling `each`
