@@ -56,8 +56,10 @@ async fn event_for(world: &mut World, function: &str, n: usize) -> (Value, Socke
         _ => {
             let socket = world.connect(&format!("deliver{n}")).await;
             let job = DeliveryJob {
-                frame: json!({"type": "presence", "room": "hall", "user": "zoe", "online": true})
-                    .to_string(),
+                frames: vec![
+                    json!({"type": "presence", "room": "hall", "user": "zoe", "online": true})
+                        .to_string(),
+                ],
                 connections: vec![socket.id.clone()],
                 group: "hall#0".to_owned(),
                 id: format!("c:zoe:{n}:hall#0#0"),

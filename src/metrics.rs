@@ -14,6 +14,9 @@ pub const FRAMES_IN: &str = "palaver_frames_in_total";
 pub const FRAMES_OUT: &str = "palaver_frames_out_total";
 /// Counter: events appended to the log.
 pub const APPENDS: &str = "palaver_appends_total";
+/// Counter: append attempts that lost the race for their seq to another writer of the same
+/// room (DynamoDB): how contended rooms' logs are.
+pub const APPEND_RACES: &str = "palaver_append_races_total";
 /// Histogram: appends per SQLite commit (group commit's batch size).
 pub const COMMIT_BATCH: &str = "palaver_commit_batch_size";
 /// Gauge: events committed to the log that the fan-out has not delivered yet.
@@ -40,7 +43,7 @@ pub const SLOW_CLOSED: &str = "palaver_slow_connections_closed_total";
 pub const POSTS_THROTTLED: &str = "palaver_posts_throttled_total";
 
 /// Every metric with its help text, for [`describe`] and the docs.
-pub const ALL: [(&str, &str); 15] = [
+pub const ALL: [(&str, &str); 16] = [
     (
         CONNECTIONS_OPEN,
         "WebSocket connections open on this gateway",
@@ -48,6 +51,10 @@ pub const ALL: [(&str, &str); 15] = [
     (FRAMES_IN, "Frames clients sent, by selected route"),
     (FRAMES_OUT, "Frames written to clients' sockets"),
     (APPENDS, "Events appended to the log"),
+    (
+        APPEND_RACES,
+        "Append attempts that lost their seq to another writer of the room",
+    ),
     (COMMIT_BATCH, "Appends per SQLite commit"),
     (
         FANOUT_LAG_EVENTS,

@@ -291,7 +291,7 @@ pub struct RelayLease {
     pub lanes: u32,
 }
 
-/// One frame for a set of connections, handed to a delivery worker.
+/// Frames for a set of connections, handed to a delivery worker.
 ///
 /// Jobs of one `group` must be delivered in the order they were queued (an SQS FIFO message
 /// group): a connection always falls in the same group of its room, so it sees the room's frames
@@ -299,8 +299,10 @@ pub struct RelayLease {
 /// fan-out queues the job again, so the queue can drop the repeat (FIFO deduplication).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeliveryJob {
-    /// The frame exactly as it goes on the wire (serialised once by the fan-out).
-    pub frame: String,
+    /// The frames exactly as they go on the wire (each serialised once by the fan-out), in the
+    /// order every connection of the job must get them: one, or a run of the room's frames
+    /// whose lane held the same connections.
+    pub frames: Vec<String>,
     pub connections: Vec<ConnectionId>,
     #[serde(default)]
     pub group: String,

@@ -280,7 +280,7 @@ mod tests {
     #[test]
     fn records_decode_into_jobs_or_say_why_not() {
         let job = DeliveryJob {
-            frame: r#"{"type":"message"}"#.to_owned(),
+            frames: vec![r#"{"type":"message"}"#.to_owned()],
             connections: vec![ConnectionId::new("a="), ConnectionId::new("b=")],
             group: "lobby#3".to_owned(),
             id: "r:lobby:7#3#0".to_owned(),

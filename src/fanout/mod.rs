@@ -13,9 +13,13 @@
 //! read once per room per batch ([`StoreListeners`]).
 
 pub mod change_stream;
+mod lanes;
 pub mod roster;
 pub mod stream;
 pub mod tail;
+
+use lanes::relay_jobs;
+pub use lanes::{MAX_RELAY_LANES, MIN_RELAY_LANES, relay_lanes_for};
 
 use crate::connections;
 use crate::domain::{ConnectionId, Event, EventBody, RoomName, ServerFrame, UserId};
@@ -48,7 +52,7 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    fn add(&mut self, other: Delivery) {
+    pub fn add(&mut self, other: Delivery) {
         self.delivered += other.delivered;
         self.gone.extend(other.gone);
         self.failed += other.failed;
@@ -277,69 +281,6 @@ impl Listeners for StoreListeners {
     }
 }
 
-/// The most lanes (delivery queue message groups) one room's recipients are spread over: this
-/// many workers can post one room's frames at once, each lane in order.
-pub const MAX_RELAY_LANES: u32 = 256;
-/// The fewest lanes a relayed room gets, however small it is when it starts relaying. A room's
-/// lanes are fixed while it relays (see [`RelayLease`]), so a room that starts at the threshold
-/// and grows keeps them. A lane posts one job after another, a job of 100 in about 0.1 s (two
-/// rounds of 64 posts in flight at API Gateway's ~50 ms p99): about 1,000 posts a second. With
-/// 16, a room of 10,000 that started small still posts 16,000 a second — more than an account's
-/// 10,000 — while a room just over the threshold is 16 jobs an event, not one per connection.
-///
-/// [`RelayLease`]: crate::ports::RelayLease
-pub const MIN_RELAY_LANES: u32 = 16;
-
-/// The lanes for a room that starts relaying with `recipients`: one per `job_size` of them, so
-/// that each lane's job is about `job_size` connections, within [`MIN_RELAY_LANES`] and
-/// [`MAX_RELAY_LANES`].
-pub fn relay_lanes_for(recipients: usize, job_size: usize) -> u32 {
-    let lanes = recipients.div_ceil(job_size.max(1));
-    u32::try_from(lanes)
-        .unwrap_or(u32::MAX)
-        .clamp(MIN_RELAY_LANES, MAX_RELAY_LANES)
-}
-
-/// The jobs for one frame: recipients spread over `lanes` lanes by a stable hash of their
-/// connection id — so a connection is in the same lane for every frame of the room while its
-/// lanes are kept, and sees them in order — and each lane cut into jobs of at most `job_size`
-/// connections.
-fn relay_jobs(
-    recipients: &[ConnectionId],
-    frame: &str,
-    room: &RoomName,
-    key: &str,
-    job_size: usize,
-    lanes: u32,
-) -> Vec<DeliveryJob> {
-    let lanes = u64::from(lanes.max(1));
-    let mut groups: Vec<Vec<ConnectionId>> = vec![Vec::new(); lanes as usize];
-    for connection in recipients {
-        let group = fnv1a(connection.as_str().as_bytes()) % lanes;
-        groups[group as usize].push(connection.clone());
-    }
-    let mut jobs = Vec::new();
-    for (group, connections) in groups.into_iter().enumerate() {
-        for (part, chunk) in connections.chunks(job_size).enumerate() {
-            jobs.push(DeliveryJob {
-                frame: frame.to_owned(),
-                connections: chunk.to_vec(),
-                group: format!("{room}#{group}"),
-                id: format!("{key}#{group}#{part}"),
-            });
-        }
-    }
-    jobs
-}
-
-/// FNV-1a: a hash that is the same in every process and every Rust release (std's is not
-/// promised to be), so every fan-out puts a connection in the same group.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// One frame for one room's recipients, planned by [`FanOut::plan_in`] and sent by
 /// [`FanOut::send`].
 #[derive(Clone, Debug)]
@@ -350,6 +291,14 @@ pub struct Outgoing {
     key: String,
     /// Through the delivery queue, over this many lanes; posted here when `None`.
     lanes: Option<u32>,
+}
+
+impl Outgoing {
+    /// Whether it goes to delivery workers through the queue rather than posted by the
+    /// fan-out.
+    pub fn relayed(&self) -> bool {
+        self.lanes.is_some()
+    }
 }
 
 /// Big rooms: above `threshold` recipients, the fan-out hands the recipients, `job_size` at a time,
@@ -557,33 +506,60 @@ impl FanOut {
 
     /// Sends what [`FanOut::plan_in`] planned: posts it, or queues it for delivery workers.
     pub async fn send(&self, outgoing: Outgoing) -> StoreResult<Delivery> {
-        let Outgoing {
-            room,
-            frame,
-            recipients,
-            key,
-            lanes,
-        } = outgoing;
-        let (Some(lanes), Some(relay)) = (lanes, self.relay.as_ref()) else {
-            return Ok(self.post_to(&recipients, frame).await);
+        if outgoing.relayed() {
+            return self.send_relayed(vec![outgoing]).await;
+        }
+        Ok(self.post_to(&outgoing.recipients, outgoing.frame).await)
+    }
+
+    /// Queues a run of one room's relayed frames, in order, for delivery workers: merged into
+    /// one job per lane where the lane's connections stayed the same ([`lanes::waves`]), and
+    /// sent wave after wave so that every lane keeps the frames' order. A frame that is not
+    /// relayed (the room went back to posting) is posted here, in its place in the run.
+    pub async fn send_relayed(&self, run: Vec<Outgoing>) -> StoreResult<Delivery> {
+        let Some(relay) = self.relay.as_ref() else {
+            let mut delivery = Delivery::default();
+            for outgoing in run {
+                delivery.add(self.post_to(&outgoing.recipients, outgoing.frame).await);
+            }
+            return Ok(delivery);
         };
-        let jobs = relay_jobs(
-            &recipients,
-            &String::from_utf8_lossy(&frame),
-            &room,
-            &key,
-            relay.job_size,
-            lanes,
-        );
-        relay
-            .queue
-            .enqueue(jobs)
-            .await
-            .map_err(StoreError::backend)?;
-        Ok(Delivery {
-            queued: recipients.len(),
-            ..Delivery::default()
-        })
+        let mut delivery = Delivery::default();
+        let mut per_frame = Vec::new();
+        for outgoing in run {
+            let Some(lanes) = outgoing.lanes else {
+                self.queue_waves(relay, std::mem::take(&mut per_frame))
+                    .await?;
+                delivery.add(self.post_to(&outgoing.recipients, outgoing.frame).await);
+                continue;
+            };
+            per_frame.push(relay_jobs(
+                &outgoing.recipients,
+                &String::from_utf8_lossy(&outgoing.frame),
+                &outgoing.room,
+                &outgoing.key,
+                relay.job_size,
+                lanes,
+            ));
+            delivery.queued += outgoing.recipients.len();
+        }
+        self.queue_waves(relay, per_frame).await?;
+        Ok(delivery)
+    }
+
+    async fn queue_waves(
+        &self,
+        relay: &Relay,
+        per_frame: Vec<Vec<DeliveryJob>>,
+    ) -> StoreResult<()> {
+        for wave in lanes::waves(per_frame) {
+            relay
+                .queue
+                .enqueue(wave)
+                .await
+                .map_err(StoreError::backend)?;
+        }
+        Ok(())
     }
 
     /// Posts the same bytes to every recipient; closes the ones found gone. Delivery workers
@@ -663,63 +639,5 @@ impl FanOut {
         metrics::counter!(crate::metrics::GONE).increment(delivery.gone.len() as u64);
         metrics::counter!(crate::metrics::FAILED_POSTS).increment(delivery.failed as u64);
         delivery
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn jobs_hold_about_job_size_connections_whatever_the_room() {
-        let room = RoomName::parse("hall").unwrap();
-        let connections = |n: usize| -> Vec<ConnectionId> {
-            (0..n)
-                .map(|n| ConnectionId::new(format!("conn{n:05}")))
-                .collect()
-        };
-        // Just over the threshold: a handful of jobs, not one per connection.
-        let small = connections(201);
-        let lanes = relay_lanes_for(small.len(), 100);
-        assert_eq!(lanes, MIN_RELAY_LANES);
-        let jobs = relay_jobs(&small, "{}", &room, "r:hall:1", 100, lanes);
-        assert!(jobs.len() <= lanes as usize, "{} jobs", jobs.len());
-        assert_eq!(jobs.iter().map(|j| j.connections.len()).sum::<usize>(), 201);
-        // 10,000 that started relaying at 10,000: 100 lanes of about 100, capped at job_size.
-        let big = connections(10_000);
-        let lanes = relay_lanes_for(big.len(), 100);
-        assert_eq!(lanes, 100);
-        let jobs = relay_jobs(&big, "{}", &room, "r:hall:1", 100, lanes);
-        assert!(jobs.iter().all(|j| j.connections.len() <= 100));
-        assert!(jobs.len() < 200, "{} jobs", jobs.len());
-        // The same room under a small lease: few lanes, each cut into jobs of at most 100.
-        let jobs = relay_jobs(&big, "{}", &room, "r:hall:1", 100, MIN_RELAY_LANES);
-        assert!(jobs.iter().all(|j| j.connections.len() <= 100));
-        assert!(jobs.len() <= 100 + MIN_RELAY_LANES as usize);
-        assert_eq!(relay_lanes_for(1_000_000, 100), MAX_RELAY_LANES);
-    }
-
-    #[test]
-    fn a_connection_keeps_its_lane_for_every_event() {
-        let recipients: Vec<ConnectionId> = (0..10_000)
-            .map(|n| ConnectionId::new(format!("conn{n:05}")))
-            .collect();
-        let room = RoomName::parse("hall").unwrap();
-        let jobs = relay_jobs(&recipients, "{}", &room, "r:hall:1", 100, 256);
-        let mut per_group: HashMap<&str, usize> = HashMap::new();
-        for job in &jobs {
-            *per_group.entry(job.group.as_str()).or_default() += 1;
-        }
-        assert_eq!(per_group.values().max(), Some(&1), "{} jobs", jobs.len());
-        // The same connection lands in the same group for every event.
-        let again = relay_jobs(&recipients, "{}", &room, "r:hall:2", 100, 256);
-        let group_of = |jobs: &[DeliveryJob], c: &ConnectionId| {
-            jobs.iter()
-                .find(|j| j.connections.contains(c))
-                .map(|j| j.group.clone())
-        };
-        for c in recipients.iter().step_by(97) {
-            assert_eq!(group_of(&jobs, c), group_of(&again, c));
-        }
     }
 }

@@ -254,23 +254,44 @@ impl StreamFanOut {
         futures_util::stream::iter(rooms)
             .map(|plans| async move {
                 let mut sent = Sent::default();
-                let mut plans = plans.into_iter();
-                while let Some(plan) = plans.next() {
-                    match self.fanout.send(plan.outgoing).await {
+                let mut plans = plans.into_iter().peekable();
+                while let Some(first) = plans.next() {
+                    // A run of relayed frames goes out together: merged per lane.
+                    let mut run = vec![first];
+                    if run[0].outgoing.relayed() {
+                        while let Some(next) = plans.next_if(|p| p.outgoing.relayed()) {
+                            run.push(next);
+                        }
+                    }
+                    let sources: Vec<(usize, u64)> =
+                        run.iter().map(|p| (p.mention, p.seq)).collect();
+                    let outgoing: Vec<Outgoing> = run.into_iter().map(|p| p.outgoing).collect();
+                    let room = outgoing[0].room.clone();
+                    let result = if outgoing.len() == 1 {
+                        let one = outgoing.into_iter().next().expect("a run of one");
+                        self.fanout.send(one).await
+                    } else {
+                        self.fanout.send_relayed(outgoing).await
+                    };
+                    match result {
                         Ok(delivery) => sent.delivery.add(delivery),
                         Err(error) => {
                             let why = error.to_string();
-                            sent.failed.push((plan.mention, plan.seq, error));
+                            let (mention, seq) = sources[0];
+                            sent.failed.push((mention, seq, error));
                             // What the room had still to send stays unsent: each stream it
                             // came from must not be checkpointed past it either.
-                            for rest in plans {
-                                if sent.failed.iter().all(|(m, _, _)| *m != rest.mention) {
+                            let rest = sources[1..]
+                                .iter()
+                                .copied()
+                                .chain(plans.map(|p| (p.mention, p.seq)));
+                            for (mention, seq) in rest {
+                                if sent.failed.iter().all(|(m, _, _)| *m != mention) {
                                     let error =
                                         StoreError::backend(std::io::Error::other(format!(
-                                            "not sent: an earlier frame of {} failed ({why})",
-                                            rest.outgoing.room
+                                            "not sent: an earlier frame of {room} failed ({why})"
                                         )));
-                                    sent.failed.push((rest.mention, rest.seq, error));
+                                    sent.failed.push((mention, seq, error));
                                 }
                             }
                             break;

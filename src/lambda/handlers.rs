@@ -6,9 +6,9 @@
 //! was already delivered).
 
 use crate::aws::events::{stream_response, wakes_of};
-use crate::aws::queue::{jobs_of, sqs_response};
-use crate::fanout::FanOut;
+use crate::aws::queue::{QueuedJob, jobs_of, sqs_response};
 use crate::fanout::stream::StreamFanOut;
+use crate::fanout::{Delivery, FanOut};
 use aws_lambda_events::event::dynamodb::Event as StreamEvent;
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use aws_lambda_events::streams::DynamoDbEventResponse;
@@ -32,11 +32,13 @@ pub async fn fan_out(fanout: &StreamFanOut, event: StreamEvent) -> DynamoDbEvent
     stream_response(&report)
 }
 
-/// `palaver-deliver`: posts each queued frame to its connections; closes the ones found gone.
+/// `palaver-deliver`: posts each queued job's frames, in order, to its connections; closes the
+/// ones found gone.
 ///
 /// A message is handed back to the queue (a batch item failure) when its body is not a
 /// delivery job — it lands in the dead-letter queue after `maxReceiveCount` tries, where an
-/// operator can read it — or when no post succeeded **and the management API itself failed**
+/// operator can read it — or when no post of its first frame succeeded **and the management
+/// API itself failed**
 /// (throttled past the client's retries, in server trouble, unreachable, refusing the
 /// caller): nobody got the frame, and a later try can only help. A post that failed on its own
 /// (one slow connection's timeout) never hands a job back: its lane would wait out the
@@ -45,12 +47,39 @@ pub async fn fan_out(fanout: &StreamFanOut, event: StreamEvent) -> DynamoDbEvent
 /// missed it see the gap in `seq` and catch up with `joinRoom{after}` or `getHistory` — as
 /// after any lost frame.
 ///
-/// The queue is FIFO: once a message is handed back, every later message of the batch is handed
-/// back too, unposted, so that no connection gets a later frame before an earlier one (this is
-/// what Lambda asks of partial batch responses on FIFO queues).
+/// The queue is FIFO: the batch's lanes are posted at once, each in order (see
+/// [`deliver_lane`]).
 pub async fn deliver(fanout: &FanOut, event: SqsEvent) -> SqsBatchResponse {
-    let mut failed = Vec::new();
+    // The batch's lanes (message groups), each its messages in order. Lanes are independent —
+    // a connection is in one lane of its room — so they are posted at once: a batch of ten jobs
+    // takes as long as its longest lane, not as all ten one after another.
+    let mut lanes: Vec<Vec<QueuedJob>> = Vec::new();
+    let mut lane_of: std::collections::HashMap<String, usize> = Default::default();
     for queued in jobs_of(event) {
+        let group = match &queued.job {
+            Ok(job) => job.group.clone(),
+            Err(_) => queued.message_id.clone(),
+        };
+        let lane = *lane_of.entry(group).or_insert_with(|| {
+            lanes.push(Vec::new());
+            lanes.len() - 1
+        });
+        lanes[lane].push(queued);
+    }
+    let failed =
+        futures_util::future::join_all(lanes.into_iter().map(|lane| deliver_lane(fanout, lane)))
+            .await
+            .into_iter()
+            .flatten();
+    sqs_response(failed)
+}
+
+/// One lane's messages, in order; returns the ones to hand back. Once one goes back, every
+/// later one of the lane goes back too, unposted, so that no connection gets a later frame
+/// before an earlier one (what Lambda asks of partial batch responses on FIFO queues).
+async fn deliver_lane(fanout: &FanOut, lane: Vec<QueuedJob>) -> Vec<String> {
+    let mut failed = Vec::new();
+    for queued in lane {
         if !failed.is_empty() {
             failed.push(queued.message_id);
             continue;
@@ -64,22 +93,33 @@ pub async fn deliver(fanout: &FanOut, event: SqsEvent) -> SqsBatchResponse {
             }
         };
         let recipients = job.connections.len();
-        let delivery = fanout
-            .post_to(&job.connections, Bytes::from(job.frame))
-            .await;
+        let frames = job.frames.len();
+        let mut connections = job.connections;
+        let mut delivery = Delivery::default();
+        for (i, frame) in job.frames.into_iter().enumerate() {
+            let posted = fanout.post_to(&connections, Bytes::from(frame)).await;
+            if i == 0 && posted.unavailable > 0 && posted.delivered == 0 {
+                // Nobody has anything of this job yet: it can go back whole.
+                failed.push(queued.message_id.clone());
+                delivery.add(posted);
+                break;
+            }
+            // A later frame that the API refused goes the way of any frame some recipients
+            // missed: sending the job again would repeat the frames before it to everyone.
+            connections.retain(|c| !posted.gone.contains(c));
+            delivery.add(posted);
+        }
         tracing::info!(
             message = %queued.message_id,
             recipients,
+            frames,
             delivered = delivery.delivered,
             gone = delivery.gone.len(),
             failed = delivery.failed,
             "delivery handled"
         );
-        if delivery.unavailable > 0 && delivery.delivered == 0 {
-            failed.push(queued.message_id);
-        }
     }
-    sqs_response(failed)
+    failed
 }
 
 #[cfg(test)]
@@ -96,16 +136,22 @@ mod tests {
     #[derive(Default)]
     struct Scripted {
         closed: std::sync::Mutex<Vec<String>>,
+        /// (connection, frame) of every post taken.
+        taken: std::sync::Mutex<Vec<(String, String)>>,
     }
 
     #[async_trait]
     impl ConnectionGateway for Scripted {
-        async fn post(&self, connection: &ConnectionId, _: Bytes) -> Result<(), PostError> {
+        async fn post(&self, connection: &ConnectionId, frame: Bytes) -> Result<(), PostError> {
             match connection.as_str() {
                 c if c.starts_with("slow") => {
                     Err(PostError::TimedOut("no answer within 1000 ms".to_owned()))
                 }
-                c if c.starts_with("ok") => Ok(()),
+                c if c.starts_with("ok") => {
+                    let frame = String::from_utf8_lossy(&frame).into_owned();
+                    self.taken.lock().unwrap().push((c.to_owned(), frame));
+                    Ok(())
+                }
                 _ => Err(PostError::Unavailable("ForbiddenException".to_owned())),
             }
         }
@@ -117,10 +163,18 @@ mod tests {
     }
 
     fn message(id: &str, connections: &[&str]) -> SqsMessage {
+        message_of(id, connections, &["{}"])
+    }
+
+    fn message_of(id: &str, connections: &[&str], frames: &[&str]) -> SqsMessage {
+        message_in("r#0", id, connections, frames)
+    }
+
+    fn message_in(group: &str, id: &str, connections: &[&str], frames: &[&str]) -> SqsMessage {
         let job = DeliveryJob {
-            frame: "{}".to_owned(),
+            frames: frames.iter().map(|f| f.to_string()).collect(),
             connections: connections.iter().map(|c| ConnectionId::new(*c)).collect(),
-            group: "r#0".to_owned(),
+            group: group.to_owned(),
             id: id.to_owned(),
         };
         let mut message = SqsMessage::default();
@@ -178,5 +232,46 @@ mod tests {
         )
         .await;
         assert_eq!(failed(&response), ["refused", "next"]);
+    }
+
+    #[tokio::test]
+    async fn a_job_of_several_frames_posts_them_in_order_to_each_connection() {
+        let store = crate::store::memory::MemoryStore::store();
+        let api = Arc::new(Scripted::default());
+        let fanout = FanOut::new(&store, api.clone());
+        let mut event = SqsEvent::default();
+        event.records = vec![
+            message_of("run", &["ok-1", "ok-2"], &["m1", "m2", "m3"]),
+            // Refused from its first frame: nobody has any of it, so it goes back whole.
+            message_of("refused", &["x-1"], &["m4", "m5"]),
+        ];
+        let response = deliver(&fanout, event).await;
+        assert_eq!(failed(&response), ["refused"]);
+        let taken = api.taken.lock().unwrap().clone();
+        for c in ["ok-1", "ok-2"] {
+            let frames: Vec<&str> = taken
+                .iter()
+                .filter(|(to, _)| to == c)
+                .map(|(_, f)| f.as_str())
+                .collect();
+            assert_eq!(frames, ["m1", "m2", "m3"], "{c}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_lane_goes_back_and_the_other_lanes_of_the_batch_are_posted() {
+        let store = crate::store::memory::MemoryStore::store();
+        let api = Arc::new(Scripted::default());
+        let fanout = FanOut::new(&store, api.clone());
+        let mut event = SqsEvent::default();
+        event.records = vec![
+            message_in("r#0", "refused", &["x-1"], &["m1"]),
+            message_in("r#1", "other lane", &["ok-1"], &["m1"]),
+            message_in("r#0", "after the refused", &["ok-2"], &["m2"]),
+        ];
+        let response = deliver(&fanout, event).await;
+        assert_eq!(failed(&response), ["refused", "after the refused"]);
+        let taken = api.taken.lock().unwrap().clone();
+        assert_eq!(taken, [("ok-1".to_owned(), "m1".to_owned())]);
     }
 }

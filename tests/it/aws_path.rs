@@ -234,7 +234,7 @@ async fn a_big_room_is_delivered_through_the_queue() {
         .collect();
     let message_jobs: Vec<&DeliveryJob> = jobs
         .iter()
-        .filter(|j| j.frame.contains("hello, everyone"))
+        .filter(|j| j.frames.iter().any(|f| f.contains("hello, everyone")))
         .collect();
     assert!(message_jobs.iter().all(|j| j.connections.len() <= 2));
     let mut recipients: Vec<&ConnectionId> =
@@ -372,8 +372,10 @@ async fn the_function_binaries_run_the_path_through_the_runtime_api() {
     assert_eq!(delivered(), received, "{:?}", fanout.metric_lines());
 
     let job = DeliveryJob {
-        frame: json!({"type": "presence", "room": "general", "user": "zoe", "online": true})
-            .to_string(),
+        frames: vec![
+            json!({"type": "presence", "room": "general", "user": "zoe", "online": true})
+                .to_string(),
+        ],
         connections: vec![ana.id.clone(), ben.id.clone()],
         group: "general#0".to_owned(),
         id: "c:zoe:1:general#0#0".to_owned(),

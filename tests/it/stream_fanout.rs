@@ -307,13 +307,17 @@ async fn a_big_room_is_handed_to_delivery_workers_in_shards() {
         .collect();
     recipients.sort();
     assert_eq!(recipients, ["c0", "c1", "c2", "c3", "c4"], "everyone, once");
-    let frame: Value = serde_json::from_str(&jobs[0].frame).unwrap();
+    assert!(
+        jobs.iter().all(|j| j.frames.len() == 1),
+        "one event, one frame"
+    );
+    let frame: Value = serde_json::from_str(&jobs[0].frames[0]).unwrap();
     assert_eq!(
         (&frame["type"], &frame["seq"]),
         (&Value::from("message"), &Value::from(seq))
     );
     assert!(
-        jobs.iter().all(|j| j.frame == jobs[0].frame),
+        jobs.iter().all(|j| j.frames == jobs[0].frames),
         "one frame, serialised once"
     );
     let ids: HashSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
@@ -349,7 +353,7 @@ async fn a_big_room_is_handed_to_delivery_workers_in_shards() {
     let worker = FanOut::new(&store, gateway.clone());
     for job in jobs {
         let d = worker
-            .post_to(&job.connections, Bytes::from(job.frame))
+            .post_to(&job.connections, Bytes::from(job.frames[0].clone()))
             .await;
         assert_eq!(d.failed, 0);
     }
@@ -384,6 +388,51 @@ impl EventLog for Damaged {
 
     async fn head(&self, stream: &Stream) -> StoreResult<u64> {
         self.inner.head(stream).await
+    }
+}
+
+/// A busy big room's batch holds several messages: each lane gets one job with all of them, in
+/// seq order, instead of one job per lane per message — and a worker posting it gives every
+/// connection every message once, in order.
+#[tokio::test]
+async fn a_batch_of_messages_in_a_big_room_is_one_job_per_lane() {
+    let store = MemoryStore::store();
+    let gateway = Arc::new(Recorder::default());
+    let queue = Arc::new(Jobs::default());
+    let fanout = FanOut::new(&store, gateway.clone()).with_relay(queue.clone(), 3, 2);
+    let fanout = StreamFanOut::new(&store, fanout).unwrap();
+    for i in 0..6 {
+        connect(&store, &format!("c{i}"), &format!("u{i}")).await;
+        join(&store, "hall", &format!("u{i}")).await;
+    }
+    fanout.handle(vec![wake("hall", 6)]).await;
+    queue.0.lock().unwrap().clear();
+    let mut seqs = Vec::new();
+    for n in 0..3 {
+        seqs.push(say(&store, "hall", "u0", &format!("message {n}")).await);
+    }
+    let wakes = seqs.iter().map(|seq| wake("hall", *seq)).collect();
+    let report = fanout.handle(wakes).await;
+    assert_eq!(report.delivery.queued, 18, "six listeners, three messages");
+    let jobs = queue.0.lock().unwrap().clone();
+    let one_message = jobs.len();
+    assert!(
+        jobs.iter()
+            .all(|j| j.frames.len() == 3 && j.connections.len() <= 2),
+        "{jobs:?}"
+    );
+    let lanes: HashSet<&str> = jobs.iter().map(|j| j.group.as_str()).collect();
+    assert!(one_message <= 6 && lanes.len() <= one_message, "{jobs:?}");
+
+    let worker = FanOut::new(&store, gateway.clone());
+    for job in jobs {
+        for frame in job.frames {
+            let d = worker.post_to(&job.connections, Bytes::from(frame)).await;
+            assert_eq!(d.failed, 0);
+        }
+    }
+    for i in 0..6 {
+        assert_eq!(seqs_of(&gateway.frames(&format!("c{i}")), "message"), seqs);
     }
 }
 
@@ -514,7 +563,8 @@ async fn a_room_that_crosses_the_threshold_mid_batch_stays_on_the_queue() {
         .unwrap()
         .iter()
         .filter(|job| job.connections.iter().any(|c| c.as_str() == "a1"))
-        .map(|job| serde_json::from_str::<Value>(&job.frame).unwrap())
+        .flat_map(|job| job.frames.iter())
+        .map(|frame| serde_json::from_str::<Value>(frame).unwrap())
         .collect();
     let kinds: Vec<&str> = queued.iter().map(|f| f["type"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["message", "presence"], "{queued:?}");
@@ -544,7 +594,7 @@ async fn a_room_stays_on_the_queue_in_the_batches_after_it_went_there() {
             .lock()
             .unwrap()
             .iter()
-            .filter(|job| job.frame.contains(text))
+            .filter(|job| job.frames.iter().any(|f| f.contains(text)))
             .count()
     };
     assert!(queued("to four") > 0);
@@ -778,8 +828,9 @@ async fn one_rooms_failure_holds_back_that_room_only() {
         .lock()
         .unwrap()
         .iter()
-        .filter_map(|job| {
-            let frame: Value = serde_json::from_str(&job.frame).unwrap();
+        .flat_map(|job| job.frames.iter())
+        .filter_map(|frame| {
+            let frame: Value = serde_json::from_str(frame).unwrap();
             (frame["type"] == "message").then(|| frame["seq"].as_u64().unwrap())
         })
         .collect::<std::collections::BTreeSet<u64>>()

@@ -235,6 +235,33 @@ fn round(x: f64, places: i32) -> f64 {
 }
 
 /// The scenario's JSON line.
+/// What `--check` asks of a line: the stack deployed, every message sent was acknowledged and
+/// reached every member of its room once and in order.
+pub fn check(line: &str) -> Result<(), String> {
+    let line: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let n = |key: &str| line[key].as_u64().unwrap_or(u64::MAX);
+    let mut wrong = Vec::new();
+    if !line["deploy_error"].is_null() {
+        wrong.push(format!("deploy failed: {}", line["deploy_error"]));
+    }
+    if n("sent") == 0 || n("acked") < n("sent") {
+        wrong.push(format!("{} of {} sent acknowledged", n("acked"), n("sent")));
+    }
+    if n("delivered") < n("expected") {
+        wrong.push(format!("{} of {} delivered", n("delivered"), n("expected")));
+    }
+    for key in ["lost", "duplicates", "gaps", "out_of_order"] {
+        if n(key) != 0 {
+            wrong.push(format!("{key}: {}", line[key]));
+        }
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(wrong.join("; "))
+    }
+}
+
 pub fn line(run: Run<'_>) -> String {
     let Run {
         scaled,
@@ -430,4 +457,30 @@ pub fn line(run: Run<'_>) -> String {
         "moto_putitem_per_s": round(run.moto_rps, 0),
     })
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_passes_a_clean_run_and_names_what_went_wrong() {
+        let clean = json!({"deploy_error": null, "sent": 7, "acked": 7, "delivered": 42,
+            "expected": 42, "lost": 0, "duplicates": 0, "gaps": 0, "out_of_order": 0});
+        assert_eq!(check(&clean.to_string()), Ok(()));
+        let mut lossy = clean.clone();
+        lossy["delivered"] = json!(41);
+        lossy["lost"] = json!(1);
+        let why = check(&lossy.to_string()).unwrap_err();
+        assert!(
+            why.contains("41 of 42 delivered") && why.contains("lost: 1"),
+            "{why}"
+        );
+        let mut silent = clean;
+        silent["sent"] = json!(0);
+        assert!(
+            check(&silent.to_string()).is_err(),
+            "a run that sent nothing proves nothing"
+        );
+    }
 }

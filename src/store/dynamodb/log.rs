@@ -220,10 +220,17 @@ impl EventLog for DynamoStore {
         }
         // How long to wait after losing a race, and when to stop trying.
         let mut pauses = crate::retry::CONTENDED_APPEND.build();
+        // Whether `known_head` was learnt in this append (read, or a seq just found taken)
+        // rather than remembered from an earlier one, which another process may have passed
+        // long since.
+        let mut fresh = false;
         loop {
             let head = match *known_head {
                 Some(head) => head,
-                None => self.read_head(&stream).await?,
+                None => {
+                    fresh = true;
+                    self.read_head(&stream).await?
+                }
             };
             if let Expect::Seq(expected) = expect
                 && expected != head + 1
@@ -250,11 +257,19 @@ impl EventLog for DynamoStore {
                     });
                 }
                 Err(Missed::SeqTaken) => {
-                    *known_head = None;
+                    metrics::counter!(crate::metrics::APPEND_RACES).increment(1);
+                    // Lost a race at a head read just now: the winner holds this seq, and the
+                    // next is most likely free. Trying it straight away costs one write where
+                    // reading the head again costs a read and a write, and writers racing in
+                    // one room (senders on many Lambda environments) each step past the
+                    // others instead of all reading the same head again. A remembered head
+                    // that turns out taken may be far behind: read it.
+                    *known_head = fresh.then_some(event.seq);
                     let Some(pause) = pauses.next() else { break };
                     tokio::time::sleep(pause).await;
                 }
                 Err(Missed::Raced) => {
+                    metrics::counter!(crate::metrics::APPEND_RACES).increment(1);
                     let Some(pause) = pauses.next() else { break };
                     tokio::time::sleep(pause).await;
                 }
