@@ -118,9 +118,18 @@ impl StreamFanOut {
             }
         }
 
-        let mut pending = Vec::with_capacity(mentions.len());
-        for mention in &mentions {
-            pending.push(self.read(mention, &mut report).await);
+        // The streams are read at once (their checkpoints and logs are independent); a batch of
+        // a reconnect storm mentions a hundred connection streams.
+        use futures_util::StreamExt;
+        // (The futures are made first: a closure over borrowed items inside the stream would not
+        // be general enough for the spawned tail's future.)
+        let reads: Vec<_> = mentions.iter().map(|mention| self.read(mention)).collect();
+        let mut pending: Vec<Pending> = futures_util::stream::iter(reads)
+            .buffered(STREAMS_AT_ONCE)
+            .collect()
+            .await;
+        for stream in &mut pending {
+            report.skipped.append(&mut stream.skipped);
         }
 
         let mut listeners = StoreListeners::new(self.directory.clone());
@@ -205,35 +214,54 @@ impl StreamFanOut {
                 .max(stream.start);
         }
 
-        for (mention, stream) in mentions.iter().zip(pending) {
-            let mut failed = stream.failed.or(stream.unavailable);
-            let relay = match &mention.stream {
-                Stream::Room(room) => listeners.relay_lanes(room).map(|lanes| RelayLease {
-                    until: chrono::Utc::now() + RELAY_LEASE,
-                    lanes,
-                }),
-                _ => None,
-            };
-            if stream.done > stream.start
-                && let Err(error) = self
-                    .checkpoints
-                    .advance(&mention.stream, stream.done, relay)
-                    .await
-            {
-                failed.get_or_insert(error);
-            }
-            if let Some(error) = failed {
-                tracing::error!(stream = %mention.stream, %error, "fan-out failed; will retry");
-                report.failed.push(mention.first_record.clone());
-            }
-        }
+        // Each stream's checkpoint moves on its own item: written at once.
+        let listeners = &listeners;
+        let advances: Vec<_> = mentions
+            .iter()
+            .zip(pending)
+            .map(|(mention, stream)| async move {
+                let mut failed = stream.failed.or(stream.unavailable);
+                let relay = match &mention.stream {
+                    Stream::Room(room) => listeners.relay_lanes(room).map(|lanes| RelayLease {
+                        until: chrono::Utc::now() + RELAY_LEASE,
+                        lanes,
+                    }),
+                    _ => None,
+                };
+                if stream.done > stream.start
+                    && let Err(error) = self
+                        .checkpoints
+                        .advance(&mention.stream, stream.done, relay)
+                        .await
+                {
+                    failed.get_or_insert(error);
+                }
+                failed.map(|error| {
+                    tracing::error!(stream = %mention.stream, %error, "fan-out failed; will retry");
+                    mention.first_record.clone()
+                })
+            })
+            .collect();
+        let failures: Vec<Option<String>> = futures_util::stream::iter(advances)
+            .buffered(STREAMS_AT_ONCE)
+            .collect()
+            .await;
+        report.failed.extend(failures.into_iter().flatten());
         // "Last active" is kept per connection, not per message: one write per connection per
         // batch, with its latest message.
-        for event in activity.values() {
-            if let Err(error) = self.directory.apply(event).await {
-                tracing::warn!(%error, "could not record connection activity");
-            }
-        }
+        let directory = &self.directory;
+        let writes: Vec<_> = activity
+            .values()
+            .map(|event| async move {
+                if let Err(error) = directory.apply(event).await {
+                    tracing::warn!(%error, "could not record connection activity");
+                }
+            })
+            .collect();
+        futures_util::stream::iter(writes)
+            .buffer_unordered(STREAMS_AT_ONCE)
+            .collect::<Vec<()>>()
+            .await;
         report
     }
 
@@ -306,7 +334,7 @@ impl StreamFanOut {
     }
 
     /// Reads `mention.stream` from its checkpoint up to at least `mention.upto`.
-    async fn read(&self, mention: &Mention, report: &mut BatchReport) -> Pending {
+    async fn read(&self, mention: &Mention) -> Pending {
         let stream = &mention.stream;
         let mut pending = Pending::default();
         let start = match self.checkpoints.checkpoint(stream).await {
@@ -340,7 +368,7 @@ impl StreamFanOut {
                             %why,
                             "skipping an unreadable event: it is not delivered"
                         );
-                        report.skipped.push((stream.clone(), read + 1));
+                        pending.skipped.push((stream.clone(), read + 1));
                         read += 1;
                         pending.items.push_back(Item::Skipped(read));
                         continue;
@@ -373,6 +401,11 @@ impl StreamFanOut {
 /// How many rooms of one batch are sent to at once. Each room's frames still go out in order;
 /// rooms have nothing to wait for from each other, and a batch of a busy shard mentions many.
 const ROOMS_AT_ONCE: usize = 16;
+
+/// Log streams read, or checkpointed, at once in a batch: each is a request or two on its own
+/// items, and a reconnect storm's batch mentions a hundred connection streams — one after
+/// another at DynamoDB's ~10 ms they alone would take seconds.
+const STREAMS_AT_ONCE: usize = 16;
 
 /// A frame planned for one event of a mentioned log stream.
 struct Planned {
@@ -410,6 +443,8 @@ struct Pending {
     /// An announced event is not in the log yet: what is before it goes out, and the stream is
     /// reported failed so that the batch comes back.
     unavailable: Option<StoreError>,
+    /// Events that cannot be decoded, passed over (for the batch's report).
+    skipped: Vec<(Stream, u64)>,
 }
 
 enum Item {

@@ -37,6 +37,8 @@ pub struct Shared {
     pub frames: Mutex<std::collections::BTreeMap<String, u64>>,
     /// Send → receive of each `message` frame, microseconds.
     pub latencies_us: Mutex<Vec<u64>>,
+    /// When (µs since the run's start) the last message frame was heard.
+    pub last_heard_us: AtomicU64,
     /// Acknowledged messages: (room, seq).
     pub acked_seqs: Mutex<Vec<(String, u64)>>,
     /// Each (client, room)'s view, collected when the client ends.
@@ -47,6 +49,8 @@ pub struct Shared {
     /// Set while a storm is on: the clients that take part drop their connections and
     /// reconnect once it is cleared.
     pub storm: AtomicBool,
+    /// The users who dropped in the storm and never came back, with their rooms.
+    pub left: Mutex<Vec<(String, Vec<String>)>>,
     /// Told whenever `stop`, `sending` or `storm` changes.
     pub changed: tokio::sync::watch::Sender<u64>,
 }
@@ -63,11 +67,13 @@ impl Shared {
             error_frames: AtomicU64::new(0),
             frames: Mutex::default(),
             latencies_us: Mutex::default(),
+            last_heard_us: AtomicU64::new(0),
             acked_seqs: Mutex::default(),
             views: Mutex::default(),
             stop: AtomicBool::new(false),
             sending: AtomicBool::new(false),
             storm: AtomicBool::new(false),
+            left: Mutex::default(),
             changed: tokio::sync::watch::Sender::new(0),
         })
     }
@@ -78,7 +84,7 @@ impl Shared {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    fn now_us(&self) -> u64 {
+    pub fn now_us(&self) -> u64 {
         self.epoch.elapsed().as_micros() as u64
     }
 
@@ -108,6 +114,8 @@ pub struct RoomView {
     pub messages: BTreeSet<u64>,
     pub duplicates: u64,
     pub out_of_order: u64,
+    /// The last `presence` it heard of each user in the room (`true`: online).
+    pub presence: HashMap<String, bool>,
     last: u64,
     /// After a rejoin with `after`, replayed and live frames may interleave (the contract lets
     /// them): order is not checked then.
@@ -125,6 +133,9 @@ pub struct Plan {
     /// Drops its connection when `Shared::storm` is set, then reconnects and rejoins with
     /// `after` once it is cleared.
     pub storm: bool,
+    /// Drops in the storm and never comes back (its `$disconnect` may be lost: the `stale`
+    /// scenario's users who closed their laptop).
+    pub leaves: bool,
 }
 
 /// A client's connection, opened (retrying while the handshake is refused: 429 or 500).
@@ -255,9 +266,14 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce(bool)) {
             }
             if plan.storm && shared.storm.load(Relaxed) {
                 // Dropped: the connection ends without a goodbye; it reconnects once the storm
-                // is called off.
+                // is called off, unless it leaves for good.
                 drop(sink);
                 drop(stream);
+                if plan.leaves {
+                    shared.left.lock().push((plan.user.clone(), plan.rooms.clone()));
+                    // What it heard is not held against the fan-out: it left.
+                    return;
+                }
                 while shared.storm.load(Relaxed) && !shared.stop.load(Relaxed) {
                     if changed.changed().await.is_err() {
                         break;
@@ -313,6 +329,19 @@ fn heard(shared: &Shared, views: &mut HashMap<String, RoomView>, frame: &Value) 
                 shared.acked_seqs.lock().push((room.to_owned(), seq));
             }
         }
+        Some("presence") => {
+            *shared.frames.lock().entry("presence".to_owned()).or_default() += 1;
+            let (Some(room), Some(user), Some(online)) = (
+                frame["room"].as_str(),
+                frame["user"].as_str(),
+                frame["online"].as_bool(),
+            ) else {
+                return;
+            };
+            if let Some(view) = views.get_mut(room) {
+                view.presence.insert(user.to_owned(), online);
+            }
+        }
         Some(kind @ ("message" | "member")) => {
             let (Some(room), Some(seq)) = (frame["room"].as_str(), frame["seq"].as_u64()) else {
                 return;
@@ -338,11 +367,13 @@ fn heard(shared: &Shared, views: &mut HashMap<String, RoomView>, frame: &Value) 
                     .as_str()
                     .and_then(|t| t.split(' ').next())
                     .and_then(|t| t.parse::<u64>().ok());
+                let now_us = shared.now_us();
+                shared.last_heard_us.fetch_max(now_us, Relaxed);
                 if let Some(sent_us) = sent_us {
                     shared
                         .latencies_us
                         .lock()
-                        .push(shared.now_us().saturating_sub(sent_us));
+                        .push(now_us.saturating_sub(sent_us));
                 }
             }
         }

@@ -331,6 +331,7 @@ async fn run(
     // The measured phase.
     let before = report::Snapshot::take(&metrics, &lambda);
     let measured = Instant::now();
+    let measured_us = shared.now_us();
     shared.set(&shared.sending, true);
     if shape.storm {
         tokio::time::sleep(Duration::from_secs_f64(shape.secs / 3.0)).await;
@@ -352,6 +353,10 @@ async fn run(
     let drain_deadline = Instant::now() + Duration::from_secs_f64(shape.secs.max(60.0));
     report::drain(&shared, &scaled, Duration::from_secs(30), drain_deadline).await;
     let elapsed_s = measured.elapsed().as_secs_f64();
+    // From the measured phase's start to the last message heard: what deliveries per second
+    // are counted over (the drain may wait on past it for a message that was never acked).
+    let delivering_s =
+        shared.last_heard_us.load(Relaxed).saturating_sub(measured_us) as f64 / 1e6;
     let after = report::Snapshot::take(&metrics, &lambda);
     shared.set(&shared.stop, true);
     for task in tasks {
@@ -370,6 +375,7 @@ async fn run(
         settled,
         sending_s,
         elapsed_s,
+        delivering_s,
         shared: &shared,
         metrics: &metrics,
         before: &before,

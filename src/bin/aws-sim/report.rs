@@ -58,7 +58,11 @@ pub async fn drain(shared: &Shared, scaled: &Scaled, idle: Duration, deadline: I
     let mut last = (heard(), Instant::now());
     let mut done_once = false;
     loop {
-        let expected = shared.acked.load(Relaxed) as usize * scaled.members;
+        // Users who left for good hear nothing after: each room has fewer members then (at
+        // least this many, so the drain never ends early).
+        let left = shared.left.lock().len() * scaled.shape.rooms_per_member.min(scaled.rooms);
+        let members = scaled.members - (left / scaled.rooms.max(1)).min(scaled.members);
+        let expected = shared.acked.load(Relaxed) as usize * members;
         let now = heard();
         // Twice in a row: a client may be sending its last frame as sending stops.
         let done = now >= expected && shared.acked.load(Relaxed) >= shared.sent.load(Relaxed);
@@ -211,6 +215,8 @@ pub struct Run<'a> {
     pub settled: bool,
     pub sending_s: f64,
     pub elapsed_s: f64,
+    /// From the measured phase's start to the last message frame heard.
+    pub delivering_s: f64,
     pub shared: &'a Shared,
     pub metrics: &'a Metrics,
     pub before: &'a Snapshot,
@@ -250,7 +256,7 @@ pub fn check(line: &str) -> Result<(), String> {
     if n("delivered") < n("expected") {
         wrong.push(format!("{} of {} delivered", n("delivered"), n("expected")));
     }
-    for key in ["lost", "duplicates", "gaps", "out_of_order"] {
+    for key in ["lost", "duplicates", "gaps", "out_of_order", "presence_stale"] {
         if n(key) != 0 {
             wrong.push(format!("{key}: {}", line[key]));
         }
@@ -302,6 +308,19 @@ pub fn line(run: Run<'_>) -> String {
         for view in members {
             gaps += (view.joined_head + 1..=head)
                 .filter(|s| !view.seqs.contains(s))
+                .count() as u64;
+        }
+    }
+    // Presence: every member still there must have heard each user who left for good go
+    // offline (its `$disconnect`, or the fan-out's first 410 when that was lost).
+    let left = shared.left.lock().clone();
+    let mut presence_stale = 0u64;
+    for (user, rooms) in &left {
+        for room in rooms {
+            let members = by_room.get(room.as_str()).map_or(&[][..], Vec::as_slice);
+            presence_stale += members
+                .iter()
+                .filter(|v| v.presence.get(user) != Some(&false))
                 .count() as u64;
         }
     }
@@ -396,7 +415,7 @@ pub fn line(run: Run<'_>) -> String {
         "acked": shared.acked.load(Relaxed),
         "delivered": delivered,
         "expected": expected,
-        "deliveries_per_s": round(delivered as f64 / run.elapsed_s.max(1e-9), 1),
+        "deliveries_per_s": round(delivered as f64 / run.delivering_s.max(run.sending_s).max(1e-9), 1),
         "p50_us": percentile(&latencies, 0.5) as u64,
         "p99_us": percentile(&latencies, 0.99) as u64,
         "max_us": latencies.last().copied().unwrap_or(0.0) as u64,
@@ -419,6 +438,8 @@ pub fn line(run: Run<'_>) -> String {
         "frames_heard": shared.frames.lock().clone(),
         "connect_refusals": shared.connect_refusals.load(Relaxed),
         "disconnects_lost": metrics.disconnects_lost.get(),
+        "left_for_good": left.len(),
+        "presence_stale": presence_stale,
         "functions": functions,
         "aws_requests": requests,
         "moto_ms": metrics
@@ -466,7 +487,8 @@ mod tests {
     #[test]
     fn check_passes_a_clean_run_and_names_what_went_wrong() {
         let clean = json!({"deploy_error": null, "sent": 7, "acked": 7, "delivered": 42,
-            "expected": 42, "lost": 0, "duplicates": 0, "gaps": 0, "out_of_order": 0});
+            "expected": 42, "lost": 0, "duplicates": 0, "gaps": 0, "out_of_order": 0,
+            "presence_stale": 0});
         assert_eq!(check(&clean.to_string()), Ok(()));
         let mut lossy = clean.clone();
         lossy["delivered"] = json!(41);

@@ -25,6 +25,8 @@ pub struct Shape {
     pub storm: bool,
     /// The share of `$disconnect`s that never arrive.
     pub disconnect_loss: f64,
+    /// The share of listening users who drop in the storm and never come back.
+    pub leave_share: f64,
     /// One listening connection's posts time out.
     pub slow_client: bool,
     pub account_concurrency: usize,
@@ -44,6 +46,7 @@ pub fn all() -> Vec<Shape> {
         secs: 60.0,
         storm: false,
         disconnect_loss: 0.0,
+        leave_share: 0.0,
         slow_client: false,
         account_concurrency: settings::LAMBDA_ACCOUNT_CONCURRENCY,
         parameters: Parameters::default(),
@@ -102,9 +105,19 @@ pub fn all() -> Vec<Shape> {
             default_scale: 0.2,
             ..base.clone()
         },
+        // The same run without its slow client: what `slowclient`'s latencies are held to.
+        Shape {
+            name: "slowclient-baseline",
+            rate_per_room: 2.0,
+            default_scale: 0.2,
+            ..base.clone()
+        },
         Shape {
             name: "stale",
             disconnect_loss: 0.1,
+            // Some users do not come back: with their `$disconnect` lost, only the fan-out's
+            // 410s show them offline.
+            leave_share: 0.1,
             ..storm
         },
     ]
@@ -164,6 +177,7 @@ pub fn plans(scaled: &Scaled) -> Vec<crate::clients::Plan> {
             rate: shape.rate_per_room,
             slow: false,
             storm: false,
+            leaves: false,
         });
     }
     // Listeners: each in `rooms_per_member` rooms, spread so every room gets the same number.
@@ -178,6 +192,9 @@ pub fn plans(scaled: &Scaled) -> Vec<crate::clients::Plan> {
             rate: 0.0,
             slow: shape.slow_client && i == 0,
             storm: shape.storm,
+            // Every n-th listener (never the first, which may be the slow one).
+            leaves: shape.leave_share > 0.0
+                && i % (1.0 / shape.leave_share).round().max(1.0) as usize == 1,
         });
     }
     plans
