@@ -7,7 +7,8 @@
 //!
 //! | policy | what failed | who waits |
 //! | --- | --- | --- |
-//! | [`AWS_CALL`] | an AWS call throttled or in server trouble (`postToConnection`, entries SQS refused) | one recipient, one batch: a Lambda invocation |
+//! | [`AWS_CALL`] | an AWS call throttled or in server trouble (entries SQS refused) | one batch: a Lambda invocation |
+//! | [`THROTTLED_POST`] | a `postToConnection` throttled or in server trouble | one recipient, and the lane behind its job |
 //! | [`FOLLOW`] | a read or a delivery of something followed for as long as the process runs (the local log, a change stream shard) | every room: the follower never gives up |
 //! | [`CONTENDED_APPEND`] | an append that lost the race for its seq | the sender, whose message is not in yet |
 //!
@@ -32,6 +33,17 @@ pub const AWS_CALL: ExponentialBuilder = ExponentialBuilder::new()
     .with_max_delay(Duration::from_secs(1))
     .with_jitter()
     .with_max_times(4);
+
+/// A `postToConnection` throttled (429: the account's API Gateway bucket is empty) or in server
+/// trouble: 7 tries, pausing from 25–50 ms and doubling up to 800–1,600 ms — about 1.6–3.2 s of
+/// waiting at most. Longer than [`AWS_CALL`] because a fan-out that runs at the bucket's rate
+/// (a big room's frames) meets an empty bucket again and again: a post that gives up is a frame
+/// its recipient misses, while the lane behind it only waits. Never taken for gone.
+pub const THROTTLED_POST: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(25))
+    .with_max_delay(Duration::from_secs(1))
+    .with_jitter()
+    .with_max_times(6);
 
 /// A failed read or delivery of what palaver follows for as long as it runs — the local log,
 /// a change stream's shard: from 100 ms, doubling up to 5 s, for ever. A follower that gave up
@@ -69,6 +81,20 @@ pub fn pause_after(policy: ExponentialBuilder, failures: u32) -> Option<Duration
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttled_post_waits_a_few_seconds_at_most_before_it_gives_up() {
+        for _ in 0..100 {
+            let pauses: Vec<Duration> = THROTTLED_POST.build().collect();
+            assert_eq!(pauses.len(), 6, "7 tries: 6 pauses");
+            let total: Duration = pauses.iter().sum();
+            assert!(
+                total >= Duration::from_millis(1_575) && total <= Duration::from_millis(3_150),
+                "{total:?}"
+            );
+            assert!(pauses.windows(2).all(|w| w[1] >= w[0]), "{pauses:?}");
+        }
+    }
 
     #[test]
     fn aws_call_pauses_grow_within_the_upper_half_of_each_step_and_run_out() {

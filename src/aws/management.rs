@@ -12,7 +12,7 @@
 //!   `x-amzn-ErrorType` header alone, so a 410 without it (a proxy, an emulator) would otherwise
 //!   look like an unknown error and the connection would never be cleaned up.
 //! - **throttled** (`LimitExceededException`, HTTP 429 — the account's rate, or the client's
-//!   buffer being full): retried here under [`retry::AWS_CALL`] (exponential backoff with
+//!   buffer being full): retried here under [`retry::THROTTLED_POST`] (exponential backoff with
 //!   jitter). The fan-out posts to many recipients at once, so one throttled recipient waits
 //!   alone and holds up nobody else.
 //! - **server trouble** (HTTP 5xx, a connection that failed or timed out): retried the same way.
@@ -83,11 +83,11 @@ impl ManagementApi {
         ManagementApi {
             client: Client::from_conf(service),
             endpoint,
-            retry: retry::AWS_CALL,
+            retry: retry::THROTTLED_POST,
         }
     }
 
-    /// The same client with another retry policy than [`retry::AWS_CALL`].
+    /// The same client with another retry policy than [`retry::THROTTLED_POST`].
     pub fn with_retry(mut self, retry: ExponentialBuilder) -> ManagementApi {
         self.retry = retry;
         self

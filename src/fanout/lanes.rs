@@ -83,8 +83,13 @@ pub fn waves(per_frame: Vec<Vec<DeliveryJob>>) -> Vec<Vec<DeliveryJob>> {
     // Each lane's jobs, in order; and the job a lane's part is growing (its index there).
     let mut lanes: Vec<Vec<DeliveryJob>> = Vec::new();
     let mut lane_of: HashMap<String, usize> = HashMap::new();
+    // A job grows only while its part had the same connections in every frame since it was
+    // made: a part that is missing from one frame (its lane lost connections) may come back
+    // holding a connection that got the missing frame in a later job, and taking a later frame
+    // into the older job would post it to them first.
     let mut growing: HashMap<(usize, usize), usize> = HashMap::new();
     for jobs in per_frame {
+        let mut grown: HashMap<(usize, usize), usize> = HashMap::new();
         let mut parts: HashMap<usize, usize> = HashMap::new();
         for job in jobs {
             let lane = *lane_of.entry(job.group.clone()).or_insert_with(|| {
@@ -99,12 +104,14 @@ pub fn waves(per_frame: Vec<Vec<DeliveryJob>>) -> Vec<Vec<DeliveryJob>> {
                 let open = &mut lanes[lane][at];
                 if open.connections == job.connections && size(open) + frame_len <= JOB_BYTES {
                     open.frames.extend(job.frames);
+                    grown.insert(key, at);
                     continue;
                 }
             }
-            growing.insert(key, lanes[lane].len());
+            grown.insert(key, lanes[lane].len());
             lanes[lane].push(job);
         }
+        growing = grown;
     }
     let mut waves: Vec<Vec<DeliveryJob>> = Vec::new();
     for jobs in lanes {
@@ -312,5 +319,23 @@ mod tests {
         assert!(cut.iter().flatten().all(|j| size(j) <= JOB_BYTES));
         assert!(cut.len() > 1, "five 20 KiB frames do not fit one job");
         assert!(posted(&cut).values().all(|frames| frames.len() == 5));
+    }
+
+    #[test]
+    fn a_part_that_skips_a_frame_starts_a_new_job() {
+        let job = |frame: &str, part: usize, members: &[&str]| DeliveryJob {
+            frames: vec![frame.to_owned()],
+            connections: connections(members),
+            group: "hall#0".to_owned(),
+            id: format!("{frame}#0#{part}"),
+        };
+        // One lane, jobs of one connection: a leaves, so b moves up a part and the lane has
+        // one part; then a newcomer arrives ahead of b, and b is back in its old part.
+        let waves = waves(vec![
+            vec![job("m1", 0, &["a"]), job("m1", 1, &["b"])],
+            vec![job("m2", 0, &["b"])],
+            vec![job("m3", 0, &["n"]), job("m3", 1, &["b"])],
+        ]);
+        assert_eq!(posted(&waves)["b"], ["m1", "m2", "m3"], "{waves:?}");
     }
 }

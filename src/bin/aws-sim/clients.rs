@@ -270,7 +270,10 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce(bool)) {
                 drop(sink);
                 drop(stream);
                 if plan.leaves {
-                    shared.left.lock().push((plan.user.clone(), plan.rooms.clone()));
+                    shared
+                        .left
+                        .lock()
+                        .push((plan.user.clone(), plan.rooms.clone()));
                     // What it heard is not held against the fan-out: it left.
                     return;
                 }
@@ -330,7 +333,11 @@ fn heard(shared: &Shared, views: &mut HashMap<String, RoomView>, frame: &Value) 
             }
         }
         Some("presence") => {
-            *shared.frames.lock().entry("presence".to_owned()).or_default() += 1;
+            *shared
+                .frames
+                .lock()
+                .entry("presence".to_owned())
+                .or_default() += 1;
             let (Some(room), Some(user), Some(online)) = (
                 frame["room"].as_str(),
                 frame["user"].as_str(),
@@ -359,6 +366,7 @@ fn heard(shared: &Shared, views: &mut HashMap<String, RoomView>, frame: &Value) 
             }
             if seq < view.last && !view.replaying {
                 view.out_of_order += 1;
+                tracing::debug!(room, seq, last = view.last, kind, "heard out of order");
             }
             view.last = view.last.max(seq);
             if kind == "message" {

@@ -355,8 +355,11 @@ async fn run(
     let elapsed_s = measured.elapsed().as_secs_f64();
     // From the measured phase's start to the last message heard: what deliveries per second
     // are counted over (the drain may wait on past it for a message that was never acked).
-    let delivering_s =
-        shared.last_heard_us.load(Relaxed).saturating_sub(measured_us) as f64 / 1e6;
+    let delivering_s = shared
+        .last_heard_us
+        .load(Relaxed)
+        .saturating_sub(measured_us) as f64
+        / 1e6;
     let after = report::Snapshot::take(&metrics, &lambda);
     shared.set(&shared.stop, true);
     for task in tasks {

@@ -11,7 +11,8 @@
 //! The rest is deleted (DeleteMessageBatch), as Lambda does.
 //!
 //! An idle poller waits as a long poll does: until a message is sent (the counting proxy wakes
-//! one poller per message sent), until messages handed back become visible again, or 20 s.
+//! one poller per message sent), until a message group is set free (its messages deleted: one
+//! poller per group), until messages handed back become visible again, or 20 s.
 
 use crate::lambda::{InvokeError, LambdaService};
 use crate::metrics::Metrics;
@@ -107,6 +108,16 @@ impl QueueSource {
                         .ok()
                 })
                 .collect();
+            // Deleting a group's messages lets its next ones out: a long poll waiting on the
+            // queue returns then, one per group set free.
+            let groups: std::collections::HashSet<&str> = messages
+                .iter()
+                .filter_map(|m| {
+                    m.attributes()
+                        .and_then(|a| a.get(&MessageSystemAttributeName::MessageGroupId))
+                        .map(String::as_str)
+                })
+                .collect();
             if !done.is_empty()
                 && let Err(error) = self
                     .sqs
@@ -117,6 +128,9 @@ impl QueueSource {
                     .await
             {
                 tracing::warn!(error = %aws_sdk_sqs::error::DisplayErrorContext(error), "DeleteMessageBatch");
+            }
+            for _ in 0..groups.len() {
+                self.sent.notify_one();
             }
             if !failed.is_empty() {
                 self.metrics.sqs_handed_back.add(failed.len() as u64);

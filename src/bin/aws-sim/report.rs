@@ -256,7 +256,13 @@ pub fn check(line: &str) -> Result<(), String> {
     if n("delivered") < n("expected") {
         wrong.push(format!("{} of {} delivered", n("delivered"), n("expected")));
     }
-    for key in ["lost", "duplicates", "gaps", "out_of_order", "presence_stale"] {
+    for key in [
+        "lost",
+        "duplicates",
+        "gaps",
+        "out_of_order",
+        "presence_stale",
+    ] {
         if n(key) != 0 {
             wrong.push(format!("{key}: {}", line[key]));
         }

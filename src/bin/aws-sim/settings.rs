@@ -101,8 +101,6 @@ pub const DELIVER_TIMEOUT: Duration = Duration::from_secs(30);
 /// FanOutShardSize 100.
 pub const DEFAULT_ROUTE_CONCURRENCY: usize = 0;
 pub const DEFAULT_DELIVER_MAX_CONCURRENCY: usize = 20;
-/// The least `ScalingConfig.MaximumConcurrency` takes. LIMITS: Lambda, "SQS FIFO source".
-pub const MIN_SQS_MAXIMUM_CONCURRENCY: usize = 2;
 pub const DEFAULT_SHARD_THRESHOLD: usize = 200;
 pub const DEFAULT_SHARD_SIZE: usize = 100;
 
@@ -136,10 +134,13 @@ impl Account {
         }
     }
 
-    /// The scale model: every quota that bounds a rate or a count multiplied by `scale` (never
-    /// below one). Latencies are not scaled. Lambda's concurrency is scaled too: the scaled
-    /// scenario needs proportionally fewer environments, and this machine could not hold a
-    /// thousand function processes anyway.
+    /// The scale model: API Gateway's quotas — what bounds posts, frames and connects, which
+    /// all grow with the number of connections — multiplied by `scale` (never below one).
+    /// Lambda's are not: with the big-room threshold and the job size scaled as room sizes are
+    /// ([`Parameters::scaled`]), a scaled room makes as many invocations, jobs and queue
+    /// messages per event as its full size would, and needs as many environments to carry them
+    /// (scaling Lambda too would cut the deliver function's capacity by `scale` twice over).
+    /// Latencies are not scaled.
     pub fn scaled(&self, scale: f64) -> Account {
         let by = |x: f64| (x * scale).max(1.0);
         Account {
@@ -148,10 +149,7 @@ impl Account {
             connect_rate: by(self.connect_rate),
             stage_route_rate: by(self.stage_route_rate),
             stage_route_burst: by(self.stage_route_burst),
-            lambda_concurrency: by(self.lambda_concurrency as f64).round() as usize,
-            lambda_unreserved_floor: by(self.lambda_unreserved_floor as f64).round() as usize,
-            lambda_scaling_rate: by(self.lambda_scaling_rate),
-            lambda_scaling_burst: by(self.lambda_scaling_burst),
+            ..self.clone()
         }
     }
 }
@@ -178,24 +176,15 @@ impl Default for Parameters {
 }
 
 impl Parameters {
-    /// Reserved concurrency scaled as [`Account::scaled`] scales the account's (a reservation
-    /// stays a reservation: never rounded down to 0, which means "unreserved"); the big-room
-    /// threshold and the job size scaled as room sizes are, so that a scaled room takes the
-    /// path (direct posts or the delivery queue) and the number of jobs its full size would.
+    /// The big-room threshold and the job size scaled as room sizes are, so that a scaled room
+    /// takes the path (direct posts or the delivery queue) and makes the number of jobs its full
+    /// size would; concurrency settings kept, as [`Account::scaled`] keeps Lambda's.
     pub fn scaled(&self, scale: f64) -> Parameters {
-        let by = |n: usize| {
-            if n == 0 {
-                0
-            } else {
-                ((n as f64 * scale).round() as usize).max(1)
-            }
-        };
+        let by = |n: usize| ((n as f64 * scale).round() as usize).max(1);
         Parameters {
-            route_concurrency: by(self.route_concurrency),
-            deliver_max_concurrency: by(self.deliver_max_concurrency)
-                .max(MIN_SQS_MAXIMUM_CONCURRENCY),
             shard_threshold: by(self.shard_threshold),
             shard_size: by(self.shard_size),
+            ..self.clone()
         }
     }
 }
