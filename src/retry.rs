@@ -60,8 +60,10 @@ pub const FOLLOW: ExponentialBuilder = ExponentialBuilder::new()
 /// another change of the same user): 64 tries, pausing 1–2 ms at first and doubling up to
 /// 32–64 ms. The winner's write is already done, so the race clears in a round trip; the short
 /// pauses keep a busy room's messages in and the jitter keeps the losers from meeting again.
-/// 64 tries ride out a room with dozens of writers at once (about 3 s of waiting at most) before
-/// the append fails as contended.
+/// 64 tries ride out a room with dozens of writers at once before the append fails as contended.
+/// On DynamoDB each pause is at least this and otherwise spread over the lost write's own round
+/// trips (`store::dynamodb::log`'s `contended_pause`): racers on many Lambda environments spread
+/// out instead of all trying the next seq together.
 pub const CONTENDED_APPEND: ExponentialBuilder = ExponentialBuilder::new()
     .with_min_delay(Duration::from_millis(1))
     .with_max_delay(Duration::from_millis(32))

@@ -1,4 +1,4 @@
-//! `palaver-deliver`: the delivery queue's SQS messages (one frame, up to
+//! `palaver-deliver`: the delivery queue's SQS messages (a run of frames, up to
 //! `PALAVER_FANOUT_SHARD_SIZE` connections each) → posts, answering with `batchItemFailures`.
 //! See `palaver::lambda::deliver`.
 
@@ -15,7 +15,9 @@ async fn main() -> Result<(), Error> {
     let fanout = &fanout;
     let metrics = lambda::embedded_metrics("palaver-deliver")?;
     run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
-        Ok::<_, Error>(lambda::counted(metrics, lambda::deliver(fanout, event.payload)).await)
+        let deadline = lambda::deadline_of(&event.context);
+        let delivered = lambda::deliver(fanout, deadline, event.payload);
+        Ok::<_, Error>(lambda::counted(metrics, delivered).await)
     }))
     .await
 }

@@ -67,12 +67,16 @@ pub fn relay_jobs(
 /// How large a job grows by taking later frames: SQS bills each 64 KiB of a message as one
 /// request, and a message may be 256 KiB at most (a frame alone is at most 32 KiB).
 const JOB_BYTES: usize = 64 * 1024;
+/// The most frames a job takes: a worker posts them one after another, and must finish a job it
+/// started (handing it back would post its first frames twice) within its invocation's
+/// timeout even when every post waits out throttling.
+const JOB_FRAMES: usize = 5;
 
 /// The jobs of several frames of one room, in seq order (each frame's from [`relay_jobs`]),
 /// merged and put in the order they must be sent.
 ///
 /// A job takes the frames after its own for as long as its lane's part holds the same
-/// connections (up to [`JOB_BYTES`]): a run of messages into a big room — what a busy room's
+/// connections (up to [`JOB_FRAMES`] and [`JOB_BYTES`]): a run of messages into a big room — what a busy room's
 /// stream batch holds, more of them the further the fan-out is behind — costs one message per
 /// lane, not one per lane per event, and one delivery worker posts them all in order. A join
 /// or a leave changes one lane; the others go on merging.
@@ -102,7 +106,10 @@ pub fn waves(per_frame: Vec<Vec<DeliveryJob>>) -> Vec<Vec<DeliveryJob>> {
             let frame_len = job.frames.iter().map(String::len).sum::<usize>();
             if let Some(&at) = growing.get(&key) {
                 let open = &mut lanes[lane][at];
-                if open.connections == job.connections && size(open) + frame_len <= JOB_BYTES {
+                if open.connections == job.connections
+                    && open.frames.len() < JOB_FRAMES
+                    && size(open) + frame_len <= JOB_BYTES
+                {
                     open.frames.extend(job.frames);
                     grown.insert(key, at);
                     continue;

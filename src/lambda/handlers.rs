@@ -13,6 +13,8 @@ use aws_lambda_events::event::dynamodb::Event as StreamEvent;
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use aws_lambda_events::streams::DynamoDbEventResponse;
 use bytes::Bytes;
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// `palaver-fanout`: delivers what a batch of the events table's stream announces, and names
 /// the records to hand over again.
@@ -49,7 +51,7 @@ pub async fn fan_out(fanout: &StreamFanOut, event: StreamEvent) -> DynamoDbEvent
 ///
 /// The queue is FIFO: the batch's lanes are posted at once, each in order (see
 /// [`deliver_lane`]).
-pub async fn deliver(fanout: &FanOut, event: SqsEvent) -> SqsBatchResponse {
+pub async fn deliver(fanout: &FanOut, deadline: Instant, event: SqsEvent) -> SqsBatchResponse {
     // The batch's lanes (message groups), each its messages in order. Lanes are independent —
     // a connection is in one lane of its room — so they are posted at once: a batch of ten jobs
     // takes as long as its longest lane, not as all ten one after another.
@@ -66,21 +68,31 @@ pub async fn deliver(fanout: &FanOut, event: SqsEvent) -> SqsBatchResponse {
         });
         lanes[lane].push(queued);
     }
-    let failed =
-        futures_util::future::join_all(lanes.into_iter().map(|lane| deliver_lane(fanout, lane)))
-            .await
-            .into_iter()
-            .flatten();
+    // A job is started only while it can still be finished before the invocation times out;
+    // the ones left go back to the queue, unposted.
+    let start_by = deadline.checked_sub(FINISH_MARGIN).unwrap_or(deadline);
+    let lanes = lanes
+        .into_iter()
+        .map(|lane| deliver_lane(fanout, lane, start_by));
+    let failed = futures_util::future::join_all(lanes)
+        .await
+        .into_iter()
+        .flatten();
     sqs_response(failed)
 }
+
+/// How long before its deadline an invocation stops starting jobs: about what a job of five
+/// frames takes when every post waits out throttling (`retry::THROTTLED_POST`, ~3 s, after an
+/// attempt of up to 1 s).
+pub const FINISH_MARGIN: Duration = Duration::from_secs(20);
 
 /// One lane's messages, in order; returns the ones to hand back. Once one goes back, every
 /// later one of the lane goes back too, unposted, so that no connection gets a later frame
 /// before an earlier one (what Lambda asks of partial batch responses on FIFO queues).
-async fn deliver_lane(fanout: &FanOut, lane: Vec<QueuedJob>) -> Vec<String> {
+async fn deliver_lane(fanout: &FanOut, lane: Vec<QueuedJob>, start_by: Instant) -> Vec<String> {
     let mut failed = Vec::new();
     for queued in lane {
-        if !failed.is_empty() {
+        if !failed.is_empty() || Instant::now() > start_by {
             failed.push(queued.message_id);
             continue;
         }
@@ -183,6 +195,11 @@ mod tests {
         message
     }
 
+    /// A deadline as far off as the deliver function's timeout.
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(30)
+    }
+
     fn failed(response: &SqsBatchResponse) -> Vec<String> {
         response
             .batch_item_failures
@@ -205,6 +222,7 @@ mod tests {
         // reconnects and replays) instead of holding the lane up at every frame.
         let response = deliver(
             &fanout,
+            soon(),
             event(vec![
                 message("alone", &["slow-1"]),
                 message("shared", &["slow-2", "ok-1"]),
@@ -217,6 +235,7 @@ mod tests {
         // goes back to be tried again.
         let response = deliver(
             &fanout,
+            soon(),
             event(vec![message("stuck", &["slow-3", "slow-4"])]),
         )
         .await;
@@ -225,6 +244,7 @@ mod tests {
         // The API refusing everyone: back to the queue, and what follows it on the FIFO lane.
         let response = deliver(
             &fanout,
+            soon(),
             event(vec![
                 message("refused", &["x-1", "x-2"]),
                 message("next", &["ok-2"]),
@@ -245,7 +265,7 @@ mod tests {
             // Refused from its first frame: nobody has any of it, so it goes back whole.
             message_of("refused", &["x-1"], &["m4", "m5"]),
         ];
-        let response = deliver(&fanout, event).await;
+        let response = deliver(&fanout, soon(), event).await;
         assert_eq!(failed(&response), ["refused"]);
         let taken = api.taken.lock().unwrap().clone();
         for c in ["ok-1", "ok-2"] {
@@ -269,9 +289,25 @@ mod tests {
             message_in("r#1", "other lane", &["ok-1"], &["m1"]),
             message_in("r#0", "after the refused", &["ok-2"], &["m2"]),
         ];
-        let response = deliver(&fanout, event).await;
+        let response = deliver(&fanout, soon(), event).await;
         assert_eq!(failed(&response), ["refused", "after the refused"]);
         let taken = api.taken.lock().unwrap().clone();
         assert_eq!(taken, [("ok-1".to_owned(), "m1".to_owned())]);
+    }
+
+    #[tokio::test]
+    async fn jobs_that_could_not_finish_before_the_timeout_go_back_unposted() {
+        let store = crate::store::memory::MemoryStore::store();
+        let api = Arc::new(Scripted::default());
+        let fanout = FanOut::new(&store, api.clone());
+        let mut event = SqsEvent::default();
+        event.records = vec![
+            message_in("r#0", "first", &["ok-1"], &["m1"]),
+            message_in("r#1", "second", &["ok-2"], &["m1"]),
+        ];
+        let almost_out = Instant::now() + FINISH_MARGIN / 2;
+        let response = deliver(&fanout, almost_out, event).await;
+        assert_eq!(failed(&response), ["first", "second"]);
+        assert!(api.taken.lock().unwrap().is_empty(), "nothing was posted");
     }
 }

@@ -27,3 +27,16 @@ pub async fn counted<T>(
     }
     answer
 }
+
+/// When the invocation times out, as a tokio instant (Lambda gives it as milliseconds since the
+/// epoch; an invocation without one gets Lambda's longest, 15 minutes).
+pub fn deadline_of(context: &lambda_runtime::Context) -> tokio::time::Instant {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let left = match context.deadline {
+        0 => std::time::Duration::from_secs(15 * 60),
+        deadline => std::time::Duration::from_millis(deadline.saturating_sub(now_ms)),
+    };
+    tokio::time::Instant::now() + left
+}

@@ -12,7 +12,8 @@
 //! - [`config`] — what the functions read from their environment;
 //! - [`wiring`] — what is built once per container: SDK clients, the store, the management API;
 //! - [`handlers`] — the fan-out and deliver handlers, answering with `batchItemFailures`;
-//! - [`invocation`] — what an invocation counts, as CloudWatch EMF lines in the log.
+//! - [`invocation`] — what an invocation counts, as CloudWatch EMF lines in the log, and its
+//!   deadline.
 //!
 //! The tests in `tests/it/aws_path.rs` call these same functions with Lambda's event JSON.
 
@@ -23,5 +24,5 @@ mod wiring;
 
 pub use config::{ConfigError, DEFAULT_QUEUE_JOB_SIZE, DEFAULT_QUEUE_THRESHOLD, LambdaConfig};
 pub use handlers::{deliver, fan_out};
-pub use invocation::{counted, embedded_metrics};
+pub use invocation::{counted, deadline_of, embedded_metrics};
 pub use wiring::Aws;

@@ -12,6 +12,7 @@ use crate::ports::{Directory, EventLog, StoreError, StoreResult};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::TransactWriteItem;
 use backon::BackoffBuilder;
+use std::time::Duration;
 
 /// Why one attempt at an append did not land.
 enum Missed {
@@ -188,6 +189,17 @@ impl DynamoStore {
     }
 }
 
+/// How long an append waits after losing its `races`th race: at least the policy's `pause`, and
+/// otherwise a random point of a window of `write` — the lost attempt's own round trip —
+/// doubled per race up to 8 round trips ("full jitter"). Writers racing for one room (senders on
+/// many Lambda environments) then spread over as many round trips as there are of them instead
+/// of all trying the next seq together again, which, when the table is slow, makes every
+/// round's losers more numerous than the last's.
+fn contended_pause(pause: Duration, write: Duration, races: u32) -> Duration {
+    let window = write.saturating_mul(1 << races.saturating_sub(1).min(3));
+    pause.max(window.mul_f64(rand::random::<f64>()))
+}
+
 #[async_trait]
 impl EventLog for DynamoStore {
     async fn append(&self, body: EventBody, expect: Expect) -> StoreResult<Appended> {
@@ -224,6 +236,7 @@ impl EventLog for DynamoStore {
         // rather than remembered from an earlier one, which another process may have passed
         // long since.
         let mut fresh = false;
+        let mut races = 0u32;
         loop {
             let head = match *known_head {
                 Some(head) => head,
@@ -247,6 +260,7 @@ impl EventLog for DynamoStore {
                 });
             }
             let event = Event::record(body.clone(), head + 1, now());
+            let writing = std::time::Instant::now();
             match self.write(&event).await {
                 Ok(()) => {
                     *known_head = Some(event.seq);
@@ -266,12 +280,14 @@ impl EventLog for DynamoStore {
                     // that turns out taken may be far behind: read it.
                     *known_head = fresh.then_some(event.seq);
                     let Some(pause) = pauses.next() else { break };
-                    tokio::time::sleep(pause).await;
+                    races += 1;
+                    tokio::time::sleep(contended_pause(pause, writing.elapsed(), races)).await;
                 }
                 Err(Missed::Raced) => {
                     metrics::counter!(crate::metrics::APPEND_RACES).increment(1);
                     let Some(pause) = pauses.next() else { break };
-                    tokio::time::sleep(pause).await;
+                    races += 1;
+                    tokio::time::sleep(contended_pause(pause, writing.elapsed(), races)).await;
                 }
                 Err(Missed::DuplicateMessage) => {
                     let first = self.sent_before(&body).await?.ok_or_else(|| {
@@ -322,5 +338,33 @@ impl EventLog for DynamoStore {
 
     async fn head(&self, stream: &Stream) -> StoreResult<u64> {
         Ok(self.read_head(stream).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contended_pause;
+    use std::time::Duration;
+
+    #[test]
+    fn losers_of_a_race_spread_over_more_round_trips_the_more_they_lose() {
+        let (pause, write) = (Duration::from_millis(1), Duration::from_millis(25));
+        for races in 1..=6u32 {
+            let window = write * (1 << (races - 1).min(3));
+            let pauses: Vec<Duration> = (0..200)
+                .map(|_| contended_pause(pause, write, races))
+                .collect();
+            assert!(
+                pauses.iter().all(|p| *p >= pause && *p <= window),
+                "{races}"
+            );
+            let mean = pauses.iter().sum::<Duration>() / 200;
+            assert!(
+                mean > window / 4 && mean < window * 3 / 4,
+                "{races}: {mean:?}"
+            );
+        }
+        // A fast table: the policy's own pause is the floor.
+        assert!(contended_pause(pause, Duration::ZERO, 1) == pause);
     }
 }

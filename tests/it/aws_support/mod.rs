@@ -443,7 +443,9 @@ impl World {
     /// The deliver function, given the SQS event's JSON; returns its answer's JSON.
     pub async fn deliver(&self, event: &Value) -> Value {
         let event = serde_json::from_value(event.clone()).expect("an SQS event");
-        serde_json::to_value(lambda::deliver(&self.deliverer, event).await)
+        // The deliver function's timeout (template.yaml: 30 s) from now.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        serde_json::to_value(lambda::deliver(&self.deliverer, deadline, event).await)
             .expect("a batch response")
     }
 }
