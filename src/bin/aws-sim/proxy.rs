@@ -206,10 +206,19 @@ fn account(
         "sqs" => {
             metrics.sqs_requests.add(1);
             if status.is_success() && matches!(action, "SendMessage" | "SendMessageBatch") {
-                // A waiting long poll returns for each message: wake one poller per message.
+                // A waiting long poll returns with what arrived, a message group's messages
+                // together (a FIFO receive takes as many of one group as it can): wake one
+                // poller per group sent to. One per message would send a receive after each,
+                // most of them finding nothing, where SQS's waiting polls cost nothing more.
                 let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-                let messages = request["Entries"].as_array().map_or(1, Vec::len);
-                for _ in 0..messages {
+                let groups: std::collections::HashSet<&str> = match request["Entries"].as_array() {
+                    Some(entries) => entries
+                        .iter()
+                        .map(|e| e["MessageGroupId"].as_str().unwrap_or(""))
+                        .collect(),
+                    None => [request["MessageGroupId"].as_str().unwrap_or("")].into(),
+                };
+                for _ in 0..groups.len() {
                     upstream.sqs_sent.notify_one();
                 }
             }

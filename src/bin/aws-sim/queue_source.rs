@@ -11,7 +11,7 @@
 //! The rest is deleted (DeleteMessageBatch), as Lambda does.
 //!
 //! An idle poller waits as a long poll does: until a message is sent (the counting proxy wakes
-//! one poller per message sent), until a message group is set free (its messages deleted: one
+//! one poller per message group sent to), until a message group is set free (its messages deleted: one
 //! poller per group), until messages handed back become visible again, or 20 s.
 
 use crate::lambda::{InvokeError, LambdaService};
@@ -31,7 +31,7 @@ pub struct QueueSource {
     pub queue_arn: String,
     pub lambda: Arc<LambdaService>,
     pub metrics: Arc<Metrics>,
-    /// Woken once per message sent to SQS (the counting proxy sees every send).
+    /// Woken once per message group sent to (the counting proxy sees every send).
     pub sent: Arc<Notify>,
     /// Pollers: `ScalingConfig.MaximumConcurrency` when set, else the function's concurrency.
     pub pollers: usize,
