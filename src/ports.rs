@@ -318,6 +318,7 @@ pub struct QueueError(pub String);
 /// Where a big room's deliveries go to be posted by other workers (SQS → the deliver function).
 #[async_trait]
 pub trait DeliveryQueue: Send + Sync {
+    /// Queues `jobs`: those of one group in the order given (the others in any order).
     async fn enqueue(&self, jobs: Vec<DeliveryJob>) -> Result<(), QueueError>;
 }
 

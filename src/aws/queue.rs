@@ -24,7 +24,7 @@ use backon::RetryableWithContext;
 const BATCH_ENTRIES: usize = 10;
 /// Bytes of message bodies per `SendMessageBatch`: SQS's limit for a batch's total payload.
 const BATCH_BYTES: usize = 256 * 1024;
-/// `SendMessageBatch` calls of one frame in flight at once: a frame of a room of 10,000 is 100
+/// `SendMessageBatch` calls of one round in flight at once: a frame of a room of 10,000 is 100
 /// jobs, 10 calls; sent one after another at ~10 ms each they would cap the room at a few
 /// frames a second.
 const BATCHES_AT_ONCE: usize = 16;
@@ -151,6 +151,12 @@ enum Unsent {
 
 #[async_trait]
 impl DeliveryQueue for SqsDeliveryQueue {
+    /// Sends the jobs in rounds: in each, every lane (group) sends its next chunk — as many of its
+    /// jobs, in order, as one `SendMessageBatch` takes — with lanes' chunks packed together into
+    /// calls that go out at once ([`BATCHES_AT_ONCE`]). A lane's jobs are in order within a call
+    /// (SQS keeps a batch's entries in order) and across calls (the next round starts when this
+    /// one is sent), so every lane keeps the order given; a room's run of frames to 16 lanes is
+    /// one or two calls, not one per frame.
     async fn enqueue(&self, jobs: Vec<DeliveryJob>) -> Result<(), QueueError> {
         let entries = jobs
             .iter()
@@ -163,20 +169,22 @@ impl DeliveryQueue for SqsDeliveryQueue {
             })
             .collect::<Result<Vec<_>, serde_json::Error>>()
             .map_err(|e| QueueError(format!("cannot encode a delivery job: {e}")))?;
-        // The batches of one frame go out at once: its jobs are the same frame for different
-        // connections, so their order does not matter, even within a lane; the next frame's
-        // jobs are queued only once this call returns, so lanes keep the frames' order.
         use futures_util::StreamExt;
-        let mut sent = futures_util::stream::iter(batches(entries))
-            .map(|batch| self.send_batch(batch))
-            .buffer_unordered(BATCHES_AT_ONCE);
-        let mut failure = None;
-        while let Some(result) = sent.next().await {
-            if let Err(error) = result {
-                failure.get_or_insert(error);
+        for round in rounds(entries) {
+            let mut sent = futures_util::stream::iter(round)
+                .map(|batch| self.send_batch(batch))
+                .buffer_unordered(BATCHES_AT_ONCE);
+            let mut failure = None;
+            while let Some(result) = sent.next().await {
+                if let Err(error) = result {
+                    failure.get_or_insert(error);
+                }
+            }
+            if let Some(error) = failure {
+                return Err(error);
             }
         }
-        failure.map_or(Ok(()), Err)
+        Ok(())
     }
 }
 
@@ -188,27 +196,63 @@ struct Entry {
     dedupe: String,
 }
 
-/// Packs messages into batches SQS accepts: at most [`BATCH_ENTRIES`] entries and
-/// [`BATCH_BYTES`] in all, in order. Entry ids are the job's index in the call, so a failure
-/// names the job.
-fn batches(entries: Vec<Entry>) -> Vec<Vec<(String, Entry)>> {
-    let mut batches: Vec<Vec<(String, Entry)>> = Vec::new();
+/// The calls to make, round by round: each lane's entries cut into chunks that one call takes
+/// ([`BATCH_ENTRIES`], [`BATCH_BYTES`]), round `r` holding every lane's `r`th chunk, packed
+/// together into calls (a chunk is never split). Entry ids are the job's index in `entries`, so a
+/// failure names the job.
+fn rounds(entries: Vec<Entry>) -> Vec<Vec<Vec<(String, Entry)>>> {
+    // Each lane's entries, in order, lanes in the order they first appear.
+    let mut lanes: Vec<Vec<(String, Entry)>> = Vec::new();
+    let mut lane_of: std::collections::HashMap<String, usize> = Default::default();
+    for (index, entry) in entries.into_iter().enumerate() {
+        let lane = *lane_of.entry(entry.group.clone()).or_insert_with(|| {
+            lanes.push(Vec::new());
+            lanes.len() - 1
+        });
+        lanes[lane].push((format!("job-{index}"), entry));
+    }
+    let chunked: Vec<Vec<Vec<(String, Entry)>>> = lanes.into_iter().map(chunks).collect();
+    let depth = chunked.iter().map(Vec::len).max().unwrap_or(0);
+    let mut lanes: Vec<std::vec::IntoIter<Vec<(String, Entry)>>> =
+        chunked.into_iter().map(Vec::into_iter).collect();
+    let mut rounds = Vec::with_capacity(depth);
+    for _ in 0..depth {
+        let mut calls: Vec<Vec<(String, Entry)>> = Vec::new();
+        let mut size = 0;
+        for chunk in lanes.iter_mut().filter_map(Iterator::next) {
+            let bytes: usize = chunk.iter().map(|(_, e)| e.body.len()).sum();
+            let fits = calls.last().is_some_and(|call| {
+                call.len() + chunk.len() <= BATCH_ENTRIES && size + bytes <= BATCH_BYTES
+            });
+            if !fits {
+                calls.push(Vec::new());
+                size = 0;
+            }
+            size += bytes;
+            calls.last_mut().expect("a call was just made").extend(chunk);
+        }
+        rounds.push(calls);
+    }
+    rounds
+}
+
+/// One lane's entries cut, in order, into chunks of at most [`BATCH_ENTRIES`] entries and
+/// [`BATCH_BYTES`].
+fn chunks(entries: Vec<(String, Entry)>) -> Vec<Vec<(String, Entry)>> {
+    let mut chunks: Vec<Vec<(String, Entry)>> = Vec::new();
     let mut size = 0;
-    for (index, body) in entries.into_iter().enumerate() {
-        let fits = batches
+    for (id, entry) in entries {
+        let fits = chunks
             .last()
-            .is_some_and(|b| b.len() < BATCH_ENTRIES && size + body.body.len() <= BATCH_BYTES);
+            .is_some_and(|c| c.len() < BATCH_ENTRIES && size + entry.body.len() <= BATCH_BYTES);
         if !fits {
-            batches.push(Vec::new());
+            chunks.push(Vec::new());
             size = 0;
         }
-        size += body.body.len();
-        batches
-            .last_mut()
-            .expect("a batch was just made")
-            .push((format!("job-{index}"), body));
+        size += entry.body.len();
+        chunks.last_mut().expect("a chunk was just made").push((id, entry));
     }
-    batches
+    chunks
 }
 
 /// One record of the deliver function's SQS event: its message id (what a batch failure names)
@@ -250,31 +294,76 @@ mod tests {
     use super::*;
     use crate::domain::ConnectionId;
 
-    #[test]
-    fn batches_keep_to_ten_entries_and_256_kib() {
-        let entry = |body: String| Entry {
+    fn entry(group: &str, body: String) -> Entry {
+        Entry {
             body,
-            group: "g".to_owned(),
+            group: group.to_owned(),
             dedupe: "d".to_owned(),
-        };
-        let small: Vec<Entry> = (0..23).map(|i| entry(format!("{i}"))).collect();
-        let sizes: Vec<usize> = batches(small).iter().map(Vec::len).collect();
-        assert_eq!(sizes, [10, 10, 3]);
+        }
+    }
 
-        let big = entry("x".repeat(100 * 1024));
-        let sizes: Vec<usize> = batches(vec![big.clone(); 5]).iter().map(Vec::len).collect();
-        assert_eq!(
-            sizes,
-            [2, 2, 1],
-            "three 100 KiB bodies do not fit in 256 KiB"
-        );
-
-        let ids: Vec<String> = batches(vec![big; 3])
+    /// Each call's entries as "group:body", round by round.
+    fn plan(entries: Vec<Entry>) -> Vec<Vec<Vec<String>>> {
+        rounds(entries)
             .into_iter()
+            .map(|calls| {
+                calls
+                    .into_iter()
+                    .map(|call| {
+                        call.into_iter()
+                            .map(|(_, e)| format!("{}:{}", e.group, e.body))
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn calls_keep_to_ten_entries_and_256_kib() {
+        let one_lane: Vec<Entry> = (0..23).map(|i| entry("g", format!("{i}"))).collect();
+        let sizes: Vec<Vec<usize>> = rounds(one_lane)
+            .iter()
+            .map(|calls| calls.iter().map(Vec::len).collect())
+            .collect();
+        assert_eq!(sizes, [[10], [10], [3]], "one lane: a call per round, in order");
+
+        let big = entry("g", "x".repeat(100 * 1024));
+        let sizes: Vec<Vec<usize>> = rounds(vec![big.clone(); 5])
+            .iter()
+            .map(|calls| calls.iter().map(Vec::len).collect())
+            .collect();
+        assert_eq!(sizes, [[2], [2], [1]], "three 100 KiB bodies do not fit in 256 KiB");
+
+        let ids: Vec<String> = rounds(vec![big; 3])
+            .into_iter()
+            .flatten()
             .flatten()
             .map(|(id, _)| id)
             .collect();
         assert_eq!(ids, ["job-0", "job-1", "job-2"]);
+    }
+
+    #[test]
+    fn lanes_share_calls_and_each_keeps_its_order_across_rounds() {
+        // Three lanes: a with 12 jobs, b with 3, c with 1, interleaved as a room's run is.
+        let mut entries = Vec::new();
+        for i in 0..12 {
+            entries.push(entry("a", format!("{i}")));
+            if i < 3 {
+                entries.push(entry("b", format!("{i}")));
+            }
+            if i < 1 {
+                entries.push(entry("c", format!("{i}")));
+            }
+        }
+        let plan = plan(entries);
+        // Round 1: a's first ten in a call of their own (b's and c's do not fit with them), b's
+        // three and c's one together; round 2: a's last two.
+        let a: Vec<String> = (0..10).map(|i| format!("a:{i}")).collect();
+        assert_eq!(plan[0], [a, vec!["b:0".into(), "b:1".into(), "b:2".into(), "c:0".into()]]);
+        assert_eq!(plan[1], [vec!["a:10".to_owned(), "a:11".to_owned()]]);
+        assert_eq!(plan.len(), 2);
     }
 
     #[test]

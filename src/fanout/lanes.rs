@@ -73,7 +73,7 @@ const JOB_BYTES: usize = 64 * 1024;
 const JOB_FRAMES: usize = 5;
 
 /// The jobs of several frames of one room, in seq order (each frame's from [`relay_jobs`]),
-/// merged and put in the order they must be sent.
+/// merged, each lane's in the order they must be queued.
 ///
 /// A job takes the frames after its own for as long as its lane's part holds the same
 /// connections (up to [`JOB_FRAMES`] and [`JOB_BYTES`]): a run of messages into a big room — what a busy room's
@@ -81,9 +81,8 @@ const JOB_FRAMES: usize = 5;
 /// lane, not one per lane per event, and one delivery worker posts them all in order. A join
 /// or a leave changes one lane; the others go on merging.
 ///
-/// The result is waves, each at most one job per lane: a lane's jobs are in its waves in
-/// order, so sending wave after wave (a wave's jobs at once) keeps every lane's order.
-pub fn waves(per_frame: Vec<Vec<DeliveryJob>>) -> Vec<Vec<DeliveryJob>> {
+/// The result is each lane's jobs, in the order they must be queued.
+pub fn merged(per_frame: Vec<Vec<DeliveryJob>>) -> Vec<Vec<DeliveryJob>> {
     // Each lane's jobs, in order; and the job a lane's part is growing (its index there).
     let mut lanes: Vec<Vec<DeliveryJob>> = Vec::new();
     let mut lane_of: HashMap<String, usize> = HashMap::new();
@@ -120,21 +119,14 @@ pub fn waves(per_frame: Vec<Vec<DeliveryJob>>) -> Vec<Vec<DeliveryJob>> {
         }
         growing = grown;
     }
-    let mut waves: Vec<Vec<DeliveryJob>> = Vec::new();
-    for jobs in lanes {
-        for (i, mut job) in jobs.into_iter().enumerate() {
-            if job.frames.len() > 1 {
-                // Its own deduplication id: a retried batch that merges the same frames the
-                // same way is dropped by the queue; one cut differently is not a repeat.
-                job.id = format!("{}+{}", job.id, job.frames.len());
-            }
-            if waves.len() == i {
-                waves.push(Vec::new());
-            }
-            waves[i].push(job);
+    for jobs in &mut lanes {
+        for job in jobs.iter_mut().filter(|job| job.frames.len() > 1) {
+            // Its own deduplication id: a retried batch that merges the same frames the same
+            // way is dropped by the queue; one cut differently is not a repeat.
+            job.id = format!("{}+{}", job.id, job.frames.len());
         }
     }
-    waves
+    lanes
 }
 
 /// About how large a job is on the queue.
@@ -235,12 +227,11 @@ mod tests {
             .collect()
     }
 
-    /// What each connection gets, in the order a worker per lane posting the waves' jobs in
-    /// turn would post it.
-    fn posted(waves: &[Vec<DeliveryJob>]) -> HashMap<String, Vec<String>> {
+    /// What each connection gets when each lane's jobs are posted in order.
+    fn posted(lanes: &[Vec<DeliveryJob>]) -> HashMap<String, Vec<String>> {
         let mut got: HashMap<String, Vec<String>> = HashMap::new();
-        for wave in waves {
-            for job in wave {
+        for lane in lanes {
+            for job in lane {
                 for c in &job.connections {
                     got.entry(c.to_string())
                         .or_default()
@@ -256,18 +247,14 @@ mod tests {
         let everyone: &[&str] = &["a", "b", "c", "d", "e", "f", "g", "h"];
         let frames = [("m1", everyone), ("m2", everyone), ("m3", everyone)];
         let single = per_frame(&frames[..1], 100).remove(0);
-        let waves = waves(per_frame(&frames, 100));
-        assert_eq!(waves.len(), 1, "{waves:?}");
-        assert_eq!(
-            waves[0].len(),
-            single.len(),
-            "as many jobs as one frame has"
-        );
-        for job in &waves[0] {
+        let lanes = merged(per_frame(&frames, 100));
+        let jobs: Vec<&DeliveryJob> = lanes.iter().flatten().collect();
+        assert_eq!(jobs.len(), single.len(), "as many jobs as one frame has");
+        for job in jobs {
             assert_eq!(job.frames, ["m1", "m2", "m3"]);
             assert!(job.id.ends_with("+3"), "{}", job.id);
         }
-        let got = posted(&waves);
+        let got = posted(&lanes);
         assert_eq!(got.len(), everyone.len());
         assert!(got.values().all(|frames| frames == &["m1", "m2", "m3"]));
     }
@@ -282,29 +269,15 @@ mod tests {
             ("joined", after),
             ("m3", after),
         ];
-        let waves = waves(per_frame(&frames, 100));
-        let jobs: Vec<&DeliveryJob> = waves.iter().flatten().collect();
-        let lanes: std::collections::HashSet<&str> =
-            jobs.iter().map(|j| j.group.as_str()).collect();
+        let lanes = merged(per_frame(&frames, 100));
+        let jobs: Vec<&DeliveryJob> = lanes.iter().flatten().collect();
         assert_eq!(jobs.len(), lanes.len() + 1, "one lane changed: {jobs:?}");
-        let got = posted(&waves);
+        assert!(lanes.iter().all(|lane| lane.iter().all(|j| j.group == lane[0].group)));
+        let got = posted(&lanes);
         for c in before {
             assert_eq!(got[*c], ["m1", "m2", "joined", "m3"], "{c}");
         }
         assert_eq!(got["newcomer"], ["joined", "m3"]);
-        // The changed lane's second job is in a later wave than its first.
-        for lane in lanes {
-            let waves_of: Vec<usize> = waves
-                .iter()
-                .enumerate()
-                .filter(|(_, w)| w.iter().any(|j| j.group == lane))
-                .map(|(i, _)| i)
-                .collect();
-            assert!(
-                waves_of.windows(2).all(|w| w[0] < w[1]),
-                "{lane}: {waves_of:?}"
-            );
-        }
     }
 
     #[test]
@@ -312,19 +285,19 @@ mod tests {
         // One lane (4 lanes, but parts of 1): every connection its own job.
         let members: &[&str] = &["a", "b", "c", "d", "e", "f"];
         let frames = [("m1", members), ("m2", members)];
-        let waves = waves(per_frame(&frames, 1));
-        let got = posted(&waves);
+        let lanes = merged(per_frame(&frames, 1));
+        let got = posted(&lanes);
         assert!(
             got.values().all(|frames| frames == &["m1", "m2"]),
             "{got:?}"
         );
-        assert!(waves.iter().flatten().all(|j| j.frames.len() == 2));
+        assert!(lanes.iter().flatten().all(|j| j.frames.len() == 2));
 
         let big = "x".repeat(20 * 1024);
         let frames: Vec<(&str, &[&str])> = (0..5).map(|_| (big.as_str(), members)).collect();
-        let cut = super::waves(per_frame(&frames, 100));
+        let cut = merged(per_frame(&frames, 100));
         assert!(cut.iter().flatten().all(|j| size(j) <= JOB_BYTES));
-        assert!(cut.len() > 1, "five 20 KiB frames do not fit one job");
+        assert!(cut.iter().all(|lane| lane.len() > 1), "five 20 KiB frames do not fit one job");
         assert!(posted(&cut).values().all(|frames| frames.len() == 5));
     }
 
@@ -338,11 +311,11 @@ mod tests {
         };
         // One lane, jobs of one connection: a leaves, so b moves up a part and the lane has
         // one part; then a newcomer arrives ahead of b, and b is back in its old part.
-        let waves = waves(vec![
+        let lanes = merged(vec![
             vec![job("m1", 0, &["a"]), job("m1", 1, &["b"])],
             vec![job("m2", 0, &["b"])],
             vec![job("m3", 0, &["n"]), job("m3", 1, &["b"])],
         ]);
-        assert_eq!(posted(&waves)["b"], ["m1", "m2", "m3"], "{waves:?}");
+        assert_eq!(posted(&lanes)["b"], ["m1", "m2", "m3"], "{lanes:?}");
     }
 }

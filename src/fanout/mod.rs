@@ -513,8 +513,8 @@ impl FanOut {
     }
 
     /// Queues a run of one room's relayed frames, in order, for delivery workers: merged into
-    /// one job per lane where the lane's connections stayed the same ([`lanes::waves`]), and
-    /// sent wave after wave so that every lane keeps the frames' order. A frame that is not
+    /// one job per lane where the lane's connections stayed the same ([`lanes::merged`]), and
+    /// queued in one call, each lane's jobs in order. A frame that is not
     /// relayed (the room went back to posting) is posted here, in its place in the run.
     pub async fn send_relayed(&self, run: Vec<Outgoing>) -> StoreResult<Delivery> {
         let Some(relay) = self.relay.as_ref() else {
@@ -528,7 +528,7 @@ impl FanOut {
         let mut per_frame = Vec::new();
         for outgoing in run {
             let Some(lanes) = outgoing.lanes else {
-                self.queue_waves(relay, std::mem::take(&mut per_frame))
+                self.queue_run(relay, std::mem::take(&mut per_frame))
                     .await?;
                 delivery.add(self.post_to(&outgoing.recipients, outgoing.frame).await);
                 continue;
@@ -543,25 +543,21 @@ impl FanOut {
             ));
             delivery.queued += outgoing.recipients.len();
         }
-        self.queue_waves(relay, per_frame).await?;
+        self.queue_run(relay, per_frame).await?;
         Ok(delivery)
     }
 
-    async fn queue_waves(
-        &self,
-        relay: &Relay,
-        per_frame: Vec<Vec<DeliveryJob>>,
-    ) -> StoreResult<()> {
-        for wave in lanes::waves(per_frame) {
-            relay
-                .queue
-                .enqueue(wave)
-                .await
-                .map_err(StoreError::backend)?;
+    async fn queue_run(&self, relay: &Relay, per_frame: Vec<Vec<DeliveryJob>>) -> StoreResult<()> {
+        let jobs: Vec<DeliveryJob> = lanes::merged(per_frame).into_iter().flatten().collect();
+        if jobs.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        relay
+            .queue
+            .enqueue(jobs)
+            .await
+            .map_err(StoreError::backend)
     }
-
     /// Posts the same bytes to every recipient; closes the ones found gone. Delivery workers
     /// call this with the jobs the fan-out queued.
     ///

@@ -11,8 +11,8 @@
 //! The rest is deleted (DeleteMessageBatch), as Lambda does.
 //!
 //! An idle poller waits as a long poll does: until a message is sent (the counting proxy wakes
-//! one poller per message group sent to), until a message group is set free (its messages deleted: one
-//! poller per group), until messages handed back become visible again, or 20 s.
+//! one poller per 10 messages sent), until a batch's message groups are set free (its messages
+//! deleted: one poller), until messages handed back become visible again, or 20 s.
 
 use crate::lambda::{InvokeError, LambdaService};
 use crate::metrics::Metrics;
@@ -31,7 +31,8 @@ pub struct QueueSource {
     pub queue_arn: String,
     pub lambda: Arc<LambdaService>,
     pub metrics: Arc<Metrics>,
-    /// Woken once per message group sent to (the counting proxy sees every send).
+    /// Woken once per 10 messages sent (the counting proxy sees every send), and once per batch
+    /// deleted.
     pub sent: Arc<Notify>,
     /// Pollers: `ScalingConfig.MaximumConcurrency` when set, else the function's concurrency.
     pub pollers: usize,
@@ -108,16 +109,8 @@ impl QueueSource {
                         .ok()
                 })
                 .collect();
-            // Deleting a group's messages lets its next ones out: a long poll waiting on the
-            // queue returns then, one per group set free.
-            let groups: std::collections::HashSet<&str> = messages
-                .iter()
-                .filter_map(|m| {
-                    m.attributes()
-                        .and_then(|a| a.get(&MessageSystemAttributeName::MessageGroupId))
-                        .map(String::as_str)
-                })
-                .collect();
+            // Deleting a batch lets its groups' next messages out: a long poll waiting on the
+            // queue would return then.
             if !done.is_empty()
                 && let Err(error) = self
                     .sqs
@@ -129,9 +122,7 @@ impl QueueSource {
             {
                 tracing::warn!(error = %aws_sdk_sqs::error::DisplayErrorContext(error), "DeleteMessageBatch");
             }
-            for _ in 0..groups.len() {
-                self.sent.notify_one();
-            }
+            self.sent.notify_one();
             if !failed.is_empty() {
                 self.metrics.sqs_handed_back.add(failed.len() as u64);
                 // They become visible again after the visibility timeout: a long poll would
