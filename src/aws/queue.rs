@@ -229,7 +229,10 @@ fn rounds(entries: Vec<Entry>) -> Vec<Vec<Vec<(String, Entry)>>> {
                 size = 0;
             }
             size += bytes;
-            calls.last_mut().expect("a call was just made").extend(chunk);
+            calls
+                .last_mut()
+                .expect("a call was just made")
+                .extend(chunk);
         }
         rounds.push(calls);
     }
@@ -250,7 +253,10 @@ fn chunks(entries: Vec<(String, Entry)>) -> Vec<Vec<(String, Entry)>> {
             size = 0;
         }
         size += entry.body.len();
-        chunks.last_mut().expect("a chunk was just made").push((id, entry));
+        chunks
+            .last_mut()
+            .expect("a chunk was just made")
+            .push((id, entry));
     }
     chunks
 }
@@ -326,14 +332,22 @@ mod tests {
             .iter()
             .map(|calls| calls.iter().map(Vec::len).collect())
             .collect();
-        assert_eq!(sizes, [[10], [10], [3]], "one lane: a call per round, in order");
+        assert_eq!(
+            sizes,
+            [[10], [10], [3]],
+            "one lane: a call per round, in order"
+        );
 
         let big = entry("g", "x".repeat(100 * 1024));
         let sizes: Vec<Vec<usize>> = rounds(vec![big.clone(); 5])
             .iter()
             .map(|calls| calls.iter().map(Vec::len).collect())
             .collect();
-        assert_eq!(sizes, [[2], [2], [1]], "three 100 KiB bodies do not fit in 256 KiB");
+        assert_eq!(
+            sizes,
+            [[2], [2], [1]],
+            "three 100 KiB bodies do not fit in 256 KiB"
+        );
 
         let ids: Vec<String> = rounds(vec![big; 3])
             .into_iter()
@@ -361,7 +375,13 @@ mod tests {
         // Round 1: a's first ten in a call of their own (b's and c's do not fit with them), b's
         // three and c's one together; round 2: a's last two.
         let a: Vec<String> = (0..10).map(|i| format!("a:{i}")).collect();
-        assert_eq!(plan[0], [a, vec!["b:0".into(), "b:1".into(), "b:2".into(), "c:0".into()]]);
+        assert_eq!(
+            plan[0],
+            [
+                a,
+                vec!["b:0".into(), "b:1".into(), "b:2".into(), "c:0".into()]
+            ]
+        );
         assert_eq!(plan[1], [vec!["a:10".to_owned(), "a:11".to_owned()]]);
         assert_eq!(plan.len(), 2);
     }

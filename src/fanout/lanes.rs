@@ -272,7 +272,11 @@ mod tests {
         let lanes = merged(per_frame(&frames, 100));
         let jobs: Vec<&DeliveryJob> = lanes.iter().flatten().collect();
         assert_eq!(jobs.len(), lanes.len() + 1, "one lane changed: {jobs:?}");
-        assert!(lanes.iter().all(|lane| lane.iter().all(|j| j.group == lane[0].group)));
+        assert!(
+            lanes
+                .iter()
+                .all(|lane| lane.iter().all(|j| j.group == lane[0].group))
+        );
         let got = posted(&lanes);
         for c in before {
             assert_eq!(got[*c], ["m1", "m2", "joined", "m3"], "{c}");
@@ -297,7 +301,10 @@ mod tests {
         let frames: Vec<(&str, &[&str])> = (0..5).map(|_| (big.as_str(), members)).collect();
         let cut = merged(per_frame(&frames, 100));
         assert!(cut.iter().flatten().all(|j| size(j) <= JOB_BYTES));
-        assert!(cut.iter().all(|lane| lane.len() > 1), "five 20 KiB frames do not fit one job");
+        assert!(
+            cut.iter().all(|lane| lane.len() > 1),
+            "five 20 KiB frames do not fit one job"
+        );
         assert!(posted(&cut).values().all(|frames| frames.len() == 5));
     }
 

@@ -552,12 +552,9 @@ impl FanOut {
         if jobs.is_empty() {
             return Ok(());
         }
-        relay
-            .queue
-            .enqueue(jobs)
-            .await
-            .map_err(StoreError::backend)
+        relay.queue.enqueue(jobs).await.map_err(StoreError::backend)
     }
+
     /// Posts the same bytes to every recipient; closes the ones found gone. Delivery workers
     /// call this with the jobs the fan-out queued.
     ///
