@@ -29,14 +29,15 @@ pub async fn counted<T>(
 }
 
 /// When the invocation times out, as a tokio instant (Lambda gives it as milliseconds since the
-/// epoch; an invocation without one gets Lambda's longest, 15 minutes).
+/// epoch). An invocation without one, or with one already past when it starts — which Lambda
+/// never sends, but an emulator may (cargo-lambda's does) — gets Lambda's longest, 15 minutes.
 pub fn deadline_of(context: &lambda_runtime::Context) -> tokio::time::Instant {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let left = match context.deadline {
-        0 => std::time::Duration::from_secs(15 * 60),
-        deadline => std::time::Duration::from_millis(deadline.saturating_sub(now_ms)),
+    let left = match context.deadline.checked_sub(now_ms) {
+        Some(left) if left > 0 => std::time::Duration::from_millis(left),
+        _ => std::time::Duration::from_secs(15 * 60),
     };
     tokio::time::Instant::now() + left
 }
