@@ -272,15 +272,19 @@ impl EventLog for DynamoStore {
                 }
                 Err(Missed::SeqTaken) => {
                     metrics::counter!(crate::metrics::APPEND_RACES).increment(1);
-                    // Lost a race at a head read just now: the winner holds this seq, and the
-                    // next is most likely free. Trying it straight away costs one write where
-                    // reading the head again costs a read and a write, and writers racing in
-                    // one room (senders on many Lambda environments) each step past the
-                    // others instead of all reading the same head again. A remembered head
-                    // that turns out taken may be far behind: read it.
-                    *known_head = fresh.then_some(event.seq);
-                    let Some(pause) = pauses.next() else { break };
                     races += 1;
+                    if races == 1 && fresh {
+                        // Lost a race at a head read just now: the winner holds this seq, and
+                        // the next is most likely free. Trying it at once costs one write where
+                        // reading the head again costs a read and a write.
+                        *known_head = Some(event.seq);
+                        continue;
+                    }
+                    // Lost again, or at a remembered head that may be far behind: after the
+                    // pause the room has moved on, so read where it is rather than step
+                    // after it one seq per round trip.
+                    *known_head = None;
+                    let Some(pause) = pauses.next() else { break };
                     tokio::time::sleep(contended_pause(pause, writing.elapsed(), races)).await;
                 }
                 Err(Missed::Raced) => {
