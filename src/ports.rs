@@ -310,6 +310,26 @@ pub struct DeliveryJob {
     pub id: String,
 }
 
+/// `items` sorted into their groups (delivery lanes): each group's items in the order given,
+/// the groups in the order they first appear. What keeps a lane's order wherever jobs are
+/// handled a lane at a time (sending them, posting them).
+pub fn in_groups<T>(items: impl IntoIterator<Item = T>, group: impl Fn(&T) -> &str) -> Vec<Vec<T>> {
+    let mut groups: Vec<Vec<T>> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = Default::default();
+    for item in items {
+        let at = match index.get(group(&item)) {
+            Some(&at) => at,
+            None => {
+                index.insert(group(&item).to_owned(), groups.len());
+                groups.push(Vec::new());
+                groups.len() - 1
+            }
+        };
+        groups[at].push(item);
+    }
+    groups
+}
+
 /// Why a job could not be queued.
 #[derive(Debug, thiserror::Error)]
 #[error("could not queue a delivery: {0}")]

@@ -11,7 +11,7 @@
 //! batch within five minutes is dropped by SQS instead of posted twice. A standard queue works
 //! too, without those two promises.
 
-use crate::ports::{DeliveryJob, DeliveryQueue, QueueError};
+use crate::ports::{DeliveryJob, DeliveryQueue, QueueError, in_groups};
 use crate::retry;
 use async_trait::async_trait;
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
@@ -201,16 +201,11 @@ struct Entry {
 /// together into calls (a chunk is never split). Entry ids are the job's index in `entries`, so a
 /// failure names the job.
 fn rounds(entries: Vec<Entry>) -> Vec<Vec<Vec<(String, Entry)>>> {
-    // Each lane's entries, in order, lanes in the order they first appear.
-    let mut lanes: Vec<Vec<(String, Entry)>> = Vec::new();
-    let mut lane_of: std::collections::HashMap<String, usize> = Default::default();
-    for (index, entry) in entries.into_iter().enumerate() {
-        let lane = *lane_of.entry(entry.group.clone()).or_insert_with(|| {
-            lanes.push(Vec::new());
-            lanes.len() - 1
-        });
-        lanes[lane].push((format!("job-{index}"), entry));
-    }
+    let named = entries
+        .into_iter()
+        .enumerate()
+        .map(|(index, entry)| (format!("job-{index}"), entry));
+    let lanes = in_groups(named, |(_, entry)| &entry.group);
     let chunked: Vec<Vec<Vec<(String, Entry)>>> = lanes.into_iter().map(chunks).collect();
     let depth = chunked.iter().map(Vec::len).max().unwrap_or(0);
     let mut lanes: Vec<std::vec::IntoIter<Vec<(String, Entry)>>> =
@@ -325,26 +320,26 @@ mod tests {
             .collect()
     }
 
+    /// How many entries each call holds, round by round.
+    fn sizes(entries: Vec<Entry>) -> Vec<Vec<usize>> {
+        rounds(entries)
+            .iter()
+            .map(|calls| calls.iter().map(Vec::len).collect())
+            .collect()
+    }
+
     #[test]
     fn calls_keep_to_ten_entries_and_256_kib() {
         let one_lane: Vec<Entry> = (0..23).map(|i| entry("g", format!("{i}"))).collect();
-        let sizes: Vec<Vec<usize>> = rounds(one_lane)
-            .iter()
-            .map(|calls| calls.iter().map(Vec::len).collect())
-            .collect();
         assert_eq!(
-            sizes,
+            sizes(one_lane),
             [[10], [10], [3]],
             "one lane: a call per round, in order"
         );
 
         let big = entry("g", "x".repeat(100 * 1024));
-        let sizes: Vec<Vec<usize>> = rounds(vec![big.clone(); 5])
-            .iter()
-            .map(|calls| calls.iter().map(Vec::len).collect())
-            .collect();
         assert_eq!(
-            sizes,
+            sizes(vec![big.clone(); 5]),
             [[2], [2], [1]],
             "three 100 KiB bodies do not fit in 256 KiB"
         );

@@ -506,53 +506,48 @@ impl FanOut {
 
     /// Sends what [`FanOut::plan_in`] planned: posts it, or queues it for delivery workers.
     pub async fn send(&self, outgoing: Outgoing) -> StoreResult<Delivery> {
-        if outgoing.relayed() {
-            return self.send_relayed(vec![outgoing]).await;
-        }
-        Ok(self.post_to(&outgoing.recipients, outgoing.frame).await)
+        self.send_run(vec![outgoing]).await
     }
 
-    /// Queues a run of one room's relayed frames, in order, for delivery workers: merged into
-    /// one job per lane where the lane's connections stayed the same ([`lanes::merged`]), and
-    /// queued in one call, each lane's jobs in order. A frame that is not
-    /// relayed (the room went back to posting) is posted here, in its place in the run.
-    pub async fn send_relayed(&self, run: Vec<Outgoing>) -> StoreResult<Delivery> {
-        let Some(relay) = self.relay.as_ref() else {
-            let mut delivery = Delivery::default();
-            for outgoing in run {
-                delivery.add(self.post_to(&outgoing.recipients, outgoing.frame).await);
-            }
-            return Ok(delivery);
-        };
+    /// Sends a run of one room's planned frames, in order. The relayed ones are merged into one
+    /// job per lane where the lane's connections stayed the same ([`lanes::merged`]) and queued
+    /// together, each lane's jobs in order; one that is posted directly goes out in its place,
+    /// after what was queued before it.
+    pub async fn send_run(&self, run: Vec<Outgoing>) -> StoreResult<Delivery> {
         let mut delivery = Delivery::default();
         let mut per_frame = Vec::new();
         for outgoing in run {
-            let Some(lanes) = outgoing.lanes else {
-                self.queue_run(relay, std::mem::take(&mut per_frame))
-                    .await?;
-                delivery.add(self.post_to(&outgoing.recipients, outgoing.frame).await);
-                continue;
-            };
-            per_frame.push(relay_jobs(
-                &outgoing.recipients,
-                &String::from_utf8_lossy(&outgoing.frame),
-                &outgoing.room,
-                &outgoing.key,
-                relay.job_size,
-                lanes,
-            ));
-            delivery.queued += outgoing.recipients.len();
+            match (outgoing.lanes, &self.relay) {
+                (Some(lanes), Some(relay)) => {
+                    per_frame.push(relay_jobs(
+                        &outgoing.recipients,
+                        &String::from_utf8_lossy(&outgoing.frame),
+                        &outgoing.room,
+                        &outgoing.key,
+                        relay.job_size,
+                        lanes,
+                    ));
+                    delivery.queued += outgoing.recipients.len();
+                }
+                _ => {
+                    self.queue(std::mem::take(&mut per_frame)).await?;
+                    delivery.add(self.post_to(&outgoing.recipients, outgoing.frame).await);
+                }
+            }
         }
-        self.queue_run(relay, per_frame).await?;
+        self.queue(per_frame).await?;
         Ok(delivery)
     }
 
-    async fn queue_run(&self, relay: &Relay, per_frame: Vec<Vec<DeliveryJob>>) -> StoreResult<()> {
+    /// Queues the jobs of a run of relayed frames (nothing if there are none).
+    async fn queue(&self, per_frame: Vec<Vec<DeliveryJob>>) -> StoreResult<()> {
         let jobs: Vec<DeliveryJob> = lanes::merged(per_frame).into_iter().flatten().collect();
-        if jobs.is_empty() {
-            return Ok(());
+        match &self.relay {
+            Some(relay) if !jobs.is_empty() => {
+                relay.queue.enqueue(jobs).await.map_err(StoreError::backend)
+            }
+            _ => Ok(()),
         }
-        relay.queue.enqueue(jobs).await.map_err(StoreError::backend)
     }
 
     /// Posts the same bytes to every recipient; closes the ones found gone. Delivery workers

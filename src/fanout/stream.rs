@@ -295,12 +295,7 @@ impl StreamFanOut {
                         run.iter().map(|p| (p.mention, p.seq)).collect();
                     let outgoing: Vec<Outgoing> = run.into_iter().map(|p| p.outgoing).collect();
                     let room = outgoing[0].room.clone();
-                    let result = if outgoing.len() == 1 {
-                        let one = outgoing.into_iter().next().expect("a run of one");
-                        self.fanout.send(one).await
-                    } else {
-                        self.fanout.send_relayed(outgoing).await
-                    };
+                    let result = self.fanout.send_run(outgoing).await;
                     match result {
                         Ok(delivery) => sent.delivery.add(delivery),
                         Err(error) => {

@@ -9,6 +9,7 @@ use crate::aws::events::{stream_response, wakes_of};
 use crate::aws::queue::{QueuedJob, jobs_of, sqs_response};
 use crate::fanout::stream::StreamFanOut;
 use crate::fanout::{Delivery, FanOut};
+use crate::ports::in_groups;
 use aws_lambda_events::event::dynamodb::Event as StreamEvent;
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use aws_lambda_events::streams::DynamoDbEventResponse;
@@ -55,19 +56,11 @@ pub async fn deliver(fanout: &FanOut, deadline: Instant, event: SqsEvent) -> Sqs
     // The batch's lanes (message groups), each its messages in order. Lanes are independent —
     // a connection is in one lane of its room — so they are posted at once: a batch of ten jobs
     // takes as long as its longest lane, not as all ten one after another.
-    let mut lanes: Vec<Vec<QueuedJob>> = Vec::new();
-    let mut lane_of: std::collections::HashMap<String, usize> = Default::default();
-    for queued in jobs_of(event) {
-        let group = match &queued.job {
-            Ok(job) => job.group.clone(),
-            Err(_) => queued.message_id.clone(),
-        };
-        let lane = *lane_of.entry(group).or_insert_with(|| {
-            lanes.push(Vec::new());
-            lanes.len() - 1
-        });
-        lanes[lane].push(queued);
-    }
+    let lanes = in_groups(jobs_of(event), |queued| match &queued.job {
+        Ok(job) => &job.group,
+        // Not a job: a lane of its own.
+        Err(_) => &queued.message_id,
+    });
     // A job is started only while it can still be finished before the invocation times out;
     // the ones left go back to the queue, unposted.
     // (At most half the time left: an invocation given little, as emulators do, still starts
@@ -199,6 +192,14 @@ mod tests {
         message
     }
 
+    /// A fan-out posting through a [`Scripted`] management API.
+    fn scripted() -> (Arc<Scripted>, FanOut) {
+        let store = crate::store::memory::MemoryStore::store();
+        let api = Arc::new(Scripted::default());
+        let fanout = FanOut::new(&store, api.clone());
+        (api, fanout)
+    }
+
     /// A deadline as far off as the deliver function's timeout.
     fn soon() -> Instant {
         Instant::now() + Duration::from_secs(30)
@@ -214,9 +215,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_goes_back_only_when_the_management_api_itself_fails() {
-        let store = crate::store::memory::MemoryStore::store();
-        let api = Arc::new(Scripted::default());
-        let fanout = FanOut::new(&store, api.clone());
+        let (api, fanout) = scripted();
         let event = |messages: Vec<SqsMessage>| {
             let mut event = SqsEvent::default();
             event.records = messages;
@@ -260,9 +259,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_of_several_frames_posts_them_in_order_to_each_connection() {
-        let store = crate::store::memory::MemoryStore::store();
-        let api = Arc::new(Scripted::default());
-        let fanout = FanOut::new(&store, api.clone());
+        let (api, fanout) = scripted();
         let mut event = SqsEvent::default();
         event.records = vec![
             message_of("run", &["ok-1", "ok-2"], &["m1", "m2", "m3"]),
@@ -284,9 +281,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_lane_goes_back_and_the_other_lanes_of_the_batch_are_posted() {
-        let store = crate::store::memory::MemoryStore::store();
-        let api = Arc::new(Scripted::default());
-        let fanout = FanOut::new(&store, api.clone());
+        let (api, fanout) = scripted();
         let mut event = SqsEvent::default();
         event.records = vec![
             message_in("r#0", "refused", &["x-1"], &["m1"]),
@@ -301,9 +296,7 @@ mod tests {
 
     #[tokio::test]
     async fn jobs_that_could_not_finish_before_the_timeout_go_back_unposted() {
-        let store = crate::store::memory::MemoryStore::store();
-        let api = Arc::new(Scripted::default());
-        let fanout = FanOut::new(&store, api.clone());
+        let (api, fanout) = scripted();
         let mut event = SqsEvent::default();
         event.records = vec![
             message_in("r#0", "first", &["ok-1"], &["m1"]),

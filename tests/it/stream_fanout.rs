@@ -279,20 +279,43 @@ async fn a_gone_connection_is_closed_and_its_user_shown_offline() {
     );
 }
 
-#[tokio::test]
-async fn a_big_room_is_handed_to_delivery_workers_in_shards() {
+/// Room `hall` with `members` users `u0`… on connections `c0`…, over the queue's threshold (3,
+/// jobs of 2), its joins delivered and their jobs cleared, so only what follows is queued.
+struct Hall {
+    store: Store,
+    gateway: Arc<Recorder>,
+    queue: Arc<Jobs>,
+    fanout: StreamFanOut,
+}
+
+async fn hall(members: u64) -> Hall {
     let store = MemoryStore::store();
     let gateway = Arc::new(Recorder::default());
     let queue = Arc::new(Jobs::default());
     let fanout = FanOut::new(&store, gateway.clone()).with_relay(queue.clone(), 3, 2);
     let fanout = StreamFanOut::new(&store, fanout).unwrap();
-    for i in 0..5 {
+    for i in 0..members {
         connect(&store, &format!("c{i}"), &format!("u{i}")).await;
         join(&store, "hall", &format!("u{i}")).await;
     }
-    // Deliver the joins first, so only the message is left.
-    fanout.handle(vec![wake("hall", 5)]).await;
+    fanout.handle(vec![wake("hall", members)]).await;
     queue.0.lock().unwrap().clear();
+    Hall {
+        store,
+        gateway,
+        queue,
+        fanout,
+    }
+}
+
+#[tokio::test]
+async fn a_big_room_is_handed_to_delivery_workers_in_shards() {
+    let Hall {
+        store,
+        gateway,
+        queue,
+        fanout,
+    } = hall(5).await;
     let seq = say(&store, "hall", "u0", "to everyone").await;
     let before = gateway.total();
 
@@ -396,17 +419,12 @@ impl EventLog for Damaged {
 /// connection every message once, in order.
 #[tokio::test]
 async fn a_batch_of_messages_in_a_big_room_is_one_job_per_lane() {
-    let store = MemoryStore::store();
-    let gateway = Arc::new(Recorder::default());
-    let queue = Arc::new(Jobs::default());
-    let fanout = FanOut::new(&store, gateway.clone()).with_relay(queue.clone(), 3, 2);
-    let fanout = StreamFanOut::new(&store, fanout).unwrap();
-    for i in 0..6 {
-        connect(&store, &format!("c{i}"), &format!("u{i}")).await;
-        join(&store, "hall", &format!("u{i}")).await;
-    }
-    fanout.handle(vec![wake("hall", 6)]).await;
-    queue.0.lock().unwrap().clear();
+    let Hall {
+        store,
+        gateway,
+        queue,
+        fanout,
+    } = hall(6).await;
     let mut seqs = Vec::new();
     for n in 0..3 {
         seqs.push(say(&store, "hall", "u0", &format!("message {n}")).await);
