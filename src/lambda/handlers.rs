@@ -62,14 +62,21 @@ pub async fn deliver(fanout: &FanOut, deadline: Instant, event: SqsEvent) -> Sqs
         Err(_) => &queued.message_id,
     });
     // A job is started only while it can still be finished before the invocation times out;
-    // the ones left go back to the queue, unposted.
-    // (At most half the time left: an invocation given little, as emulators do, still starts
-    // its first jobs.)
-    let margin = FINISH_MARGIN.min(deadline.saturating_duration_since(Instant::now()) / 2);
-    let start_by = deadline.checked_sub(margin).unwrap_or(deadline);
+    // the ones left go back to the queue, unposted. A frame is started only while its posts
+    // can still end in time, however long they wait out throttling: an invocation that timed
+    // out would have its whole batch tried again, every frame posted twice.
+    // (At most a half and a quarter of the time left: an invocation given little, as emulators
+    // do, still starts its first jobs.)
+    let left = deadline.saturating_duration_since(Instant::now());
+    let start_by = deadline
+        .checked_sub(FINISH_MARGIN.min(left / 2))
+        .unwrap_or(deadline);
+    let frames_by = deadline
+        .checked_sub(FRAME_MARGIN.min(left / 4))
+        .unwrap_or(deadline);
     let lanes = lanes
         .into_iter()
-        .map(|lane| deliver_lane(fanout, lane, start_by));
+        .map(|lane| deliver_lane(fanout, lane, start_by, frames_by));
     let failed = futures_util::future::join_all(lanes)
         .await
         .into_iter()
@@ -78,15 +85,26 @@ pub async fn deliver(fanout: &FanOut, deadline: Instant, event: SqsEvent) -> Sqs
 }
 
 /// How long before its deadline an invocation stops starting jobs (at most half the time it
-/// was given): about what a job of five
-/// frames takes when every post waits out throttling (`retry::THROTTLED_POST`, ~3 s, after an
-/// attempt of up to 1 s).
+/// was given): two frames' worth of [`FRAME_MARGIN`], so that a job started just before it
+/// usually posts every frame even when the account's bucket is empty.
 pub const FINISH_MARGIN: Duration = Duration::from_secs(20);
+
+/// How long before its deadline an invocation stops starting frames (at most a quarter of the
+/// time it was given): the longest a frame's posts take — an attempt of up to 1 s, then
+/// `retry::THROTTLED_POST`'s 8 s of pauses — and a second to spare. A job's frames left then
+/// are missed by its recipients, who see the gap in `seq` and catch up, as after any lost
+/// frame; handing the job back would post its first frames twice.
+pub const FRAME_MARGIN: Duration = Duration::from_secs(10);
 
 /// One lane's messages, in order; returns the ones to hand back. Once one goes back, every
 /// later one of the lane goes back too, unposted, so that no connection gets a later frame
 /// before an earlier one (what Lambda asks of partial batch responses on FIFO queues).
-async fn deliver_lane(fanout: &FanOut, lane: Vec<QueuedJob>, start_by: Instant) -> Vec<String> {
+async fn deliver_lane(
+    fanout: &FanOut,
+    lane: Vec<QueuedJob>,
+    start_by: Instant,
+    frames_by: Instant,
+) -> Vec<String> {
     let mut failed = Vec::new();
     for queued in lane {
         if !failed.is_empty() || Instant::now() >= start_by {
@@ -106,6 +124,15 @@ async fn deliver_lane(fanout: &FanOut, lane: Vec<QueuedJob>, start_by: Instant) 
         let mut connections = job.connections;
         let mut delivery = Delivery::default();
         for (i, frame) in job.frames.into_iter().enumerate() {
+            if i > 0 && Instant::now() >= frames_by {
+                tracing::warn!(
+                    message = %queued.message_id,
+                    unposted = frames - i,
+                    "out of time: the job's last frames are left to catch up from history"
+                );
+                delivery.failed += connections.len() * (frames - i);
+                break;
+            }
             let posted = fanout.post_to(&connections, Bytes::from(frame)).await;
             if i == 0 && posted.unavailable > 0 && posted.delivered == 0 {
                 // Nobody has anything of this job yet: it can go back whole.
@@ -156,7 +183,11 @@ mod tests {
                 c if c.starts_with("slow") => {
                     Err(PostError::TimedOut("no answer within 1000 ms".to_owned()))
                 }
-                c if c.starts_with("ok") => {
+                c if c.starts_with("ok") || c.starts_with("waits") => {
+                    if c.starts_with("waits") {
+                        // Throttled for a while before it goes through.
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
                     let frame = String::from_utf8_lossy(&frame).into_owned();
                     self.taken.lock().unwrap().push((c.to_owned(), frame));
                     Ok(())
@@ -307,5 +338,23 @@ mod tests {
         let response = deliver(&fanout, almost_out, event).await;
         assert_eq!(failed(&response), ["first", "second"]);
         assert!(api.taken.lock().unwrap().is_empty(), "nothing was posted");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_stops_starting_frames_when_their_posts_could_outlast_the_invocation() {
+        let (api, fanout) = scripted();
+        let mut event = SqsEvent::default();
+        let frames = ["m1", "m2", "m3", "m4", "m5", "m6", "m7"];
+        event.records = vec![message_of("run", &["waits-1"], &frames)];
+        // 40 s left: each frame's post waits 5 s for the bucket, so the seventh would start
+        // with 10 s left — when a throttled post could still be trying at the deadline.
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let response = deliver(&fanout, deadline, event).await;
+        // Not handed back: its recipient has the first frames, and catches up on the last.
+        assert_eq!(failed(&response), Vec::<String>::new());
+        let taken = api.taken.lock().unwrap().clone();
+        let posted: Vec<&str> = taken.iter().map(|(_, f)| f.as_str()).collect();
+        assert_eq!(posted, frames[..6]);
+        assert!(Instant::now() < deadline, "done before the deadline");
     }
 }

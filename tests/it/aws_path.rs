@@ -593,3 +593,57 @@ async fn the_route_function_reads_its_token_secret_from_secrets_manager() {
         .expect("no such secret");
     assert_eq!(error.name, "PALAVER_JWT_SECRET_ID");
 }
+
+/// A busy room's stream batch queues many jobs for one lane (more than one `SendMessageBatch`
+/// holds, and big enough that the 256 KiB cap splits them too), beside other lanes: through real
+/// SQS calls, every job arrives once, and each lane's in the order it was queued — what keeps a
+/// connection's frames in seq order across delivery workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_jobs_of_one_lane_are_queued_and_received_in_order() {
+    use palaver::ports::DeliveryQueue;
+    let sdk = aws_support::moto().await;
+    let queue = aws_support::Queue::create(&sdk, &aws_support::fresh_prefix("lanes")).await;
+    let sqs = palaver::aws::SqsDeliveryQueue::new(aws_sdk_sqs::Client::new(&sdk), &queue.url);
+    let job = |lane: &str, n: usize| DeliveryJob {
+        // Every third job is 40 KiB: ten of them would not fit one call.
+        frames: vec![format!(
+            "{lane}/{n}/{}",
+            "x".repeat(if n % 3 == 0 { 40_000 } else { 10 })
+        )],
+        connections: vec![ConnectionId::new(format!("c-{lane}"))],
+        group: format!("hall#{lane}"),
+        id: format!("hall:{lane}:{n}"),
+    };
+    // Interleaved as a batch's frames come out: lane 0 has 25 jobs, lane 1 has 12, lane 2 has 3.
+    let mut jobs = Vec::new();
+    for n in 0..25 {
+        jobs.push(job("0", n));
+        if n < 12 {
+            jobs.push(job("1", n));
+        }
+        if n < 3 {
+            jobs.push(job("2", n));
+        }
+    }
+    sqs.enqueue(jobs.clone()).await.expect("enqueue");
+
+    let records = queue.receive_all().await;
+    let mut lanes: HashMap<String, Vec<String>> = HashMap::new();
+    for record in &records {
+        let job: DeliveryJob = serde_json::from_str(record["body"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            record["attributes"]["MessageGroupId"], job.group,
+            "queued in its lane's message group"
+        );
+        lanes.entry(job.group).or_default().push(job.id);
+    }
+    assert_eq!(records.len(), jobs.len(), "every job once");
+    for (lane, count) in [("0", 25), ("1", 12), ("2", 3)] {
+        let expected: Vec<String> = (0..count).map(|n| format!("hall:{lane}:{n}")).collect();
+        assert_eq!(
+            lanes[&format!("hall#{lane}")],
+            expected,
+            "lane {lane} in order"
+        );
+    }
+}

@@ -20,6 +20,14 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// How long a client waits for any one answer.
 const ANSWER_WAIT: Duration = Duration::from_secs(60);
+/// Messages sent and not yet acknowledged, by `clientMsgId`: the frame, and when it went last.
+type Unacked = HashMap<String, (String, tokio::time::Instant)>;
+/// How long a client waits for a message's `sent` before it sends it again, with the same
+/// `clientMsgId` (API Gateway may have throttled the frame: it answers with an error frame that
+/// names no request).
+const RESEND_AFTER: Duration = Duration::from_secs(3);
+/// How often a client catching up asks again for a room whose `getHistory` went unanswered.
+const RESYNC: Duration = Duration::from_secs(2);
 /// Bytes of filler after the timestamp in each message's text.
 const FILLER: usize = 32;
 
@@ -37,12 +45,21 @@ pub struct Shared {
     pub frames: Mutex<std::collections::BTreeMap<String, u64>>,
     /// Send → receive of each `message` frame, microseconds.
     pub latencies_us: Mutex<Vec<u64>>,
+    /// Message entries a client did not hear live and took from `getHistory` instead, having
+    /// seen the gap in `seq` (or, at the end, up to the room's head).
+    pub filled: AtomicU64,
+    /// Clients done with their catch-up at the end of the run.
+    pub caught_up: AtomicU64,
     /// When (µs since the run's start) the last message frame was heard.
     pub last_heard_us: AtomicU64,
     /// Acknowledged messages: (room, seq).
     pub acked_seqs: Mutex<Vec<(String, u64)>>,
     /// Each (client, room)'s view, collected when the client ends.
     pub views: Mutex<Vec<RoomView>>,
+    /// Set once the fan-out has drained: each client fetches what it is still missing of each
+    /// room up to its head, as a client does when it comes back to a room, then counts itself
+    /// in `caught_up`.
+    pub catch_up: AtomicBool,
     /// Set to end the run: clients stop sending and, once it is set, close.
     pub stop: AtomicBool,
     pub sending: AtomicBool,
@@ -51,7 +68,7 @@ pub struct Shared {
     pub storm: AtomicBool,
     /// The users who dropped in the storm and never came back, with their rooms.
     pub left: Mutex<Vec<(String, Vec<String>)>>,
-    /// Told whenever `stop`, `sending` or `storm` changes.
+    /// Told whenever `stop`, `sending`, `storm` or `catch_up` changes.
     pub changed: tokio::sync::watch::Sender<u64>,
 }
 
@@ -67,9 +84,12 @@ impl Shared {
             error_frames: AtomicU64::new(0),
             frames: Mutex::default(),
             latencies_us: Mutex::default(),
+            filled: AtomicU64::new(0),
+            caught_up: AtomicU64::new(0),
             last_heard_us: AtomicU64::new(0),
             acked_seqs: Mutex::default(),
             views: Mutex::default(),
+            catch_up: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             sending: AtomicBool::new(false),
             storm: AtomicBool::new(false),
@@ -108,10 +128,14 @@ pub struct RoomView {
     pub room: String,
     /// The head its first `joined` named: it must hear every seq after it.
     pub joined_head: u64,
-    /// Every seq it heard (messages and membership events).
+    /// Every seq it heard live (messages and membership events).
     pub seqs: BTreeSet<u64>,
-    /// Seqs of `message` frames heard.
+    /// Seqs of `message` frames heard live.
     pub messages: BTreeSet<u64>,
+    /// Seqs it missed live and took from `getHistory` (messages and membership events).
+    pub filled: BTreeSet<u64>,
+    /// Seqs heard live twice: a fault (a frame it had filled from history and then heard live,
+    /// late, is not one — a client drops those by seq).
     pub duplicates: u64,
     pub out_of_order: u64,
     /// The last `presence` it heard of each user in the room (`true`: online).
@@ -120,7 +144,48 @@ pub struct RoomView {
     /// After a rejoin with `after`, replayed and live frames may interleave (the contract lets
     /// them): order is not checked then.
     replaying: bool,
+    /// A `getHistory` of this room is unanswered.
+    fetching: bool,
+    /// The head a rejoin's `joined` named: replayed frames come up to it.
+    replay_head: u64,
+    /// The highest head a `history` answer named.
+    known_head: u64,
 }
+
+impl RoomView {
+    /// Whether it has `seq`, live or from history.
+    pub fn has(&self, seq: u64) -> bool {
+        self.seqs.contains(&seq) || self.filled.contains(&seq)
+    }
+
+    /// The seq up to which it has every one.
+    fn contiguous(&self) -> u64 {
+        let mut upto = self.joined_head;
+        while self.has(upto + 1) {
+            upto += 1;
+        }
+        upto
+    }
+
+    /// The `getHistory` that fills what it misses below `seq` (the room's head or a seq it just
+    /// heard), if it misses any and is not fetching already.
+    fn fetch_below(&mut self, seq: u64) -> Option<Value> {
+        let from = self.contiguous();
+        if self.fetching || from + 1 >= seq {
+            return None;
+        }
+        self.fetching = true;
+        Some(json!({
+            "action": "getHistory",
+            "room": self.room,
+            "after": from,
+            "limit": (seq - from - 1).min(HISTORY_PAGE),
+        }))
+    }
+}
+
+/// The most events a client asks `getHistory` for at once (the contract's maximum).
+const HISTORY_PAGE: u64 = 500;
 
 /// One client's part in a scenario.
 #[derive(Clone, Debug)]
@@ -177,6 +242,10 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce(bool)) {
     let mut views: HashMap<String, RoomView> = HashMap::new();
     let mut ready = Some(ready);
     let mut counter = 0u64;
+    // Once the run's catch-up is on: the rooms not caught up yet, and those answered since.
+    let mut catching: Option<std::collections::HashSet<String>> = None;
+    let mut answered: std::collections::HashSet<String> = Default::default();
+    let mut unacked = Unacked::new();
     'connection: loop {
         let Some(ws) = open(&shared, &plan).await else {
             break;
@@ -216,12 +285,14 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce(bool)) {
                 };
                 if frame["type"] == "joined" && frame["room"] == room.as_str() {
                     let head = frame["head"].as_u64().unwrap_or(0);
-                    views.entry(room.clone()).or_insert_with(|| RoomView {
+                    let view = views.entry(room.clone()).or_insert_with(|| RoomView {
                         room: room.clone(),
                         joined_head: head,
                         last: head,
                         ..RoomView::default()
                     });
+                    view.replay_head = head;
+                    view.fetching = false;
                     break;
                 }
                 if frame.get("message").is_some() && frame.get("type").is_none() {
@@ -249,7 +320,8 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce(bool)) {
                     }
                     continue;
                 }
-                heard(&shared, &mut views, &frame);
+                // (A gap seen while joining is filled by the replay or the end's catch-up.)
+                let _ = heard(&shared, &mut views, &mut unacked, &frame);
             }
         }
         if let Some(ready) = ready.take() {
@@ -259,10 +331,32 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce(bool)) {
         let period = Duration::from_secs_f64(1.0 / plan.rate.max(1e-3));
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Asks again what went unanswered (API Gateway may throttle a `getHistory`).
+        let mut resync = tokio::time::interval(RESYNC);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if shared.stop.load(Relaxed) {
                 let _ = sink.send(Message::Close(None)).await;
                 break 'connection;
+            }
+            if shared.catch_up.load(Relaxed) && catching.is_none() {
+                catching = Some(plan.rooms.iter().cloned().collect());
+                answered.clear();
+                for view in views.values_mut() {
+                    view.fetching = false;
+                }
+            }
+            if let Some(pending) = &mut catching
+                && !pending.is_empty()
+            {
+                pending.retain(|room| {
+                    views.get(room).is_none_or(|v| {
+                        !(answered.contains(room) && !v.fetching && v.contiguous() >= v.known_head)
+                    })
+                });
+                if pending.is_empty() {
+                    shared.caught_up.fetch_add(1, Relaxed);
+                }
             }
             if plan.storm && shared.storm.load(Relaxed) {
                 // Dropped: the connection ends without a goodbye; it reconnects once the storm
@@ -290,7 +384,17 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce(bool)) {
                     match message {
                         Some(Ok(Message::Text(text))) => {
                             if let Ok(frame) = serde_json::from_str::<Value>(&text) {
-                                heard(&shared, &mut views, &frame);
+                                if catching.is_some()
+                                    && frame["type"] == "history"
+                                    && let Some(room) = frame["room"].as_str()
+                                {
+                                    answered.insert(room.to_owned());
+                                }
+                                if let Some(fetch) = heard(&shared, &mut views, &mut unacked, &frame)
+                                    && sink.send(Message::Text(fetch.to_string().into())).await.is_err()
+                                {
+                                    continue 'connection;
+                                }
                             }
                         }
                         Some(Ok(_)) => {}
@@ -298,18 +402,57 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce(bool)) {
                     }
                 }
                 _ = changed.changed() => {}
+                _ = resync.tick(), if !unacked.is_empty()
+                    || catching.as_ref().is_some_and(|p| !p.is_empty()) =>
+                {
+                    // Messages unacknowledged for a while go again, with their `clientMsgId`.
+                    let now = tokio::time::Instant::now();
+                    for (frame, at) in unacked.values_mut() {
+                        if now.duration_since(*at) < RESEND_AFTER {
+                            continue;
+                        }
+                        *at = now;
+                        *shared.frames.lock().entry("resent".to_owned()).or_default() += 1;
+                        if sink.send(Message::Text(frame.clone().into())).await.is_err() {
+                            continue 'connection;
+                        }
+                    }
+                    // Each room still to catch up and not being fetched: from what it has.
+                    let pending: Vec<String> = catching.iter().flatten().cloned().collect();
+                    for room in pending {
+                        let Some(view) = views.get_mut(&room) else {
+                            continue;
+                        };
+                        if view.fetching {
+                            continue;
+                        }
+                        view.fetching = true;
+                        let fetch = json!({
+                            "action": "getHistory",
+                            "room": view.room,
+                            "after": view.contiguous(),
+                            "limit": HISTORY_PAGE,
+                        });
+                        if sink.send(Message::Text(fetch.to_string().into())).await.is_err() {
+                            continue 'connection;
+                        }
+                    }
+                }
                 _ = ticker.tick(), if sending => {
                     counter += 1;
                     let stamp = shared.now_us();
                     let text = format!("{stamp} {}", "x".repeat(FILLER));
+                    let id = format!("{}-{counter}", plan.user);
                     let frame = json!({
                         "action": "sendMessage",
                         "room": plan.rooms[0],
                         "text": text,
-                        "clientMsgId": format!("{}-{counter}", plan.user),
-                    });
+                        "clientMsgId": id,
+                    })
+                    .to_string();
                     shared.sent.fetch_add(1, Relaxed);
-                    if sink.send(Message::Text(frame.to_string().into())).await.is_err() {
+                    unacked.insert(id, (frame.clone(), tokio::time::Instant::now()));
+                    if sink.send(Message::Text(frame.into())).await.is_err() {
                         continue 'connection;
                     }
                 }
@@ -322,14 +465,26 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce(bool)) {
     shared.views.lock().extend(views.into_values());
 }
 
-/// A frame a client heard.
-fn heard(shared: &Shared, views: &mut HashMap<String, RoomView>, frame: &Value) {
+/// A frame a client heard; returns the `getHistory` to send when it shows a gap.
+fn heard(
+    shared: &Shared,
+    views: &mut HashMap<String, RoomView>,
+    unacked: &mut Unacked,
+    frame: &Value,
+) -> Option<Value> {
     match frame["type"].as_str() {
         Some("sent") => {
             *shared.frames.lock().entry("sent".to_owned()).or_default() += 1;
-            shared.acked.fetch_add(1, Relaxed);
-            if let (Some(room), Some(seq)) = (frame["room"].as_str(), frame["seq"].as_u64()) {
-                shared.acked_seqs.lock().push((room.to_owned(), seq));
+            // Once per message, however often it was sent (the server dedupes a resend by its
+            // `clientMsgId` and answers it again).
+            let first = frame["clientMsgId"]
+                .as_str()
+                .is_some_and(|id| unacked.remove(id).is_some());
+            if first {
+                shared.acked.fetch_add(1, Relaxed);
+                if let (Some(room), Some(seq)) = (frame["room"].as_str(), frame["seq"].as_u64()) {
+                    shared.acked_seqs.lock().push((room.to_owned(), seq));
+                }
             }
         }
         Some("presence") => {
@@ -343,7 +498,7 @@ fn heard(shared: &Shared, views: &mut HashMap<String, RoomView>, frame: &Value) 
                 frame["user"].as_str(),
                 frame["online"].as_bool(),
             ) else {
-                return;
+                return None;
             };
             if let Some(view) = views.get_mut(room) {
                 view.presence.insert(user.to_owned(), online);
@@ -351,18 +506,21 @@ fn heard(shared: &Shared, views: &mut HashMap<String, RoomView>, frame: &Value) 
         }
         Some(kind @ ("message" | "member")) => {
             let (Some(room), Some(seq)) = (frame["room"].as_str(), frame["seq"].as_u64()) else {
-                return;
+                return None;
             };
             *shared.frames.lock().entry(kind.to_owned()).or_default() += 1;
-            let Some(view) = views.get_mut(room) else {
-                return;
-            };
+            let view = views.get_mut(room)?;
             if seq <= view.joined_head {
-                return;
+                return None;
+            }
+            if view.filled.contains(&seq) {
+                // Filled from history already, and heard live late: dropped by seq.
+                *shared.frames.lock().entry("late".to_owned()).or_default() += 1;
+                return None;
             }
             if !view.seqs.insert(seq) {
                 view.duplicates += 1;
-                return;
+                return None;
             }
             if seq < view.last && !view.replaying {
                 view.out_of_order += 1;
@@ -384,6 +542,40 @@ fn heard(shared: &Shared, views: &mut HashMap<String, RoomView>, frame: &Value) 
                         .push(now_us.saturating_sub(sent_us));
                 }
             }
+            if view.replaying {
+                // A rejoin's replay and live frames interleave until it has caught up.
+                view.replaying = view.contiguous() < view.replay_head;
+                return None;
+            }
+            // A gap below a frame heard live: what a client fills from history.
+            return view.fetch_below(seq);
+        }
+        Some("history") => {
+            *shared
+                .frames
+                .lock()
+                .entry("history".to_owned())
+                .or_default() += 1;
+            let view = views.get_mut(frame["room"].as_str()?)?;
+            view.fetching = false;
+            for event in frame["events"].as_array().into_iter().flatten() {
+                let Some(seq) = event["seq"].as_u64() else {
+                    continue;
+                };
+                if seq <= view.joined_head || view.has(seq) {
+                    continue;
+                }
+                view.filled.insert(seq);
+                if event["type"] == "message" {
+                    shared.filled.fetch_add(1, Relaxed);
+                }
+            }
+            let head = frame["head"].as_u64().unwrap_or(0);
+            view.known_head = view.known_head.max(head);
+            if view.replaying {
+                view.replaying = view.contiguous() < view.replay_head;
+            }
+            return view.fetch_below(head + 1);
         }
         Some("error") => {
             shared.error_frames.fetch_add(1, Relaxed);
@@ -393,6 +585,8 @@ fn heard(shared: &Shared, views: &mut HashMap<String, RoomView>, frame: &Value) 
                 .lock()
                 .entry(format!("error:{code}"))
                 .or_default() += 1;
+            // Whatever it answered, a history fetch may have been the one refused.
+            views.values_mut().for_each(|v| v.fetching = false);
         }
         None if frame.get("message").is_some() => {
             shared.error_frames.fetch_add(1, Relaxed);
@@ -402,10 +596,12 @@ fn heard(shared: &Shared, views: &mut HashMap<String, RoomView>, frame: &Value) 
                 .lock()
                 .entry(format!("apigw:{message}"))
                 .or_default() += 1;
+            views.values_mut().for_each(|v| v.fetching = false);
         }
         Some(other) => {
             *shared.frames.lock().entry(other.to_owned()).or_default() += 1;
         }
         None => {}
     }
+    None
 }

@@ -619,7 +619,7 @@ pub struct Queue {
 }
 
 impl Queue {
-    async fn create(sdk: &aws_config::SdkConfig, name: &str) -> Queue {
+    pub async fn create(sdk: &aws_config::SdkConfig, name: &str) -> Queue {
         let client = aws_sdk_sqs::Client::new(sdk);
         // FIFO, as template.yaml's delivery queue: ordered per message group, deduplicated.
         let url = client
