@@ -62,14 +62,23 @@ pub async fn close_all_open(
     held_by: Option<&str>,
     reason: DisconnectReason,
 ) -> Result<usize, StoreError> {
-    use futures_util::StreamExt;
     let mut open = directory.open_connections(None).await?;
     if let Some(node) = held_by {
         open.retain(|record| record.node.as_deref() == Some(node));
     }
-    let count = open.len();
+    close_records(log, open, reason).await
+}
+
+/// Closes each of `records` that is open, `reason` given; returns how many there were.
+pub async fn close_records(
+    log: &dyn EventLog,
+    records: Vec<ConnectionRecord>,
+    reason: DisconnectReason,
+) -> Result<usize, StoreError> {
+    use futures_util::StreamExt;
+    let count = records.len();
     // Many at once, so that they share group commits.
-    let mut closes = futures_util::stream::iter(open)
+    let mut closes = futures_util::stream::iter(records)
         .map(|record| close_record(log, record, reason))
         .buffer_unordered(256);
     while let Some(closed) = closes.next().await {

@@ -38,6 +38,8 @@ pub mod identity;
 pub mod lambda;
 pub mod metrics;
 #[cfg(feature = "local")]
+pub mod node_lease;
+#[cfg(feature = "local")]
 pub mod operator;
 pub mod ports;
 pub mod retry;

@@ -91,10 +91,16 @@ enum Command {
         #[arg(long, env = "PALAVER_CONNECTION_RETENTION", default_value = "7d", value_parser = parse_retention)]
         connection_retention: Retention,
         /// This server's name among the nodes sharing a DynamoDB store, recorded with each
-        /// connection it opens: started again, it closes the connections it held and no one
-        /// else's. Default: HOSTNAME:PORT (set it when the port is not fixed)
+        /// connection it opens: it delivers to those, and started again, it closes the
+        /// connections it held and no one else's. Default: HOSTNAME:PORT (set it when the port
+        /// is not fixed)
         #[arg(long, env = "PALAVER_NODE_ID")]
         node_id: Option<String>,
+        /// On a DynamoDB store shared with other nodes: how long this node's lease lasts. If it
+        /// dies and does not come back within it, another node closes its connections (its
+        /// users show offline)
+        #[arg(long, env = "PALAVER_NODE_LEASE", default_value = "30s", value_parser = parse_lease)]
+        node_lease: Duration,
         /// `/readyz` answers 503 while the fan-out is further behind the log than this
         #[arg(long, env = "PALAVER_READY_MAX_LAG", default_value = "30s", value_parser = parse_ttl)]
         ready_max_lag: Duration,
@@ -182,6 +188,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             max_connections_per_user,
             connection_retention,
             node_id,
+            node_lease,
             ready_max_lag,
         } => {
             let lifetime = Lifetime {
@@ -199,6 +206,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 max_connections_per_user,
                 connection_retention: connection_retention.0,
                 ready_max_lag,
+                node_lease,
             };
             run_serve(&cli.store, &listen, node_id, settings).await
         }
@@ -301,6 +309,18 @@ async fn open(url: &StoreUrl) -> Result<Store, Failure> {
         Some(palaver::domain::limits::DEFAULT_CONNECTION_RETENTION),
     )
     .await
+}
+
+/// `--node-lease`: a duration of at least a second.
+fn parse_lease(s: &str) -> Result<Duration, String> {
+    let lease = parse_ttl(s)?;
+    if lease < palaver::node_lease::MIN_LEASE {
+        return Err(format!(
+            "a node's lease must last at least {}s",
+            palaver::node_lease::MIN_LEASE.as_secs()
+        ));
+    }
+    Ok(lease)
 }
 
 /// `--connection-retention`: a duration, or `forever`.

@@ -165,11 +165,15 @@ pub trait Directory: Send + Sync {
     }
 }
 
-/// A connection that hears a room, and the first seq of the room it hears live.
+/// A connection that hears a room, the first seq of the room it hears live, and who holds its
+/// socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Listener {
     pub connection: ConnectionId,
     pub live_from: u64,
+    /// The `palaver serve` node that holds it (`--node-id`); `None` on API Gateway. Where
+    /// several share a store, each delivers to its own.
+    pub node: Option<String>,
 }
 
 /// The log in commit order across all streams, for a tail in the same process.
@@ -366,4 +370,28 @@ pub struct Store {
     pub feed: Option<Arc<dyn LogFeed>>,
     pub checkpoints: Option<Arc<dyn Checkpoints>>,
     pub retention: Option<Arc<dyn Retention>>,
+    /// Leases of the `palaver serve` nodes sharing the store (DynamoDB).
+    pub nodes: Option<Arc<dyn NodeLeases>>,
+}
+
+/// The leases of the `palaver serve` nodes that share a store: each node renews its own while
+/// it runs; one whose lease lapsed died without closing its connections, and another node
+/// closes them for it (its users would otherwise stay "online", and count toward their caps,
+/// until the rows expire hours later).
+#[async_trait]
+pub trait NodeLeases: Send + Sync {
+    /// Takes `node`'s lease until `until`, whatever state it was in: a node starting.
+    async fn claim(&self, node: &str, until: DateTime<Utc>) -> StoreResult<()>;
+
+    /// Moves `node`'s lease on to `until`. `false` when it is not there: another node found it
+    /// lapsed and closed the node's connections (the node was cut off from the store for longer
+    /// than its lease).
+    async fn renew(&self, node: &str, until: DateTime<Utc>) -> StoreResult<bool>;
+
+    /// Every lease, with the time it runs until.
+    async fn leases(&self) -> StoreResult<Vec<(String, DateTime<Utc>)>>;
+
+    /// Removes `node`'s lease if it still runs until `until` (as read); `false` if it moved
+    /// on meanwhile (the node renewed it) or is gone (another node removed it first).
+    async fn remove(&self, node: &str, until: DateTime<Utc>) -> StoreResult<bool>;
 }

@@ -8,11 +8,12 @@
 
 use crate::fanout::change_stream::ChangeSource;
 use crate::fanout::stream::StreamFanOut;
-use crate::fanout::{FanOut, Roster, tail};
+use crate::fanout::{FanOut, Holder, Roster, tail};
 use crate::gateway::hub::{CloseReason, Hub};
 use crate::gateway::{GatewayState, router};
 use crate::handlers::Routes;
 use crate::identity::Identity;
+use crate::node_lease::Lease;
 use crate::ports::Store;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +55,9 @@ pub struct ServeSettings {
     pub connection_retention: Option<Duration>,
     /// `/readyz` answers 503 while the fan-out is further behind the log than this.
     pub ready_max_lag: Duration,
+    /// How long this node's lease on a store it shares with other nodes lasts: how soon,
+    /// after it dies, another node closes its connections (`--node-lease`).
+    pub node_lease: Duration,
 }
 
 /// The defaults `palaver serve` documents.
@@ -69,6 +73,7 @@ impl Default for ServeSettings {
             max_connections_per_user: limits::DEFAULT_MAX_CONNECTIONS_PER_USER,
             connection_retention: Some(limits::DEFAULT_CONNECTION_RETENTION),
             ready_max_lag: DEFAULT_READY_MAX_LAG,
+            node_lease: crate::node_lease::DEFAULT_LEASE,
         }
     }
 }
@@ -98,6 +103,7 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         max_connections_per_user,
         connection_retention,
         ready_max_lag,
+        node_lease,
     } = settings;
     let hub = Hub::new();
     let routes = Routes::new(&store, hub.clone(), identity)
@@ -132,16 +138,27 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
             .await
             .map_err(std::io::Error::other)?;
         Some(tail::start(feed, fanout, roster, start))
-    } else if let (Some(source), Some(stream_fanout)) = (
-        changes,
-        StreamFanOut::new(
-            &store,
-            FanOut::new(&store, hub.clone()).with_delay(fanout_delay),
-        ),
-    ) {
+    } else if let Some(source) = changes {
+        // Other nodes (and API Gateway) may share the store: this node delivers to the
+        // connections it holds, following the stream with positions of its own.
+        let fanout = FanOut::new(&store, hub.clone())
+            .with_delay(fanout_delay)
+            .with_holder(Holder::Node(node.clone()));
+        let stream_fanout = StreamFanOut::following_from_now(&store, fanout);
         // Positioned before the gateway accepts anyone, so no append through it is missed.
         let tail = source.start().await.map_err(std::io::Error::other)?;
         tokio::spawn(tail.run(stream_fanout));
+        if let Some(leases) = store.nodes.clone() {
+            let lease = Lease {
+                store: store.clone(),
+                leases,
+                node: node.clone(),
+                length: node_lease,
+            };
+            lease.claim().await.map_err(std::io::Error::other)?;
+            let hub = hub.clone();
+            tokio::spawn(lease.keep(move || hub.close_all(CloseReason::Forgotten)));
+        }
         None
     } else {
         tracing::warn!("this store has no local feed: nothing will be broadcast");

@@ -14,6 +14,7 @@
 
 pub mod change_stream;
 mod lanes;
+pub mod positions;
 pub mod roster;
 pub mod stream;
 pub mod tail;
@@ -114,6 +115,8 @@ pub struct StoreListeners {
     user_rooms: HashMap<UserId, Vec<RoomName>>,
     /// Rooms whose frames went to the delivery queue in this run, and over how many lanes.
     relayed: HashMap<RoomName, u32>,
+    /// Only this holder's connections are in the audiences; `None`: everyone's.
+    holder: Option<Holder>,
 }
 
 /// A room's listeners as read from the store.
@@ -194,7 +197,18 @@ impl StoreListeners {
             rooms: HashMap::new(),
             user_rooms: HashMap::new(),
             relayed: HashMap::new(),
+            holder: None,
         }
+    }
+
+    /// Audiences of `holder`'s connections only (`None`: everyone's).
+    pub fn held_by(mut self, holder: Option<Holder>) -> Self {
+        self.holder = holder;
+        self
+    }
+
+    fn holds(&self, node: Option<&str>) -> bool {
+        self.holder.as_ref().is_none_or(|h| h.holds(node))
     }
 }
 
@@ -211,9 +225,12 @@ impl Listeners for StoreListeners {
                 self.user_rooms.remove(user);
             }
             EventBody::Connected {
-                connection, user, ..
+                connection,
+                user,
+                node,
+                ..
             } => {
-                if self.rooms.is_empty() {
+                if self.rooms.is_empty() || !self.holds(node.as_deref()) {
                     return Ok(());
                 }
                 for room in self.rooms_of(user).await? {
@@ -242,7 +259,9 @@ impl Listeners for StoreListeners {
         if let Some(audience) = self.rooms.get(room) {
             return Ok(audience.hearing(seq));
         }
-        let audience = Audience::of(self.directory.listeners(room).await?);
+        let mut listeners = self.directory.listeners(room).await?;
+        listeners.retain(|l| self.holds(l.node.as_deref()));
+        let audience = Audience::of(listeners);
         let hearing = audience.hearing(seq);
         self.rooms.insert(room.clone(), audience);
         Ok(hearing)
@@ -322,6 +341,29 @@ pub struct FanOut {
     handshake_grace: Duration,
     /// How long after its append an event is delivered, at the earliest (`with_delay`).
     delay: Duration,
+    /// Whose connections it delivers to, where several share the store; `None`: all of them.
+    holder: Option<Holder>,
+}
+
+/// Who holds a connection's socket, where several deliverers share a store (DynamoDB): each
+/// delivers to its own and leaves the others' alone. To another's connection, a post would
+/// find nobody and take it for gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Holder {
+    /// API Gateway: the connections no `palaver serve` node holds (the Lambda fan-out's).
+    ApiGateway,
+    /// One `palaver serve` node (`--node-id`).
+    Node(String),
+}
+
+impl Holder {
+    /// Whether a connection held by `node` (`None`: API Gateway) is this holder's.
+    pub fn holds(&self, node: Option<&str>) -> bool {
+        match self {
+            Holder::ApiGateway => node.is_none(),
+            Holder::Node(name) => node == Some(name.as_str()),
+        }
+    }
 }
 
 impl FanOut {
@@ -333,7 +375,20 @@ impl FanOut {
             relay: None,
             handshake_grace: Duration::ZERO,
             delay: Duration::ZERO,
+            holder: None,
         }
+    }
+
+    /// Delivers only to the connections `holder` holds: one of several deliverers sharing the
+    /// store.
+    pub fn with_holder(mut self, holder: Holder) -> Self {
+        self.holder = Some(holder);
+        self
+    }
+
+    /// Fresh listeners for a run of events, as this fan-out reads them.
+    pub fn listeners(&self) -> StoreListeners {
+        StoreListeners::new(self.directory.clone()).held_by(self.holder.clone())
     }
 
     /// Delivers each event no sooner than `delay` after it was appended: the lag of AWS's
@@ -367,7 +422,7 @@ impl FanOut {
 
     /// Delivers one event, reading its listeners from the store.
     pub async fn deliver(&self, event: &Event) -> StoreResult<Delivery> {
-        let mut listeners = StoreListeners::new(self.directory.clone());
+        let mut listeners = self.listeners();
         self.deliver_in(event, &mut listeners).await
     }
 

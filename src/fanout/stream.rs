@@ -11,7 +11,7 @@
 //! the log that cannot be decoded is passed over with an error in the log rather than retried
 //! forever: it would otherwise stop its room's fan-out for good.
 
-use super::{Delivery, FanOut, Listeners, Outgoing, StoreListeners};
+use super::{Delivery, FanOut, Listeners, Outgoing};
 use crate::domain::{ConnectionId, Event, EventBody, Stream};
 use crate::ports::{Checkpoints, Directory, EventLog, RelayLease, Store, StoreError};
 use std::collections::{HashMap, VecDeque};
@@ -58,6 +58,9 @@ pub struct StreamFanOut {
     log: Arc<dyn EventLog>,
     directory: Arc<dyn Directory>,
     checkpoints: Arc<dyn Checkpoints>,
+    /// A stream without a checkpoint starts just before its first record in the batch, not
+    /// at its beginning (a node's own positions: [`StreamFanOut::following_from_now`]).
+    from_first_record: bool,
 }
 
 /// A log stream's share of a batch.
@@ -65,6 +68,8 @@ struct Mention {
     stream: Stream,
     /// Its first record in the batch: where a retry must start from.
     first_record: String,
+    /// The lowest seq its records announce.
+    first_seq: u64,
     upto: u64,
 }
 
@@ -76,7 +81,25 @@ impl StreamFanOut {
             log: store.log.clone(),
             directory: store.directory.clone(),
             checkpoints: store.checkpoints.clone()?,
+            from_first_record: false,
         })
+    }
+
+    /// For a `palaver serve` node on a store other nodes share: it follows the stream with
+    /// positions of its own, kept in memory for this run ([`RunPositions`]), so that no node
+    /// takes events from another; a stream it has not delivered yet starts at the first record
+    /// of it this run sees. Combine with a fan-out that delivers to the node's own connections
+    /// only ([`FanOut::with_holder`]).
+    ///
+    /// [`RunPositions`]: super::positions::RunPositions
+    pub fn following_from_now(store: &Store, fanout: FanOut) -> Self {
+        StreamFanOut {
+            fanout,
+            log: store.log.clone(),
+            directory: store.directory.clone(),
+            checkpoints: Arc::new(super::positions::RunPositions::default()),
+            from_first_record: true,
+        }
     }
 
     /// Handles one batch. Never fails as a whole: what could not be done is in
@@ -102,12 +125,14 @@ impl StreamFanOut {
                     let index = match mentions.iter().position(|m| m.stream == stream) {
                         Some(index) => {
                             mentions[index].upto = mentions[index].upto.max(seq);
+                            mentions[index].first_seq = mentions[index].first_seq.min(seq);
                             index
                         }
                         None => {
                             mentions.push(Mention {
                                 stream,
                                 first_record: wake.record,
+                                first_seq: seq,
                                 upto: seq,
                             });
                             mentions.len() - 1
@@ -132,7 +157,7 @@ impl StreamFanOut {
             report.skipped.append(&mut stream.skipped);
         }
 
-        let mut listeners = StoreListeners::new(self.directory.clone());
+        let mut listeners = self.fanout.listeners();
         // A room whose frames went to the queue in an earlier batch, not long ago: this batch's
         // follow them there.
         for (mention, stream) in mentions.iter().zip(&pending) {
@@ -338,7 +363,11 @@ impl StreamFanOut {
                     .relay
                     .filter(|lease| lease.until > chrono::Utc::now())
                     .map(|lease| lease.lanes);
-                checkpoint.seq
+                if checkpoint.seq == 0 && self.from_first_record {
+                    mention.first_seq - 1
+                } else {
+                    checkpoint.seq
+                }
             }
             Err(error) => {
                 pending.failed = Some(error);

@@ -5,8 +5,8 @@
 
 use super::config::{ConfigError, LambdaConfig};
 use crate::aws::{ManagementApi, SqsDeliveryQueue};
-use crate::fanout::FanOut;
 use crate::fanout::stream::StreamFanOut;
+use crate::fanout::{FanOut, Holder};
 use crate::handlers::Routes;
 use crate::identity::Identity;
 use crate::ports::Store;
@@ -94,8 +94,11 @@ impl Aws {
     /// The fan-out over the management API, without the delivery queue (`palaver-deliver`
     /// posts what it is given and must never queue it again).
     pub fn fanout(&self) -> FanOut {
+        // API Gateway's connections only: where `palaver serve` nodes share the store, theirs
+        // are not API Gateway's to post to (it would answer 410, and they would be closed).
         FanOut::new(&self.store, self.gateway.clone())
             .with_handshake_grace(self.config.handshake_grace)
+            .with_holder(Holder::ApiGateway)
     }
 
     /// The stream-driven fan-out (`palaver-fanout`): big rooms go through the delivery queue

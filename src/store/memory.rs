@@ -68,6 +68,7 @@ impl MemoryStore {
             feed: Some(store.clone()),
             checkpoints: Some(store),
             retention: None,
+            nodes: None,
         }
     }
 
@@ -397,6 +398,7 @@ impl Directory for MemoryStore {
                 Some(Listener {
                     connection: connection.clone(),
                     live_from: state.live_from(connection, room)?,
+                    node: state.connections.get(connection)?.node.clone(),
                 })
             })
             .collect())

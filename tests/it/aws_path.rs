@@ -608,7 +608,7 @@ async fn many_jobs_of_one_lane_are_queued_and_received_in_order() {
         // Every third job is 40 KiB: ten of them would not fit one call.
         frames: vec![format!(
             "{lane}/{n}/{}",
-            "x".repeat(if n % 3 == 0 { 40_000 } else { 10 })
+            "x".repeat(if n.is_multiple_of(3) { 40_000 } else { 10 })
         )],
         connections: vec![ConnectionId::new(format!("c-{lane}"))],
         group: format!("hall#{lane}"),

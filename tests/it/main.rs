@@ -16,6 +16,7 @@ mod fanout_requests;
 mod hostile;
 mod load;
 mod management_api;
+mod nodes;
 mod operator;
 mod properties;
 mod store_contract;

@@ -117,6 +117,7 @@ macro_rules! contract_suite {
                 racing_joins_log_one_joined,
                 joins_past_the_rooms_cap_are_refused,
                 connections_hear_a_room_live_from_when_they_started_listening,
+                listeners_name_the_node_that_holds_each_connection,
             );
         }
     };
@@ -944,6 +945,31 @@ mod contract {
     }
 
     /// `live_from`: what a connection hears live, as against what it must ask for as history.
+    /// Where several nodes (and API Gateway) share a store, each delivers to the connections it
+    /// holds: a room's listeners say who holds each, however the listener came to be (the
+    /// user joined with the connection open, or the connection opened after the join).
+    pub async fn listeners_name_the_node_that_holds_each_connection(store: &Store) {
+        let on = |c: &str, u: &str, node: Option<&str>| EventBody::Connected {
+            connection: conn(c),
+            user: user(u),
+            source_ip: None,
+            node: node.map(str::to_owned),
+        };
+        append(store, on("a1", "ana", Some("n1"))).await;
+        append(store, joined("hall", "ana")).await;
+        append(store, joined("hall", "bo")).await;
+        append(store, on("b1", "bo", Some("n2"))).await;
+        append(store, on("c1", "cy", None)).await;
+        append(store, joined("hall", "cy")).await;
+        let mut listeners = store.directory.listeners(&room("hall")).await.unwrap();
+        listeners.sort_by(|a, b| a.connection.cmp(&b.connection));
+        let held: Vec<(&str, Option<&str>)> = listeners
+            .iter()
+            .map(|l| (l.connection.as_str(), l.node.as_deref()))
+            .collect();
+        assert_eq!(held, [("a1", Some("n1")), ("b1", Some("n2")), ("c1", None)]);
+    }
+
     pub async fn connections_hear_a_room_live_from_when_they_started_listening(store: &Store) {
         let d = &store.directory;
         let hall = room("hall");

@@ -717,6 +717,7 @@ async fn a_reconnect_storm_reads_each_rooms_audience_once_per_batch() {
         feed: Some(memory.clone()),
         checkpoints: Some(memory.clone()),
         retention: None,
+        nodes: None,
     };
     let gateway = Arc::new(Recorder::default());
     let fanout = StreamFanOut::new(&store, FanOut::new(&store, gateway.clone())).unwrap();

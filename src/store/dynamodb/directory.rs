@@ -274,6 +274,7 @@ fn listener_of(item: &Item) -> Result<Listener, DynamoError> {
             Some(_) => number(item, "from")?,
             None => 1,
         },
+        node: string(item, "node").ok().map(str::to_owned),
     })
 }
 

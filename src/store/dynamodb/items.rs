@@ -9,14 +9,15 @@
 //! | pk | sk | what |
 //! | --- | --- | --- |
 //! | `room#R` | `member#U` | U's membership of R: `active`, `seq`, `joinedAt` (while active) |
-//! | `room#R` | `listener#C` | C, a connection of member U, hears R: `user` (U), `expires` (C's) |
+//! | `room#R` | `listener#C` | C, a connection of member U, hears R: `user` (U), `from` (its first live seq), `node` (the `palaver serve` that holds C; none on API Gateway), `expires` (C's) |
 //! | `user#U` | `room#R` | the same membership seen from the user: `active`, `seq` |
-//! | `user#U` | `conn#C` | C is one of U's open connections: `connectedAt`, `expires` |
+//! | `user#U` | `conn#C` | C is one of U's open connections: `connectedAt`, `node`, `expires` |
 //! | `user#U` | `version` | `v`, bumped by every change to U's memberships or connections |
 //! | `conn#C` | `conn` | the connection registry: `user`, `connectedAt`, `lastActiveAt`, `sourceIp`, `node` (a `palaver serve`'s), `closedAt`, `expires` (once closed: the connection retention after `closedAt`) |
 //! | `rooms` | `R` | R has a log |
 //! | `msg#R` | `U#M` | U's message with clientMsgId M in R is `seq` |
 //! | `delivered#S` | `-` | the fan-out delivered log stream S up to `seq` |
+//! | `nodes` | `N` | `palaver serve` node N's lease: `until` (Unix ms) |
 //!
 //! `expires` is the table's TTL attribute: rows of connections whose `$disconnect` never came
 //! disappear after [`CONNECTION_TTL_SECS`] even if no 410 finds them first. A listener row

@@ -106,8 +106,8 @@ pub struct UserState {
     pub version: Option<u64>,
     /// Rooms the user is a member of.
     pub rooms: Vec<RoomName>,
-    /// Open connections, with their TTL.
-    pub connections: Vec<(ConnectionId, AttributeValue)>,
+    /// Open connections, with their TTL and the node that holds each (`None`: API Gateway).
+    pub connections: Vec<(ConnectionId, AttributeValue, Option<String>)>,
     /// The heads of the user's rooms, read for a connection opening: its listener rows hear
     /// each room from the event after that head (`DynamoStore::user_state`).
     pub heads: HashMap<RoomName, u64>,
@@ -132,7 +132,8 @@ impl UserState {
                 let ttl = item.get("expires").cloned().ok_or_else(|| {
                     DynamoError::Corrupt(format!("connection {id} of {user} has no expires"))
                 })?;
-                state.connections.push((id, ttl));
+                let node = string(item, "node").ok().map(str::to_owned);
+                state.connections.push((id, ttl, node));
             }
         }
         Ok(state)
@@ -147,13 +148,22 @@ impl UserState {
                     self.rooms.push(room.clone());
                 }
             }
-            Change::ConnectionOpened { connection, at, .. } => {
-                if !self.connections.iter().any(|(c, _)| c == connection) {
-                    self.connections.push((connection.clone(), expires(&at)));
+            Change::ConnectionOpened {
+                connection,
+                at,
+                node,
+                ..
+            } => {
+                if !self.connections.iter().any(|(c, _, _)| c == connection) {
+                    self.connections.push((
+                        connection.clone(),
+                        expires(&at),
+                        node.map(str::to_owned),
+                    ));
                 }
             }
             Change::ConnectionClosed { connection, .. } => {
-                self.connections.retain(|(c, _)| c != connection);
+                self.connections.retain(|(c, _, _)| c != connection);
             }
             Change::Activity { .. } | Change::RoomHead { .. } => {}
         }
@@ -171,22 +181,28 @@ impl UserState {
         match scope {
             Scope::Room { room, user, seq } => {
                 let member = self.rooms.contains(room);
-                for (connection, ttl) in &self.connections {
+                for (connection, ttl, node) in &self.connections {
                     writes.push(if member {
-                        put_listener(table, room, connection, user, ttl, seq)?
+                        put_listener(table, room, connection, user, ttl, node.as_deref(), seq)?
                     } else {
                         delete_listener(table, room, connection)?
                     });
                 }
             }
             Scope::Connection { connection, user } => {
-                let open = self.connections.iter().find(|(c, _)| c == connection);
+                let open = self.connections.iter().find(|(c, _, _)| c == connection);
                 for room in &self.rooms {
                     let live_from = self.heads.get(room).map_or(1, |head| head + 1);
                     writes.push(match open {
-                        Some((_, ttl)) => {
-                            put_listener(table, room, connection, user, ttl, live_from)?
-                        }
+                        Some((_, ttl, node)) => put_listener(
+                            table,
+                            room,
+                            connection,
+                            user,
+                            ttl,
+                            node.as_deref(),
+                            live_from,
+                        )?,
                         None => delete_listener(table, room, connection)?,
                     });
                 }
@@ -196,28 +212,36 @@ impl UserState {
     }
 }
 
-/// Writes a listener row, hearing the room from `live_from` on. A row written again (a change
-/// applied again, rows rewritten after a race) keeps the `from` it was first given: moving it
-/// on would silence events that neither the replay nor the fan-out then delivers.
+/// Writes a listener row, hearing the room from `live_from` on, held by `node` (`None`: API
+/// Gateway). A row written again (a change applied again, rows rewritten after a race) keeps
+/// the `from` it was first given: moving it on would silence events that neither the replay nor
+/// the fan-out then delivers.
 fn put_listener(
     table: &str,
     room: &RoomName,
     connection: &ConnectionId,
     user: &UserId,
     ttl: &AttributeValue,
+    node: Option<&str>,
     live_from: u64,
 ) -> Result<TransactWriteItem, DynamoError> {
-    let update = Update::builder()
+    let mut expression = "SET #u = :u, #e = :e, #f = if_not_exists(#f, :f)".to_owned();
+    let mut update = Update::builder()
         .table_name(table)
         .set_key(Some(listener_key(room, connection)))
-        .update_expression("SET #u = :u, #e = :e, #f = if_not_exists(#f, :f)")
         .expression_attribute_names("#u", "user")
         .expression_attribute_names("#e", "expires")
         .expression_attribute_names("#f", "from")
         .expression_attribute_values(":u", s(user.as_str()))
         .expression_attribute_values(":e", ttl.clone())
-        .expression_attribute_values(":f", n(live_from))
-        .build()?;
+        .expression_attribute_values(":f", n(live_from));
+    if let Some(node) = node {
+        expression.push_str(", #n = :n");
+        update = update
+            .expression_attribute_names("#n", "node")
+            .expression_attribute_values(":n", s(node));
+    }
+    let update = update.update_expression(expression).build()?;
     Ok(TransactWriteItem::builder().update(update).build())
 }
 

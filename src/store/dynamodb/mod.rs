@@ -20,6 +20,7 @@ mod error;
 mod items;
 mod listeners;
 mod log;
+mod nodes;
 mod tables;
 mod writes;
 
@@ -87,6 +88,7 @@ impl DynamoStore {
             feed: None,
             checkpoints: Some(self.clone()),
             retention: None,
+            nodes: Some(self.clone()),
         }
     }
 

@@ -190,6 +190,10 @@ pub fn writes(
             let mut open = user_connection_key(user, connection);
             open.insert("connectedAt".to_owned(), ms(&at));
             open.insert("expires".to_owned(), expires(&at));
+            if let Some(node) = node {
+                // Copied to the connection's listener rows: who delivers to it.
+                open.insert("node".to_owned(), s(node));
+            }
             Ok(vec![row.build()?, put(table, open)?])
         }
         Change::ConnectionClosed {

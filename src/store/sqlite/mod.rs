@@ -121,6 +121,7 @@ impl SqliteStore {
             feed: Some(self.clone()),
             checkpoints: None,
             retention: Some(self.clone()),
+            nodes: None,
         }
     }
 
@@ -344,9 +345,10 @@ macro_rules! live_from_sql {
 
 impl SqliteStore {
     async fn listeners(&self, room: &RoomName) -> Result<Vec<Listener>, SqliteError> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(concat!(
+        let rows: Vec<(String, i64, Option<String>)> = sqlx::query_as(concat!(
             "SELECT c.id, ",
             live_from_sql!(),
+            ", c.node",
             " FROM members m \
              JOIN connections c ON c.user_id = m.user_id AND c.closed_at IS NULL \
              WHERE m.room = ?1 AND m.active = 1 \
@@ -357,10 +359,11 @@ impl SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(|(id, live_from)| {
+            .map(|(id, live_from, node)| {
                 Ok(Listener {
                     connection: ConnectionId::new(id),
                     live_from: uint(live_from, "seq")?,
+                    node,
                 })
             })
             .collect()

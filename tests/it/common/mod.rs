@@ -23,7 +23,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// Fresh DynamoDB tables (`palaver init` on a new prefix) on the DynamoDB that the test
 /// command's AWS environment names (`AWS_ENDPOINT_URL`, credentials, region); their store URL.
 /// No endpoint is a failure, never a skip.
-fn dynamodb_store() -> String {
+pub fn dynamodb_store() -> String {
     assert!(
         std::env::var("AWS_ENDPOINT_URL").is_ok_and(|url| !url.is_empty()),
         "PALAVER_TEST_STORE=dynamodb needs AWS_ENDPOINT_URL pointing at a DynamoDB (the moto \
