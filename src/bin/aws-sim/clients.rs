@@ -20,12 +20,15 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// How long a client waits for any one answer.
 const ANSWER_WAIT: Duration = Duration::from_secs(60);
-/// Messages sent and not yet acknowledged, by `clientMsgId`: the frame, and when it went last.
-type Unacked = HashMap<String, (String, tokio::time::Instant)>;
+/// Messages sent and not yet acknowledged, by `clientMsgId`: the frame, when it may go again,
+/// and how long to wait after that.
+type Unacked = HashMap<String, (String, tokio::time::Instant, Duration)>;
 /// How long a client waits for a message's `sent` before it sends it again, with the same
 /// `clientMsgId` (API Gateway may have throttled the frame: it answers with an error frame that
-/// names no request).
+/// names no request); doubled, with jitter, at each resend up to [`RESEND_MAX`], so that clients
+/// of a throttled account do not keep its bucket empty with their own resends.
 const RESEND_AFTER: Duration = Duration::from_secs(3);
+const RESEND_MAX: Duration = Duration::from_secs(30);
 /// How often a client catching up asks again for a room whose `getHistory` went unanswered.
 const RESYNC: Duration = Duration::from_secs(2);
 /// Bytes of filler after the timestamp in each message's text.
@@ -407,11 +410,12 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce(bool)) {
                 {
                     // Messages unacknowledged for a while go again, with their `clientMsgId`.
                     let now = tokio::time::Instant::now();
-                    for (frame, at) in unacked.values_mut() {
-                        if now.duration_since(*at) < RESEND_AFTER {
+                    for (frame, due, wait) in unacked.values_mut() {
+                        if now < *due {
                             continue;
                         }
-                        *at = now;
+                        *wait = (*wait * 2).min(RESEND_MAX);
+                        *due = now + wait.mul_f64(rand::random_range(0.5..1.0));
                         *shared.frames.lock().entry("resent".to_owned()).or_default() += 1;
                         if sink.send(Message::Text(frame.clone().into())).await.is_err() {
                             continue 'connection;
@@ -451,7 +455,8 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce(bool)) {
                     })
                     .to_string();
                     shared.sent.fetch_add(1, Relaxed);
-                    unacked.insert(id, (frame.clone(), tokio::time::Instant::now()));
+                    let due = tokio::time::Instant::now() + RESEND_AFTER;
+                    unacked.insert(id, (frame.clone(), due, RESEND_AFTER));
                     if sink.send(Message::Text(frame.into())).await.is_err() {
                         continue 'connection;
                     }
