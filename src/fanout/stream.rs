@@ -190,6 +190,16 @@ impl StreamFanOut {
                 match self.fanout.plan_in(&event, &mut listeners).await {
                     Ok(outgoing) => {
                         stream.passed.push(event.seq);
+                        // A message's sender is in its room's audience: where several
+                        // deliverers share the store, only the one holding the sender's
+                        // connection hears it there, and only that one records its activity.
+                        let sender_held = match &event.body {
+                            EventBody::MessagePosted {
+                                connection: Some(connection),
+                                ..
+                            } => outgoing.iter().any(|o| o.recipients.contains(connection)),
+                            _ => false,
+                        };
                         planned.extend(outgoing.into_iter().map(|outgoing| Planned {
                             mention: index,
                             seq: event.seq,
@@ -199,6 +209,7 @@ impl StreamFanOut {
                             connection: Some(connection),
                             ..
                         } = &event.body
+                            && sender_held
                             && activity
                                 .get(connection)
                                 .is_none_or(|seen| seen.at < event.at)

@@ -29,10 +29,12 @@ impl Violations {
     }
 }
 
-/// A room's log: each event's seq, id, and for messages (user, clientMsgId).
+/// A room's log: each event's seq, id, and for messages (user, clientMsgId); and the seqs of
+/// each (user, clientMsgId).
 struct Log {
     ids: BTreeMap<u64, String>,
     messages: BTreeMap<u64, (String, Option<String>)>,
+    sent_as: HashMap<(String, String), Vec<u64>>,
 }
 
 async fn read_log(store: &Store, room: &RoomName) -> Result<Log, String> {
@@ -40,6 +42,7 @@ async fn read_log(store: &Store, room: &RoomName) -> Result<Log, String> {
     let mut log = Log {
         ids: BTreeMap::new(),
         messages: BTreeMap::new(),
+        sent_as: HashMap::new(),
     };
     let mut after = 0;
     loop {
@@ -60,6 +63,12 @@ async fn read_log(store: &Store, room: &RoomName) -> Result<Log, String> {
                 ..
             } = event.body
             {
+                if let Some(cmid) = &client_msg_id {
+                    log.sent_as
+                        .entry((user.to_string(), cmid.clone()))
+                        .or_default()
+                        .push(event.seq);
+                }
                 log.messages
                     .insert(event.seq, (user.to_string(), client_msg_id));
             }
@@ -89,13 +98,7 @@ pub async fn check(
             }
         }
         // No clientMsgId twice.
-        let mut by_id: HashMap<(&str, &str), Vec<u64>> = HashMap::new();
-        for (seq, (user, cmid)) in &log.messages {
-            if let Some(cmid) = cmid {
-                by_id.entry((user, cmid)).or_default().push(*seq);
-            }
-        }
-        for ((user, cmid), seqs) in by_id {
+        for ((user, cmid), seqs) in &log.sent_as {
             if seqs.len() > 1 {
                 violations.add(
                     "a clientMsgId in the log twice",
@@ -120,12 +123,9 @@ pub async fn check(
                 *user == acked.user && cmid.as_deref() == Some(acked.client_msg_id.as_str())
             }) && log.ids.get(&acked.seq) == Some(&acked.id);
             let times = log
-                .messages
-                .values()
-                .filter(|(user, cmid)| {
-                    *user == acked.user && cmid.as_deref() == Some(acked.client_msg_id.as_str())
-                })
-                .count();
+                .sent_as
+                .get(&(acked.user.clone(), acked.client_msg_id.clone()))
+                .map_or(0, Vec::len);
             if !right || times != 1 {
                 violations.add(
                     "an acknowledged message is not in the log once at its seq",
@@ -155,12 +155,12 @@ pub async fn check(
                 continue;
             };
             let log = &logs[room];
-            let expected: BTreeMap<u64, String> = log
-                .ids
-                .range(start + 1..)
-                .map(|(seq, id)| (*seq, id.clone()))
-                .collect();
-            if view.events != expected {
+            if !view.events.iter().eq(log.ids.range(start + 1..)) {
+                let expected: BTreeMap<u64, String> = log
+                    .ids
+                    .range(start + 1..)
+                    .map(|(seq, id)| (*seq, id.clone()))
+                    .collect();
                 let missing: Vec<u64> = expected
                     .keys()
                     .filter(|s| !view.events.contains_key(s))

@@ -19,10 +19,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-/// An unanswered `sendMessage` goes again after this, then after twice as long each time (with
-/// jitter) up to [`RESEND_MAX`]: a slow server is not buried under its clients' resends.
-const RESEND_AFTER: Duration = Duration::from_secs(2);
-const RESEND_MAX: Duration = Duration::from_secs(30);
+/// An unanswered `sendMessage` goes again after this on the same connection, then after twice
+/// as long each time (with jitter) up to [`RESEND_MAX`]. A live connection answers every frame
+/// (`sent`, or an `error` that names no message), so this only covers an answer that is very
+/// late; a slow store must not be buried under its clients' resends. After a reconnect
+/// everything unanswered goes again at once: a lost connection loses its answers.
+const RESEND_AFTER: Duration = Duration::from_secs(10);
+const RESEND_MAX: Duration = Duration::from_secs(60);
 /// The most events asked of one `getHistory` (the protocol's maximum).
 const PAGE: u64 = 500;
 
@@ -95,18 +98,21 @@ pub struct Acked {
 pub struct View {
     pub start: Option<u64>,
     pub events: BTreeMap<u64, String>,
+    /// Where [`View::contiguous`] got to last (events are only ever added).
+    upto: u64,
 }
 
 impl View {
     /// The seq up to which it has every event.
-    fn contiguous(&self) -> u64 {
-        let Some(mut upto) = self.start else {
+    fn contiguous(&mut self) -> u64 {
+        let Some(start) = self.start else {
             return 0;
         };
-        while self.events.contains_key(&(upto + 1)) {
-            upto += 1;
+        self.upto = self.upto.max(start);
+        while self.events.contains_key(&(self.upto + 1)) {
+            self.upto += 1;
         }
-        upto
+        self.upto
     }
 }
 
@@ -335,7 +341,7 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, deadline: Instant) {
                         let pending = finishing.get_or_insert_with(|| plan.rooms.iter().cloned().collect());
                         for room in pending.iter() {
                             if fetching.insert(room.clone()) {
-                                let after = outcome.views.get(room).map_or(0, View::contiguous);
+                                let after = outcome.views.get_mut(room).map_or(0, View::contiguous);
                                 out.push(history(room, after));
                             }
                         }

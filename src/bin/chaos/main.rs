@@ -79,8 +79,9 @@ struct Args {
 }
 
 const SECRET: &str = "chaos-secret-0123456789abcdef0123456789abcdef";
-/// A node's lease in the run: short, so that a killed node's users go offline soon.
-const NODE_LEASE: &str = "3s";
+/// A node's lease in the run: short, so that a killed node's users go offline soon, yet long
+/// enough that a store slowed by the run itself (moto, every request in turn) lets nodes renew it.
+const NODE_LEASE: &str = "10s";
 /// How long clients may take, after the chaos, to get everything acknowledged and read.
 const FINISH_WAIT: Duration = Duration::from_secs(180);
 /// How long the store may take, once every client left, to show nobody online.
