@@ -36,9 +36,23 @@ pub async fn metrics(State(state): State<Arc<GatewayState>>) -> Response {
         .into_response()
 }
 
+/// How long `/readyz` waits for the store: one that does not answer by then (its network gone,
+/// the SDK still retrying) cannot serve, and a load balancer's health check must hear so before
+/// its own timeout.
+const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// `GET /readyz`: 200 when the store answers and the fan-out keeps up; 503 saying why not.
 pub async fn readyz(State(state): State<Arc<GatewayState>>) -> (StatusCode, String) {
-    match lag(&state).await {
+    let Ok(lag) = tokio::time::timeout(READY_PROBE_TIMEOUT, lag(&state)).await else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the store does not answer within {} s\n",
+                READY_PROBE_TIMEOUT.as_secs()
+            ),
+        );
+    };
+    match lag {
         Err(error) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("the store does not answer: {error}\n"),

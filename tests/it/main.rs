@@ -13,6 +13,7 @@ mod browser;
 mod change_stream;
 mod durability;
 mod fanout_requests;
+mod faults;
 mod hostile;
 mod load;
 mod management_api;

@@ -1,0 +1,255 @@
+//! Faults below the server: a DynamoDB that throttles, fails and drops out for a while, played
+//! by a proxy in front of moto that the node's AWS SDK talks to (its stream reads included).
+//! Whatever the store does, a message acknowledged is in the log once, the connection stays
+//! up, `/readyz` says not-ready while the store does not answer, and the node serves again when
+//! it comes back.
+//!
+//! Needs a moto server: run `scripts/test` (a missing `AWS_ENDPOINT_URL` fails the test).
+
+use crate::common::{self, Client, Server};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// What the store does to each request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Fault {
+    /// Passes it to moto.
+    None = 0,
+    /// `ThrottlingException` (HTTP 400), as DynamoDB answers past its limits.
+    Throttle = 1,
+    /// `InternalServerError` (HTTP 500).
+    Fail = 2,
+    /// No answer while it lasts (the network to the store is gone); then 503.
+    Gone = 3,
+}
+
+struct Proxy {
+    upstream: String,
+    fault: AtomicU8,
+    /// Requests refused or held since the start.
+    refused: AtomicU64,
+    http: reqwest::Client,
+}
+
+/// A DynamoDB endpoint in front of moto that fails on command.
+struct FaultyStore {
+    url: String,
+    proxy: Arc<Proxy>,
+}
+
+impl FaultyStore {
+    async fn start() -> FaultyStore {
+        let upstream = std::env::var("AWS_ENDPOINT_URL").expect(
+            "AWS_ENDPOINT_URL: these tests need a moto server (run them with scripts/test)",
+        );
+        let proxy = Arc::new(Proxy {
+            upstream: upstream.trim_end_matches('/').to_owned(),
+            fault: AtomicU8::new(Fault::None as u8),
+            refused: AtomicU64::new(0),
+            http: reqwest::Client::new(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new()
+            .fallback(forward)
+            .with_state(proxy.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        FaultyStore { url, proxy }
+    }
+
+    fn set(&self, fault: Fault) {
+        self.proxy.fault.store(fault as u8, Relaxed);
+    }
+
+    /// Waits until the store has refused (or held) `more` requests beyond `since`.
+    async fn refuses(&self, since: u64, more: u64) {
+        common::eventually("the store to refuse requests", || async {
+            (self.proxy.refused.load(Relaxed) >= since + more).then_some(())
+        })
+        .await;
+    }
+}
+
+async fn forward(
+    State(proxy): State<Arc<Proxy>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let error = |status: StatusCode, kind: &str| {
+        (
+            status,
+            [("content-type", "application/x-amz-json-1.0")],
+            json!({"__type": kind, "message": "injected by the test"}).to_string(),
+        )
+            .into_response()
+    };
+    let fault = proxy.fault.load(Relaxed);
+    if fault != Fault::None as u8 {
+        proxy.refused.fetch_add(1, Relaxed);
+    }
+    match fault {
+        1 => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "com.amazonaws.dynamodb.v20120810#ThrottlingException",
+            );
+        }
+        2 => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "com.amazonaws.dynamodb.v20120810#InternalServerError",
+            );
+        }
+        3 => {
+            while proxy.fault.load(Relaxed) == Fault::Gone as u8 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            return error(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable");
+        }
+        _ => {}
+    }
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut request = proxy
+        .http
+        .request(method, format!("{}{path}", proxy.upstream))
+        .body(body);
+    for (name, value) in &headers {
+        if name != "host" && name != "content-length" {
+            request = request.header(name, value);
+        }
+    }
+    match request.send().await {
+        Ok(answer) => {
+            let status = answer.status();
+            let headers = answer.headers().clone();
+            let body = answer.bytes().await.unwrap_or_default();
+            let mut response = (status, body).into_response();
+            for (name, value) in &headers {
+                if name != "content-length" && name != "transfer-encoding" {
+                    response.headers_mut().insert(name, value.clone());
+                }
+            }
+            response
+        }
+        Err(_) => error(StatusCode::BAD_GATEWAY, "ServiceUnavailable"),
+    }
+}
+
+/// Sends `text` with `id` until it is acknowledged: on an error answer, sent again with the same
+/// id, as a client does. Returns the `sent` answer.
+async fn send_until_acknowledged(client: &mut Client, room: &str, text: &str, id: &str) -> Value {
+    let frame = json!({"action": "sendMessage", "room": room, "text": text, "clientMsgId": id});
+    for _ in 0..100 {
+        let answer = client.request(frame.clone()).await;
+        if answer["type"] == "sent" {
+            return answer;
+        }
+        assert_eq!(answer["type"], "error", "{answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{id} was never acknowledged");
+}
+
+async fn readyz(server: &Server) -> (u16, String) {
+    let answer = reqwest::Client::new()
+        .get(format!("{}/readyz", server.url()))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("/readyz answers");
+    (
+        answer.status().as_u16(),
+        answer.text().await.unwrap_or_default(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_throttles_fails_and_drops_out_for_a_while_loses_nothing() {
+    let store = common::dynamodb_store();
+    let faulty = FaultyStore::start().await;
+    let node = Server::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &store,
+        &[
+            ("AWS_ENDPOINT_URL", faulty.url.as_str()),
+            ("PALAVER_NODE_ID", "n1"),
+        ],
+    );
+    let mut ana = node.connect("ana").await;
+    let mut bob = node.connect("bob").await;
+    ana.join("r").await;
+    bob.join("r").await;
+    assert_eq!(readyz(&node).await.0, 200);
+
+    let mut acknowledged = Vec::new();
+    for (n, fault) in [Fault::Throttle, Fault::Fail, Fault::Gone]
+        .into_iter()
+        .enumerate()
+    {
+        // While the store misbehaves, what ana sends is refused or waits; the node says it is
+        // not ready.
+        let since = faulty.proxy.refused.load(Relaxed);
+        faulty.set(fault);
+        let id = format!("m{n}");
+        let frame = json!({"action": "sendMessage", "room": "r", "text": format!("during {fault:?}"), "clientMsgId": id});
+        ana.send(frame).await;
+        {
+            let (status, why) = readyz(&node).await;
+            assert_eq!(status, 503, "{fault:?}: {why}");
+            assert!(why.contains("store"), "{why}");
+        }
+        // Long enough for the node's requests (appends, stream reads, lease renewals) to meet it.
+        faulty.refuses(since, 5).await;
+        // The store comes back: ana's message goes in (sent again if it was refused), once.
+        faulty.set(Fault::None);
+        let answer = ana.answer().await;
+        let sent = if answer["type"] == "sent" {
+            answer
+        } else {
+            send_until_acknowledged(&mut ana, "r", &format!("during {fault:?}"), &id).await
+        };
+        assert_eq!(sent["clientMsgId"], id);
+        acknowledged.push(sent["seq"].as_u64().unwrap());
+        assert_eq!(readyz(&node).await.0, 200);
+    }
+    // Every acknowledged message is in the log once, at its seq, and bob heard each once in order.
+    let history = node.cli(&["history", "r", "--json"]);
+    assert!(history.status.success(), "{history:?}");
+    let events: Vec<Value> = serde_json::from_slice(&history.stdout).unwrap();
+    let messages: Vec<(u64, String)> = events
+        .iter()
+        .filter(|e| e["type"] == "message")
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap(),
+                e["text"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(u64, String)> = acknowledged
+        .iter()
+        .zip(["during Throttle", "during Fail", "during Gone"])
+        .map(|(seq, text)| (*seq, text.to_owned()))
+        .collect();
+    assert_eq!(messages, expected);
+    let last = *acknowledged.last().unwrap();
+    let heard = bob.pushed_until(|f| f["seq"] == last).await;
+    let mut heard: Vec<u64> = heard
+        .iter()
+        .filter(|f| f["type"] == "message")
+        .map(|f| f["seq"].as_u64().unwrap())
+        .collect();
+    heard.push(last);
+    assert_eq!(heard, acknowledged);
+    // Both connections stayed up throughout.
+    assert!(ana.is_open().await && bob.is_open().await);
+}
