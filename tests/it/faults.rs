@@ -253,3 +253,46 @@ async fn a_store_that_throttles_fails_and_drops_out_for_a_while_loses_nothing() 
     // Both connections stayed up throughout.
     assert!(ana.is_open().await && bob.is_open().await);
 }
+
+/// A node cut off from the store for longer than its lease is taken for dead: another node
+/// closes its connections (its users show offline). When the store comes back, the node finds
+/// its lease gone and closes those sockets — its clients reconnect, to any node — instead of
+/// serving connections the store says are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_for_longer_than_its_lease_closes_its_sockets_when_it_is_back() {
+    let store = common::dynamodb_store();
+    let faulty = FaultyStore::start().await;
+    let lease = ("PALAVER_NODE_LEASE", "2s");
+    let cut_off = Server::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &store,
+        &[("AWS_ENDPOINT_URL", faulty.url.as_str()), ("PALAVER_NODE_ID", "n1"), lease],
+    );
+    let other = Server::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &store,
+        &[("PALAVER_NODE_ID", "n2"), lease],
+    );
+    let mut ana = cut_off.connect("ana").await;
+    ana.join("r").await;
+    let mut bob = other.connect("bob").await;
+    bob.join("r").await;
+
+    faulty.set(Fault::Gone);
+    // n2 sees n1's lease lapse and closes ana's connection: bob sees her go offline.
+    bob.pushed_until(|f| f["type"] == "presence" && f["user"] == "ana" && f["online"] == false)
+        .await;
+    faulty.set(Fault::None);
+    // Back on the store, n1 closes ana's socket; she comes back through the other node.
+    let closed = tokio::time::timeout(Duration::from_secs(20), ana.closed())
+        .await
+        .expect("n1 closes the socket of a connection the store closed");
+    // 1001, "going away": reconnect.
+    assert_eq!(closed, Some(1001));
+    let mut ana = other.connect("ana").await;
+    ana.join("r").await;
+    bob.pushed_until(|f| f["type"] == "presence" && f["user"] == "ana" && f["online"] == true)
+        .await;
+    let seq = ana.say("r", "back").await["seq"].as_u64().unwrap();
+    bob.pushed_until(|f| f["seq"] == seq).await;
+}

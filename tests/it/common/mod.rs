@@ -532,6 +532,18 @@ impl Client {
         .await;
     }
 
+    /// Waits for the server to close the socket, dropping the frames before: the close code it
+    /// sent, or `None` if the connection ended without a close frame.
+    pub async fn closed(&mut self) -> Option<u16> {
+        loop {
+            match self.ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
     /// Whether the socket is still open: a getHistory round trip answers.
     pub async fn is_open(&mut self) -> bool {
         self.send(json!({"action": "nothing"})).await;
