@@ -266,7 +266,11 @@ async fn a_node_cut_off_for_longer_than_its_lease_closes_its_sockets_when_it_is_
     let cut_off = Server::start_with_env(
         tempfile::tempdir().unwrap(),
         &store,
-        &[("AWS_ENDPOINT_URL", faulty.url.as_str()), ("PALAVER_NODE_ID", "n1"), lease],
+        &[
+            ("AWS_ENDPOINT_URL", faulty.url.as_str()),
+            ("PALAVER_NODE_ID", "n1"),
+            lease,
+        ],
     );
     let other = Server::start_with_env(
         tempfile::tempdir().unwrap(),
@@ -295,4 +299,50 @@ async fn a_node_cut_off_for_longer_than_its_lease_closes_its_sockets_when_it_is_
         .await;
     let seq = ana.say("r", "back").await["seq"].as_u64().unwrap();
     bob.pushed_until(|f| f["seq"] == seq).await;
+}
+
+/// Another process holds the SQLite file's write lock for longer than the server waits for it
+/// (5 s): a send meanwhile is answered with an error, the connection stays up, and once the lock
+/// is released the same message sent again goes in once; what was acknowledged before is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_holding_the_sqlite_write_lock_loses_nothing() {
+    use sqlx::Connection;
+    let server = Server::start_sqlite();
+    let mut ana = server.connect("ana").await;
+    let mut bob = server.connect("bob").await;
+    ana.join("r").await;
+    bob.join("r").await;
+    let before = send_until_acknowledged(&mut ana, "r", "before", "m0").await;
+
+    let url = format!("sqlite://{}", server.db_path().display());
+    let mut outside = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut outside)
+        .await
+        .unwrap();
+    let frame =
+        json!({"action": "sendMessage", "room": "r", "text": "during", "clientMsgId": "m1"});
+    let answer = ana.request(frame).await;
+    assert_eq!(answer["type"], "error", "{answer}");
+    assert!(ana.is_open().await);
+    sqlx::query("COMMIT").execute(&mut outside).await.unwrap();
+    outside.close().await.unwrap();
+
+    let during = send_until_acknowledged(&mut ana, "r", "during", "m1").await;
+    let seqs = [
+        before["seq"].as_u64().unwrap(),
+        during["seq"].as_u64().unwrap(),
+    ];
+    assert_eq!(
+        seqs[1],
+        seqs[0] + 1,
+        "nothing between them: the refused send left no trace"
+    );
+    let heard = bob.pushed_until(|f| f["seq"] == seqs[1]).await;
+    let messages: Vec<u64> = heard
+        .iter()
+        .filter(|f| f["type"] == "message")
+        .map(|f| f["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(messages, [seqs[0]]);
 }
