@@ -862,3 +862,74 @@ async fn one_rooms_failure_holds_back_that_room_only() {
         "small not again"
     );
 }
+
+/// A store shared by API Gateway's functions and two `palaver serve` nodes: each deliverer
+/// posts a room's frames to the connections it holds, and none takes another's connections for
+/// gone (to it they are unknown, as to API Gateway a node's socket is, or to a node another's).
+#[tokio::test]
+async fn each_deliverer_posts_to_its_own_connections_and_takes_no_other_for_gone() {
+    use palaver::fanout::Holder;
+    let store = MemoryStore::store();
+    let held = [
+        ("a1", "ana", Some("n1")),
+        ("b1", "bo", Some("n2")),
+        ("g1", "gil", None),
+    ];
+    for (id, who, node) in held {
+        let body = EventBody::Connected {
+            connection: ConnectionId::new(id),
+            user: user(who),
+            source_ip: None,
+            node: node.map(str::to_owned),
+        };
+        store.log.append(body, Expect::Seq(1)).await.unwrap();
+        join(&store, "hall", who).await;
+    }
+    let seq = say(&store, "hall", "gil", "to everyone, from API Gateway").await;
+    // Each deliverer's gateway knows its own connections only: the others answer 410.
+    let deliverer = |holder: Holder, own: &str| {
+        let gateway = Arc::new(Recorder::default());
+        for (id, _, _) in held.iter().filter(|(id, _, _)| *id != own) {
+            gateway.gone.lock().unwrap().insert(ConnectionId::new(*id));
+        }
+        let fanout = FanOut::new(&store, gateway.clone()).with_holder(holder.clone());
+        let stream = match holder {
+            // The Lambda fan-out keeps the store's checkpoints; a node, positions of its own.
+            Holder::ApiGateway => StreamFanOut::new(&store, fanout).unwrap(),
+            Holder::Node(_) => StreamFanOut::following_from_now(&store, fanout),
+        };
+        (gateway, stream)
+    };
+    for (holder, own) in [
+        (Holder::ApiGateway, "g1"),
+        (Holder::Node("n1".to_owned()), "a1"),
+        (Holder::Node("n2".to_owned()), "b1"),
+    ] {
+        let (gateway, stream) = deliverer(holder.clone(), own);
+        let report = stream.handle(vec![wake("hall", seq)]).await;
+        assert!(report.failed.is_empty(), "{holder:?}: {report:?}");
+        assert!(report.delivery.gone.is_empty(), "{holder:?}: {report:?}");
+        let posted: HashSet<String> = gateway
+            .posts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(c, _)| c.to_string())
+            .collect();
+        assert_eq!(posted, HashSet::from([own.to_owned()]), "{holder:?}");
+        assert_eq!(
+            seqs_of(&gateway.frames(own), "message"),
+            [seq],
+            "{holder:?}"
+        );
+    }
+    // Nobody was closed for it.
+    for (id, _, _) in held {
+        let record = store
+            .directory
+            .connection(&ConnectionId::new(id))
+            .await
+            .unwrap();
+        assert!(record.is_some_and(|r| r.open), "{id}");
+    }
+}
