@@ -85,20 +85,25 @@ impl Lease {
             }
         };
         let now = crate::domain::event::now();
-        for (node, until) in leases {
-            if node == self.node || until > now {
-                continue;
+        let lapsed: Vec<_> = leases
+            .into_iter()
+            .filter(|(node, until)| *node != self.node && *until <= now)
+            .collect();
+        if lapsed.is_empty() {
+            return;
+        }
+        let open = match self.store.directory.open_connections(None).await {
+            Ok(open) => open,
+            Err(error) => {
+                tracing::warn!(%error, "could not read the open connections");
+                return;
             }
-            let open = match self.store.directory.open_connections(None).await {
-                Ok(open) => open,
-                Err(error) => {
-                    tracing::warn!(%error, "could not read the open connections");
-                    return;
-                }
-            };
+        };
+        for (node, until) in lapsed {
             let held: Vec<_> = open
-                .into_iter()
+                .iter()
                 .filter(|c| c.node.as_deref() == Some(node.as_str()) && c.connected_at <= until)
+                .cloned()
                 .collect();
             let log = self.store.log.as_ref();
             match connections::close_records(log, held, DisconnectReason::ServerStopped).await {

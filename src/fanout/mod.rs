@@ -191,20 +191,16 @@ impl StoreListeners {
         }
     }
 
-    pub fn new(directory: Arc<dyn Directory>) -> Self {
+    /// Listeners read from `directory`; audiences of `holder`'s connections only (`None`:
+    /// everyone's).
+    pub fn new(directory: Arc<dyn Directory>, holder: Option<Holder>) -> Self {
         StoreListeners {
             directory,
             rooms: HashMap::new(),
             user_rooms: HashMap::new(),
             relayed: HashMap::new(),
-            holder: None,
+            holder,
         }
-    }
-
-    /// Audiences of `holder`'s connections only (`None`: everyone's).
-    pub fn held_by(mut self, holder: Option<Holder>) -> Self {
-        self.holder = holder;
-        self
     }
 
     fn holds(&self, node: Option<&str>) -> bool {
@@ -388,7 +384,7 @@ impl FanOut {
 
     /// Fresh listeners for a run of events, as this fan-out reads them.
     pub fn listeners(&self) -> StoreListeners {
-        StoreListeners::new(self.directory.clone()).held_by(self.holder.clone())
+        StoreListeners::new(self.directory.clone(), self.holder.clone())
     }
 
     /// Delivers each event no sooner than `delay` after it was appended: the lag of AWS's

@@ -193,11 +193,15 @@ impl StreamFanOut {
                         // A message's sender is in its room's audience: where several
                         // deliverers share the store, only the one holding the sender's
                         // connection hears it there, and only that one records its activity.
+                        // (Looked up only then: it is a pass over the room's recipients.)
                         let sender_held = match &event.body {
                             EventBody::MessagePosted {
                                 connection: Some(connection),
                                 ..
-                            } => outgoing.iter().any(|o| o.recipients.contains(connection)),
+                            } => {
+                                self.fanout.holder.is_none()
+                                    || outgoing.iter().any(|o| o.recipients.contains(connection))
+                            }
                             _ => false,
                         };
                         planned.extend(outgoing.into_iter().map(|outgoing| Planned {

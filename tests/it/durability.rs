@@ -31,16 +31,7 @@ async fn kill_9_loses_no_acknowledged_message_and_stale_connections_are_cleaned_
         String::from_utf8_lossy(&out.stderr)
     );
     let events: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let stored: Vec<(u64, String)> = events
-        .iter()
-        .filter(|e| e["type"] == "message")
-        .map(|e| {
-            (
-                e["seq"].as_u64().unwrap(),
-                e["text"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    let stored = common::messages(&events);
     assert_eq!(
         stored, acknowledged,
         "every acknowledged message survived, in order"

@@ -38,6 +38,17 @@ struct Proxy {
     http: reqwest::Client,
 }
 
+impl Proxy {
+    fn fault(&self) -> Fault {
+        match self.fault.load(Relaxed) {
+            1 => Fault::Throttle,
+            2 => Fault::Fail,
+            3 => Fault::Gone,
+            _ => Fault::None,
+        }
+    }
+}
+
 /// A DynamoDB endpoint in front of moto that fails on command.
 struct FaultyStore {
     url: String,
@@ -92,30 +103,30 @@ async fn forward(
         )
             .into_response()
     };
-    let fault = proxy.fault.load(Relaxed);
-    if fault != Fault::None as u8 {
+    let fault = proxy.fault();
+    if fault != Fault::None {
         proxy.refused.fetch_add(1, Relaxed);
     }
     match fault {
-        1 => {
+        Fault::None => {}
+        Fault::Throttle => {
             return error(
                 StatusCode::BAD_REQUEST,
                 "com.amazonaws.dynamodb.v20120810#ThrottlingException",
             );
         }
-        2 => {
+        Fault::Fail => {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "com.amazonaws.dynamodb.v20120810#InternalServerError",
             );
         }
-        3 => {
-            while proxy.fault.load(Relaxed) == Fault::Gone as u8 {
+        Fault::Gone => {
+            while proxy.fault() == Fault::Gone {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             return error(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable");
         }
-        _ => {}
     }
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut request = proxy
@@ -225,16 +236,7 @@ async fn a_store_that_throttles_fails_and_drops_out_for_a_while_loses_nothing() 
     let history = node.cli(&["history", "r", "--json"]);
     assert!(history.status.success(), "{history:?}");
     let events: Vec<Value> = serde_json::from_slice(&history.stdout).unwrap();
-    let messages: Vec<(u64, String)> = events
-        .iter()
-        .filter(|e| e["type"] == "message")
-        .map(|e| {
-            (
-                e["seq"].as_u64().unwrap(),
-                e["text"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    let messages = common::messages(&events);
     let expected: Vec<(u64, String)> = acknowledged
         .iter()
         .zip(["during Throttle", "during Fail", "during Gone"])

@@ -15,20 +15,6 @@ fn node(store: &str, name: &str, env: &[(&str, &str)]) -> Server {
     Server::start_with_env(tempfile::tempdir().expect("temp dir"), store, &env)
 }
 
-/// The room's `message` frames among `frames`: (seq, text).
-fn messages(frames: &[Value]) -> Vec<(u64, String)> {
-    frames
-        .iter()
-        .filter(|f| f["type"] == "message")
-        .map(|f| {
-            (
-                f["seq"].as_u64().unwrap(),
-                f["text"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_on_one_store_deliver_every_frame_to_every_member_once() {
     let store = common::dynamodb_store();
@@ -58,7 +44,12 @@ async fn three_nodes_on_one_store_deliver_every_frame_to_every_member_once() {
     for client in &mut clients {
         let before = client.pushed_until(|f| f["seq"] == marker).await;
         // Everything said (all joined first), once each, in seq order, on whichever node.
-        assert_eq!(messages(&before), said, "{}: {before:?}", client.user);
+        assert_eq!(
+            common::messages(&before),
+            said,
+            "{}: {before:?}",
+            client.user
+        );
         // Nobody was taken for gone by another node: no one went offline.
         assert!(
             before

@@ -177,12 +177,7 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, deadline: Instant) {
         let mut finishing: Option<HashSet<String>> = None;
         let mut out: Vec<String> = Vec::new();
         for room in &plan.rooms {
-            let view = outcome.views.entry(room.clone()).or_default();
-            let mut frame = json!({"action": "joinRoom", "room": room});
-            if view.start.is_some() {
-                frame["after"] = json!(view.contiguous());
-            }
-            out.push(frame.to_string());
+            out.push(join(room, outcome.views.entry(room.clone()).or_default()));
         }
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -293,12 +288,7 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, deadline: Instant) {
                             }
                             if frame["action"] == "joinRoom" {
                                 for room in plan.rooms.iter().filter(|r| !joined.contains(*r)) {
-                                    let view = outcome.views.entry(room.clone()).or_default();
-                                    let mut join = json!({"action": "joinRoom", "room": room});
-                                    if view.start.is_some() {
-                                        join["after"] = json!(view.contiguous());
-                                    }
-                                    out.push(join.to_string());
+                                    out.push(join(room, outcome.views.entry(room.clone()).or_default()));
                                 }
                             }
                         }
@@ -358,6 +348,16 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, deadline: Instant) {
     }
     outcome.unfinished = !finished;
     shared.results.lock().push(outcome);
+}
+
+/// `joinRoom` for `room`: with `after` once the client has seen the room, so that what it missed
+/// is replayed.
+fn join(room: &str, view: &mut View) -> String {
+    let mut frame = json!({"action": "joinRoom", "room": room});
+    if view.start.is_some() {
+        frame["after"] = json!(view.contiguous());
+    }
+    frame.to_string()
 }
 
 fn history(room: &str, after: u64) -> String {

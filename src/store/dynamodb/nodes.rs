@@ -7,10 +7,25 @@ use super::items::{Item, ms, s, string, time};
 use super::{DynamoStore, condition_failed};
 use crate::ports::{NodeLeases, StoreResult};
 use async_trait::async_trait;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 
 const PARTITION: &str = "nodes";
+
+/// Whether a conditional write took effect: `false` when its condition failed (the lease moved
+/// on, or is gone), an error for anything else.
+fn applied<O, E, R>(written: Result<O, SdkError<E, R>>) -> StoreResult<bool>
+where
+    E: ProvideErrorMetadata,
+    aws_sdk_dynamodb::Error: From<SdkError<E, R>>,
+{
+    match written {
+        Ok(_) => Ok(true),
+        Err(error) if condition_failed(&error) => Ok(false),
+        Err(error) => Err(DynamoError::sdk(error).into()),
+    }
+}
 
 fn lease_key(node: &str) -> Item {
     HashMap::from([("pk".to_owned(), s(PARTITION)), ("sk".to_owned(), s(node))])
@@ -32,7 +47,7 @@ impl NodeLeases for DynamoStore {
     }
 
     async fn renew(&self, node: &str, until: DateTime<Utc>) -> StoreResult<bool> {
-        match self
+        let written = self
             .client
             .update_item()
             .table_name(&self.tables.state)
@@ -42,12 +57,8 @@ impl NodeLeases for DynamoStore {
             .expression_attribute_names("#until", "until")
             .expression_attribute_values(":until", ms(&until))
             .send()
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(error) if condition_failed(&error) => Ok(false),
-            Err(error) => Err(DynamoError::sdk(error).into()),
-        }
+            .await;
+        applied(written)
     }
 
     async fn leases(&self) -> StoreResult<Vec<(String, DateTime<Utc>)>> {
@@ -60,7 +71,7 @@ impl NodeLeases for DynamoStore {
     }
 
     async fn remove(&self, node: &str, until: DateTime<Utc>) -> StoreResult<bool> {
-        match self
+        let written = self
             .client
             .delete_item()
             .table_name(&self.tables.state)
@@ -69,11 +80,7 @@ impl NodeLeases for DynamoStore {
             .expression_attribute_names("#until", "until")
             .expression_attribute_values(":until", ms(&until))
             .send()
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(error) if condition_failed(&error) => Ok(false),
-            Err(error) => Err(DynamoError::sdk(error).into()),
-        }
+            .await;
+        applied(written)
     }
 }

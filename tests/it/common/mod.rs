@@ -551,6 +551,20 @@ impl Client {
     }
 }
 
+/// The `message` frames (or history events) among `frames`, as (seq, text).
+pub fn messages(frames: &[Value]) -> Vec<(u64, String)> {
+    frames
+        .iter()
+        .filter(|f| f["type"] == "message")
+        .map(|f| {
+            (
+                f["seq"].as_u64().expect("a message has a seq"),
+                f["text"].as_str().expect("a message has a text").to_owned(),
+            )
+        })
+        .collect()
+}
+
 /// Waits until `check` finds what it looks for, asking again every 50 ms for up to 30 s: how a
 /// test waits for a condition rather than for a fixed time. Fails saying what never came.
 pub async fn eventually<T, Check, Found>(what: &str, mut check: Check) -> T
