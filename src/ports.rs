@@ -78,6 +78,14 @@ pub trait EventLog: Send + Sync {
 
     /// The seq of the stream's last event, 0 if it has none.
     async fn head(&self, stream: &Stream) -> StoreResult<u64>;
+
+    /// Whether the log takes writes now, for `/readyz`: a store that answers reads may still
+    /// refuse appends (SQLite's disk full, or its write lock held by another process). Stores
+    /// whose reads and writes go to one service (memory, DynamoDB) have nothing more to check
+    /// than the read `/readyz` already makes.
+    async fn check_writes(&self) -> StoreResult<()> {
+        Ok(())
+    }
 }
 
 /// An open or closed connection, as the registry knows it.

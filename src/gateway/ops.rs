@@ -4,7 +4,7 @@
 
 use super::GatewayState;
 use crate::domain::{RoomName, Stream};
-use crate::ports::StoreResult;
+use crate::ports::{StoreError, StoreResult};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -41,9 +41,17 @@ pub async fn metrics(State(state): State<Arc<GatewayState>>) -> Response {
 /// its own timeout.
 const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `GET /readyz`: 200 when the store answers and the fan-out keeps up; 503 saying why not.
+/// `GET /readyz`: 200 when the store answers, takes writes, and the fan-out keeps up; 503
+/// saying why not.
 pub async fn readyz(State(state): State<Arc<GatewayState>>) -> (StatusCode, String) {
-    let Ok(lag) = tokio::time::timeout(READY_PROBE_TIMEOUT, lag(&state)).await else {
+    let probes = async {
+        let lag = lag(&state).await?;
+        if let Err(error) = state.store.log.check_writes().await {
+            return Ok(Err(error));
+        }
+        Ok::<_, StoreError>(Ok(lag))
+    };
+    let Ok(lag) = tokio::time::timeout(READY_PROBE_TIMEOUT, probes).await else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -57,7 +65,11 @@ pub async fn readyz(State(state): State<Arc<GatewayState>>) -> (StatusCode, Stri
             StatusCode::SERVICE_UNAVAILABLE,
             format!("the store does not answer: {error}\n"),
         ),
-        Ok(Some(lag)) if lag.behind > state.ready_max_lag => (
+        Ok(Err(error)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the store does not take writes: {error}\n"),
+        ),
+        Ok(Ok(Some(lag))) if lag.behind > state.ready_max_lag => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "the fan-out is {:.1} s ({} events) behind the log; ready at {} s\n",
@@ -66,7 +78,7 @@ pub async fn readyz(State(state): State<Arc<GatewayState>>) -> (StatusCode, Stri
                 state.ready_max_lag.as_secs()
             ),
         ),
-        Ok(_) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n".to_owned()),
     }
 }
 

@@ -1,10 +1,12 @@
 //! Faults below the server: a DynamoDB that throttles, fails and drops out for a while, played
-//! by a proxy in front of moto that the node's AWS SDK talks to (its stream reads included).
+//! by a proxy in front of moto that the node's AWS SDK talks to (its stream reads included); a
+//! SQLite file whose disk fills up, or whose write lock another process holds.
 //! Whatever the store does, a message acknowledged is in the log once, the connection stays
-//! up, `/readyz` says not-ready while the store does not answer, and the node serves again when
-//! it comes back.
+//! up, `/readyz` says not-ready while the node cannot serve, and the node serves again when the
+//! store comes back.
 //!
-//! Needs a moto server: run `scripts/test` (a missing `AWS_ENDPOINT_URL` fails the test).
+//! Needs a moto server and root (to mount the small disk): run `scripts/test` (a missing
+//! `AWS_ENDPOINT_URL`, or a mount refused, fails the test).
 
 use crate::common::{self, Client, Server};
 use axum::body::Bytes;
@@ -304,8 +306,9 @@ async fn a_node_cut_off_for_longer_than_its_lease_closes_its_sockets_when_it_is_
 }
 
 /// Another process holds the SQLite file's write lock for longer than the server waits for it
-/// (5 s): a send meanwhile is answered with an error, the connection stays up, and once the lock
-/// is released the same message sent again goes in once; what was acknowledged before is there.
+/// (5 s): a send meanwhile is answered with an error, the connection stays up, `/readyz` says
+/// the node does not take writes, and once the lock is released the same message sent again
+/// goes in once; what was acknowledged before is there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_process_holding_the_sqlite_write_lock_loses_nothing() {
     use sqlx::Connection;
@@ -327,8 +330,13 @@ async fn another_process_holding_the_sqlite_write_lock_loses_nothing() {
     let answer = ana.request(frame).await;
     assert_eq!(answer["type"], "error", "{answer}");
     assert!(ana.is_open().await);
+    // Reads still answer, but the node cannot take writes: not ready.
+    let (status, why) = readyz(&server).await;
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains("does not take writes"), "{why}");
     sqlx::query("COMMIT").execute(&mut outside).await.unwrap();
     outside.close().await.unwrap();
+    assert_eq!(readyz(&server).await.0, 200);
 
     let during = send_until_acknowledged(&mut ana, "r", "during", "m1").await;
     let seqs = [
@@ -347,4 +355,128 @@ async fn another_process_holding_the_sqlite_write_lock_loses_nothing() {
         .map(|f| f["seq"].as_u64().unwrap())
         .collect();
     assert_eq!(messages, [seqs[0]]);
+}
+
+/// A small filesystem of its own (tmpfs) for a SQLite file, which a test fills to the last byte
+/// and frees again. Mounting needs root, as `scripts/test` runs; without it the test fails.
+struct SmallDisk {
+    path: std::path::PathBuf,
+    /// Where it is mounted; removed once unmounted.
+    _mount_point: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    const FILLER: &'static str = "filler";
+
+    fn mount(size: &str) -> SmallDisk {
+        let mount_point = tempfile::tempdir().unwrap();
+        let path = mount_point.path().to_owned();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .expect("mount runs");
+        assert!(mounted.success(), "mounting a tmpfs needs root: {mounted}");
+        SmallDisk {
+            path,
+            _mount_point: mount_point,
+        }
+    }
+
+    /// Writes a file until the filesystem has no byte left.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(self.path.join(Self::FILLER)).unwrap();
+        for chunk in [64 * 1024, 4096, 1] {
+            let bytes = vec![0u8; chunk];
+            while filler.write_all(&bytes).is_ok() {}
+        }
+        let _ = filler.sync_all();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.path.join(Self::FILLER)).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazily: the server may still hold its files open while it is killed.
+        let _ = std::process::Command::new("umount")
+            .arg("--lazy")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// The disk under the SQLite file fills up: sends are answered with an error (the connection
+/// stays up), `/readyz` says the node cannot take writes, and when space returns the node is
+/// ready again, the refused message sent again goes in once, and the log holds every
+/// acknowledged message once, gap-free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_sqlite_refuses_sends_and_loses_nothing() {
+    let disk = SmallDisk::mount("16m");
+    let store = format!("sqlite://{}", disk.path.join("palaver.db").display());
+    let server = Server::start_on(tempfile::tempdir().unwrap(), &store);
+    let mut ana = server.connect("ana").await;
+    let mut bob = server.connect("bob").await;
+    ana.join("r").await;
+    bob.join("r").await;
+    let mut acknowledged = vec![send_until_acknowledged(&mut ana, "r", "before", "m0").await];
+    assert_eq!(readyz(&server).await.0, 200);
+
+    disk.fill();
+    // The log's write-ahead file may have room left for a few more; then a send is refused.
+    let text = "x".repeat(8 * 1024);
+    let mut refused = None;
+    for n in 1..=500 {
+        let id = format!("m{n}");
+        let frame = json!({"action": "sendMessage", "room": "r", "text": text, "clientMsgId": id});
+        let answer = ana.request(frame).await;
+        if answer["type"] == "sent" {
+            acknowledged.push(answer);
+            continue;
+        }
+        assert_eq!(answer["type"], "error", "{answer}");
+        refused = Some(id);
+        break;
+    }
+    let refused = refused.expect("a send is refused once the disk is full");
+    assert!(ana.is_open().await);
+    let (status, why) = readyz(&server).await;
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains("does not take writes"), "{why}");
+
+    disk.free();
+    common::eventually("the node is ready once space returns", || async {
+        (readyz(&server).await.0 == 200).then_some(())
+    })
+    .await;
+    acknowledged.push(send_until_acknowledged(&mut ana, "r", &text, &refused).await);
+
+    let seqs: Vec<u64> = acknowledged
+        .iter()
+        .map(|sent| sent["seq"].as_u64().unwrap())
+        .collect();
+    let history = server.cli(&["history", "r", "--json", "--limit", "500"]);
+    assert!(history.status.success(), "{history:?}");
+    let events: Vec<Value> = serde_json::from_slice(&history.stdout).unwrap();
+    let logged: Vec<u64> = common::messages(&events).iter().map(|m| m.0).collect();
+    assert_eq!(
+        logged, seqs,
+        "every acknowledged message once, nothing else"
+    );
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "gap-free: the refused sends left no trace: {seqs:?}"
+    );
+    let last = *seqs.last().unwrap();
+    let heard = bob.pushed_until(|f| f["seq"] == last).await;
+    let mut heard: Vec<u64> = heard
+        .iter()
+        .filter(|f| f["type"] == "message")
+        .map(|f| f["seq"].as_u64().unwrap())
+        .collect();
+    heard.push(last);
+    assert_eq!(heard, seqs);
 }

@@ -42,6 +42,10 @@ static MIGRATOR: Migrator = sqlx::migrate!();
 /// file, or [`Directory::apply`] racing the committer) before failing with SQLITE_BUSY.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long `/readyz`'s write probe waits for the write lock: within `/readyz`'s own 2 s, so
+/// that a lock held elsewhere is reported as such. The committer waits [`BUSY_TIMEOUT`].
+const PROBE_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Pool size: readers run in parallel under WAL; the committer keeps one connection for itself.
 const MAX_CONNECTIONS: u32 = 8;
 
@@ -58,6 +62,8 @@ pub struct SqliteStore {
     /// What this process committed last, for `read_all`.
     recent: Arc<Recent>,
     committed: watch::Sender<u64>,
+    /// How `/readyz`'s write probe opens its connection ([`SqliteStore::check_writes`]).
+    probe: SqliteConnectOptions,
 }
 
 impl SqliteStore {
@@ -77,6 +83,7 @@ impl SqliteStore {
             // thread switch there and back. A page fits whole.
             .row_buffer_size(ROW_BUFFER)
             .foreign_keys(false);
+        let probe = options.clone().busy_timeout(PROBE_BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             // sqlx pings a pooled connection before handing it out, by default: one more round
@@ -110,6 +117,7 @@ impl SqliteStore {
             jobs,
             recent,
             committed,
+            probe,
         }))
     }
 
@@ -169,6 +177,25 @@ impl SqliteStore {
         rows.into_iter()
             .map(|row| rows::event(row).map(|(_, event)| event))
             .collect()
+    }
+
+    /// Commits one row on a connection of its own, waiting [`PROBE_BUSY_TIMEOUT`] at most for
+    /// the write lock: the append path's two ways to fail (the lock held elsewhere, no space
+    /// for the write-ahead log to grow) fail it too, while reads still answer.
+    async fn check_writes(&self) -> Result<(), SqliteError> {
+        use sqlx::Connection;
+        let mut probe = sqlx::SqliteConnection::connect_with(&self.probe).await?;
+        let written = sqlx::query(
+            "INSERT INTO write_probe (id, written_at) VALUES (1, ?1) \
+             ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at",
+        )
+        .bind(chrono::Utc::now().timestamp_millis())
+        .execute(&mut probe)
+        .await;
+        // Closing also rolls back whatever the failed write left open.
+        let _ = probe.close().await;
+        written?;
+        Ok(())
     }
 
     async fn head(&self, stream: &Stream) -> Result<u64, SqliteError> {
@@ -414,6 +441,10 @@ impl EventLog for SqliteStore {
 
     async fn head(&self, stream: &Stream) -> StoreResult<u64> {
         Ok(SqliteStore::head(self, stream).await?)
+    }
+
+    async fn check_writes(&self) -> StoreResult<()> {
+        Ok(SqliteStore::check_writes(self).await?)
     }
 }
 
