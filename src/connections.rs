@@ -62,10 +62,10 @@ pub async fn close_all_open(
     held_by: Option<&str>,
     reason: DisconnectReason,
 ) -> Result<usize, StoreError> {
-    let mut open = directory.open_connections(None).await?;
-    if let Some(node) = held_by {
-        open.retain(|record| record.node.as_deref() == Some(node));
-    }
+    let open = match held_by {
+        Some(node) => directory.open_connections_held_by(node).await?,
+        None => directory.open_connections(None).await?,
+    };
     close_records(log, open, reason).await
 }
 

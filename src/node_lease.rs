@@ -89,22 +89,17 @@ impl Lease {
             .into_iter()
             .filter(|(node, until)| *node != self.node && *until <= now)
             .collect();
-        if lapsed.is_empty() {
-            return;
-        }
-        let open = match self.store.directory.open_connections(None).await {
-            Ok(open) => open,
-            Err(error) => {
-                tracing::warn!(%error, "could not read the open connections");
-                return;
-            }
-        };
         for (node, until) in lapsed {
-            let held: Vec<_> = open
-                .iter()
-                .filter(|c| c.node.as_deref() == Some(node.as_str()) && c.connected_at <= until)
-                .cloned()
-                .collect();
+            let held = match self.store.directory.open_connections_held_by(&node).await {
+                Ok(open) => open
+                    .into_iter()
+                    .filter(|c| c.connected_at <= until)
+                    .collect(),
+                Err(error) => {
+                    tracing::warn!(%node, %error, "could not read a lapsed node's connections");
+                    continue;
+                }
+            };
             let log = self.store.log.as_ref();
             match connections::close_records(log, held, DisconnectReason::ServerStopped).await {
                 Ok(closed) => {

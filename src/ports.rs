@@ -132,6 +132,15 @@ pub trait Directory: Send + Sync {
     /// Open connections, oldest first; only `user`'s when given.
     async fn open_connections(&self, user: Option<&UserId>) -> StoreResult<Vec<ConnectionRecord>>;
 
+    /// The open connections the `palaver serve` node `node` holds, oldest first: for the node
+    /// starting again, or for another closing them once its lease lapsed. A store shared by
+    /// many reads only those (DynamoDB: it never scans the table).
+    async fn open_connections_held_by(&self, node: &str) -> StoreResult<Vec<ConnectionRecord>> {
+        let mut open = self.open_connections(None).await?;
+        open.retain(|record| record.node.as_deref() == Some(node));
+        Ok(open)
+    }
+
     async fn is_member(&self, room: &RoomName, user: &UserId) -> StoreResult<bool>;
 
     /// Current members of `room`, by user id.

@@ -118,6 +118,7 @@ macro_rules! contract_suite {
                 joins_past_the_rooms_cap_are_refused,
                 connections_hear_a_room_live_from_when_they_started_listening,
                 listeners_name_the_node_that_holds_each_connection,
+                a_nodes_open_connections_are_the_ones_it_holds,
             );
         }
     };
@@ -968,6 +969,45 @@ mod contract {
             .map(|l| (l.connection.as_str(), l.node.as_deref()))
             .collect();
         assert_eq!(held, [("a1", Some("n1")), ("b1", Some("n2")), ("c1", None)]);
+    }
+
+    /// What a node starting again closes, or another node once its lease lapsed: its own open
+    /// connections, none of another node's or API Gateway's, none closed already.
+    pub async fn a_nodes_open_connections_are_the_ones_it_holds(store: &Store) {
+        let on = |c: &str, u: &str, node: Option<&str>| EventBody::Connected {
+            connection: conn(c),
+            user: user(u),
+            source_ip: None,
+            node: node.map(str::to_owned),
+        };
+        append(store, on("a1", "ana", Some("n1"))).await;
+        append(store, on("a2", "ana", Some("n1"))).await;
+        append(store, on("b1", "bo", Some("n1"))).await;
+        append(store, on("b2", "bo", Some("n2"))).await;
+        append(store, on("c1", "cy", None)).await;
+        append(store, disconnected("a2", "ana")).await;
+        let held = |node: &'static str| async move {
+            let open = store
+                .directory
+                .open_connections_held_by(node)
+                .await
+                .unwrap();
+            let mut ids: Vec<String> = open.iter().map(|c| c.id.to_string()).collect();
+            ids.sort();
+            assert!(
+                open.iter()
+                    .all(|c| c.open && c.node.as_deref() == Some(node))
+            );
+            ids
+        };
+        assert_eq!(held("n1").await, ["a1", "b1"]);
+        assert_eq!(held("n2").await, ["b2"]);
+        assert!(held("n3").await.is_empty());
+        // Every open connection, whoever holds it.
+        let all = store.directory.open_connections(None).await.unwrap();
+        let mut all: Vec<String> = all.iter().map(|c| c.id.to_string()).collect();
+        all.sort();
+        assert_eq!(all, ["a1", "b1", "b2", "c1"]);
     }
 
     pub async fn connections_hear_a_room_live_from_when_they_started_listening(store: &Store) {

@@ -5,8 +5,8 @@
 
 use super::error::DynamoError;
 use super::items::{
-    Item, after, checkpoint_key, connection_key, expired, expires, flag, listener_key, member_key,
-    ms, n, number, s, string, time,
+    Item, OPEN_SHARDS, after, checkpoint_key, connection_key, expired, expires, flag, listener_key,
+    member_key, ms, n, number, s, string, time,
 };
 use super::listeners::Scope;
 use super::writes::writes;
@@ -66,6 +66,35 @@ impl DynamoStore {
             .try_collect()
             .await
             .map_err(DynamoError::sdk)
+    }
+
+    /// The open connections in the `open#K` index — only `node`'s, when given — each read from
+    /// its registry row: one Query per index partition, then a read per connection found.
+    async fn open_in_index(
+        &self,
+        node: Option<&str>,
+    ) -> Result<Vec<ConnectionRecord>, DynamoError> {
+        let shards = futures_util::stream::iter(0..OPEN_SHARDS)
+            .map(|shard| self.partition(format!("open#{shard}"), "conn#"))
+            .buffer_unordered(OPEN_SHARDS as usize)
+            .try_concat()
+            .await?;
+        let ids: Vec<ConnectionId> = shards
+            .iter()
+            .filter(|item| !expired(item))
+            .filter(|item| node.is_none_or(|node| string(item, "node").is_ok_and(|n| n == node)))
+            .map(|item| after(item, "conn#").map(ConnectionId::new))
+            .collect::<Result<_, _>>()?;
+        let rows: Vec<Option<Item>> = futures_util::stream::iter(ids)
+            .map(|id| self.get(connection_key(&id)))
+            .buffer_unordered(READ_CONCURRENCY)
+            .try_collect()
+            .await?;
+        rows.iter()
+            .flatten()
+            .map(connection_of)
+            .filter(|record| !matches!(record, Ok(record) if !record.open))
+            .collect()
     }
 
     async fn open_ids(&self, user: &UserId) -> Result<Vec<ConnectionId>, DynamoError> {
@@ -145,9 +174,9 @@ impl Directory for DynamoStore {
     }
 
     async fn open_connections(&self, user: Option<&UserId>) -> StoreResult<Vec<ConnectionRecord>> {
-        let mut records = Vec::new();
-        match user {
+        let mut records = match user {
             Some(user) => {
+                let mut records = Vec::new();
                 for id in self.open_ids(user).await? {
                     if let Some(record) = self.connection(&id).await?
                         && record.open
@@ -155,30 +184,16 @@ impl Directory for DynamoStore {
                         records.push(record);
                     }
                 }
+                records
             }
-            None => {
-                // Operators only: a scan of the registry rows, never on a message's path.
-                let mut rows = self
-                    .client
-                    .scan()
-                    .table_name(&self.tables.state)
-                    .filter_expression(
-                        "begins_with(pk, :conn) AND sk = :row AND attribute_not_exists(closedAt)",
-                    )
-                    .expression_attribute_values(":conn", s("conn#"))
-                    .expression_attribute_values(":row", s("conn"))
-                    .consistent_read(true)
-                    .into_paginator()
-                    .items()
-                    .send();
-                while let Some(item) = rows.try_next().await.map_err(DynamoError::sdk)? {
-                    let record = connection_of(&item)?;
-                    if record.open {
-                        records.push(record);
-                    }
-                }
-            }
-        }
+            None => self.open_in_index(None).await?,
+        };
+        oldest_first(&mut records);
+        Ok(records)
+    }
+
+    async fn open_connections_held_by(&self, node: &str) -> StoreResult<Vec<ConnectionRecord>> {
+        let mut records = self.open_in_index(Some(node)).await?;
         oldest_first(&mut records);
         Ok(records)
     }

@@ -12,8 +12,8 @@
 
 use super::error::DynamoError;
 use super::items::{
-    Item, connection_key, expires, kept_until, member_key, ms, n, room_key, s, user_connection_key,
-    user_room_key,
+    Item, connection_key, expires, kept_until, member_key, ms, n, open_key, room_key, s,
+    user_connection_key, user_room_key,
 };
 use crate::domain::projection::Change;
 use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, TransactWriteItem, Update};
@@ -194,7 +194,14 @@ pub fn writes(
                 // Copied to the connection's listener rows: who delivers to it.
                 open.insert("node".to_owned(), s(node));
             }
-            Ok(vec![row.build()?, put(table, open)?])
+            let mut index = open_key(connection);
+            index.insert("user".to_owned(), s(user.as_str()));
+            for copied in ["connectedAt", "expires", "node"] {
+                if let Some(value) = open.get(copied) {
+                    index.insert(copied.to_owned(), value.clone());
+                }
+            }
+            Ok(vec![row.build()?, put(table, open)?, put(table, index)?])
         }
         Change::ConnectionClosed {
             connection,
@@ -230,6 +237,7 @@ pub fn writes(
             Ok(vec![
                 row.build()?,
                 delete(table, user_connection_key(user, connection))?,
+                delete(table, open_key(connection))?,
             ])
         }
         Change::Activity { connection, at } => {
