@@ -15,7 +15,9 @@ async fn main() -> Result<(), Error> {
     let fanout = &fanout;
     let metrics = lambda::embedded_metrics("palaver-fanout")?;
     run(service_fn(move |event: LambdaEvent<Event>| async move {
-        Ok::<_, Error>(lambda::counted(metrics, lambda::fan_out(fanout, event.payload)).await)
+        let deadline = lambda::deadline_of(&event.context);
+        let handled = lambda::fan_out(fanout, deadline, event.payload);
+        Ok::<_, Error>(lambda::counted(metrics, handled).await)
     }))
     .await
 }

@@ -16,6 +16,7 @@ pub mod change_stream;
 mod lanes;
 pub mod positions;
 pub mod roster;
+mod stragglers;
 pub mod stream;
 pub mod tail;
 
@@ -35,6 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use roster::Roster;
+pub use stragglers::{STRAGGLER_GRACE, Stragglers};
 
 /// What delivering one event did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -50,6 +52,8 @@ pub struct Delivery {
     pub unavailable: usize,
     /// Recipients handed to delivery workers instead of posted here.
     pub queued: usize,
+    /// Posts let go to finish on their own ([`stragglers`]), counted in the metrics when they end.
+    pub late: usize,
 }
 
 impl Delivery {
@@ -59,6 +63,7 @@ impl Delivery {
         self.failed += other.failed;
         self.unavailable += other.unavailable;
         self.queued += other.queued;
+        self.late += other.late;
     }
 }
 
@@ -339,6 +344,8 @@ pub struct FanOut {
     delay: Duration,
     /// Whose connections it delivers to, where several share the store; `None`: all of them.
     holder: Option<Holder>,
+    /// The posts it let go, where it lets the last few of a frame go (`letting_stragglers_go`).
+    stragglers: Option<Arc<Stragglers>>,
 }
 
 /// Who holds a connection's socket, where several deliverers share a store (DynamoDB): each
@@ -372,6 +379,25 @@ impl FanOut {
             handshake_grace: Duration::ZERO,
             delay: Duration::ZERO,
             holder: None,
+            stragglers: None,
+        }
+    }
+
+    /// Lets the last few posts of a frame finish on their own once the others answered
+    /// ([`stragglers`]): for a gateway whose posts are requests that one slow connection can
+    /// hold (API Gateway's management API). Whoever calls [`FanOut::post_to`] then waits for
+    /// them with [`FanOut::settle`] before its invocation ends.
+    pub fn letting_stragglers_go(mut self) -> Self {
+        self.stragglers = Some(Arc::default());
+        self
+    }
+
+    /// Waits until `by` for the posts let go to end, and aborts the ones still running then.
+    /// Returns how many were aborted.
+    pub async fn settle(&self, by: tokio::time::Instant) -> usize {
+        match &self.stragglers {
+            Some(stragglers) => stragglers.settle(by).await,
+            None => 0,
         }
     }
 
@@ -611,72 +637,142 @@ impl FanOut {
     /// several timed out, the management API itself is slow: nobody is closed, and the failures
     /// count as the API's.
     pub async fn post_to(&self, recipients: &[ConnectionId], frame: Bytes) -> Delivery {
-        let failures = self.gateway.post_each(recipients, frame).await;
+        let posted = match &self.stragglers {
+            Some(stragglers) => stragglers.post_each(&self.gateway, recipients, frame).await,
+            None => stragglers::Posted {
+                failures: self.gateway.post_each(recipients, frame).await,
+                ..stragglers::Posted::default()
+            },
+        };
         let mut delivery = Delivery {
-            delivered: recipients.len() - failures.len(),
+            delivered: recipients.len()
+                - posted.failures.len()
+                - posted.skipped
+                - posted.late.len(),
+            failed: posted.skipped,
+            late: posted.late.len(),
             ..Delivery::default()
         };
         // One recipient alone tells nothing either way: taken for a slow client, so that a
         // job of one never goes back to its lane for the visibility timeout.
         let answered = delivery.delivered > 0
             || recipients.len() == 1
-            || failures
+            || posted
+                .failures
                 .iter()
                 .any(|(_, e)| !matches!(e, PostError::TimedOut(_)));
-        for (i, error) in failures {
-            let connection = &recipients[i];
-            match error {
-                PostError::Gone => {
-                    match connections::gone(
-                        self.log.as_ref(),
-                        self.directory.as_ref(),
-                        connection,
-                        self.handshake_grace,
-                    )
-                    .await
-                    {
-                        Ok(true) => delivery.gone.push(connection.clone()),
-                        Ok(false) => {
-                            tracing::debug!(%connection, "410 during the handshake: not gone");
-                            delivery.failed += 1;
-                        }
-                        Err(error) => {
-                            tracing::warn!(%connection, %error, "could not close a gone connection");
-                            delivery.gone.push(connection.clone());
-                        }
+        for (i, error) in posted.failures {
+            self.post_failed(&recipients[i], error, answered, &mut delivery)
+                .await;
+        }
+        if let Some(stragglers) = &self.stragglers {
+            for (i, post) in posted.late {
+                let connection = recipients[i].clone();
+                let fanout = self.clone();
+                let settle = {
+                    let connection = connection.clone();
+                    async move {
+                        let mut delivery = Delivery::default();
+                        let follow = match post.ended().await {
+                            stragglers::Outcome::Answered(Ok(())) => {
+                                delivery.delivered += 1;
+                                true
+                            }
+                            stragglers::Outcome::Answered(Err(error)) => {
+                                fanout
+                                    .post_failed(&connection, error, answered, &mut delivery)
+                                    .await
+                            }
+                            stragglers::Outcome::Skipped => {
+                                delivery.failed += 1;
+                                false
+                            }
+                        };
+                        count(&delivery);
+                        follow
                     }
-                }
-                PostError::Opening => {
-                    tracing::debug!(%connection, "still opening: frame not delivered");
-                    delivery.failed += 1;
-                }
-                PostError::Unavailable(why) => {
-                    tracing::warn!(%connection, %why, "post failed: the management API did");
-                    delivery.failed += 1;
-                    delivery.unavailable += 1;
-                }
-                PostError::TimedOut(why) if answered => {
-                    tracing::warn!(%connection, %why, "closing a connection too slow to post to");
-                    if let Err(error) = self.gateway.close(connection).await {
-                        tracing::warn!(%connection, %error, "could not close a slow connection");
-                    }
-                    metrics::counter!(crate::metrics::SLOW_CLOSED).increment(1);
-                    delivery.failed += 1;
-                }
-                PostError::TimedOut(why) => {
-                    tracing::warn!(%connection, %why, "post timed out, as every other");
-                    delivery.failed += 1;
-                    delivery.unavailable += 1;
-                }
-                error => {
-                    tracing::warn!(%connection, %error, "post failed");
-                    delivery.failed += 1;
-                }
+                };
+                stragglers.let_go(connection, settle);
             }
         }
-        metrics::counter!(crate::metrics::DELIVERIES).increment(delivery.delivered as u64);
-        metrics::counter!(crate::metrics::GONE).increment(delivery.gone.len() as u64);
-        metrics::counter!(crate::metrics::FAILED_POSTS).increment(delivery.failed as u64);
+        count(&delivery);
         delivery
     }
+
+    /// What a failed post means for its connection, counted into `delivery`; `answered`: other
+    /// posts of the frame were answered. Returns whether later frames may still be posted to
+    /// the connection (it is not gone, nor closed for being slow).
+    async fn post_failed(
+        &self,
+        connection: &ConnectionId,
+        error: PostError,
+        answered: bool,
+        delivery: &mut Delivery,
+    ) -> bool {
+        match error {
+            PostError::Gone => {
+                match connections::gone(
+                    self.log.as_ref(),
+                    self.directory.as_ref(),
+                    connection,
+                    self.handshake_grace,
+                )
+                .await
+                {
+                    Ok(true) => {
+                        delivery.gone.push(connection.clone());
+                        false
+                    }
+                    Ok(false) => {
+                        tracing::debug!(%connection, "410 during the handshake: not gone");
+                        delivery.failed += 1;
+                        true
+                    }
+                    Err(error) => {
+                        tracing::warn!(%connection, %error, "could not close a gone connection");
+                        delivery.gone.push(connection.clone());
+                        false
+                    }
+                }
+            }
+            PostError::Opening => {
+                tracing::debug!(%connection, "still opening: frame not delivered");
+                delivery.failed += 1;
+                true
+            }
+            PostError::Unavailable(why) => {
+                tracing::warn!(%connection, %why, "post failed: the management API did");
+                delivery.failed += 1;
+                delivery.unavailable += 1;
+                true
+            }
+            PostError::TimedOut(why) if answered => {
+                tracing::warn!(%connection, %why, "closing a connection too slow to post to");
+                if let Err(error) = self.gateway.close(connection).await {
+                    tracing::warn!(%connection, %error, "could not close a slow connection");
+                }
+                metrics::counter!(crate::metrics::SLOW_CLOSED).increment(1);
+                delivery.failed += 1;
+                false
+            }
+            PostError::TimedOut(why) => {
+                tracing::warn!(%connection, %why, "post timed out, as every other");
+                delivery.failed += 1;
+                delivery.unavailable += 1;
+                true
+            }
+            error => {
+                tracing::warn!(%connection, %error, "post failed");
+                delivery.failed += 1;
+                true
+            }
+        }
+    }
+}
+
+/// Counts what posts did into the metrics.
+fn count(delivery: &Delivery) {
+    metrics::counter!(crate::metrics::DELIVERIES).increment(delivery.delivered as u64);
+    metrics::counter!(crate::metrics::GONE).increment(delivery.gone.len() as u64);
+    metrics::counter!(crate::metrics::FAILED_POSTS).increment(delivery.failed as u64);
 }

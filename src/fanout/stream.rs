@@ -102,6 +102,11 @@ impl StreamFanOut {
         }
     }
 
+    /// Waits until `by` for the posts the batch let go ([`FanOut::settle`]).
+    pub async fn settle(&self, by: tokio::time::Instant) -> usize {
+        self.fanout.settle(by).await
+    }
+
     /// Handles one batch. Never fails as a whole: what could not be done is in
     /// [`BatchReport::failed`].
     ///

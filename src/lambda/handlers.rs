@@ -18,10 +18,15 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// `palaver-fanout`: delivers what a batch of the events table's stream announces, and names
-/// the records to hand over again.
-pub async fn fan_out(fanout: &StreamFanOut, event: StreamEvent) -> DynamoDbEventResponse {
+/// the records to hand over again. Posts it let go (a slow connection's) end before it returns.
+pub async fn fan_out(
+    fanout: &StreamFanOut,
+    deadline: Instant,
+    event: StreamEvent,
+) -> DynamoDbEventResponse {
     let records = event.records.len();
     let report = fanout.handle(wakes_of(event)).await;
+    let aborted = fanout.settle(settle_by(deadline)).await;
     tracing::info!(
         records,
         events = report.events,
@@ -30,6 +35,8 @@ pub async fn fan_out(fanout: &StreamFanOut, event: StreamEvent) -> DynamoDbEvent
         failed_posts = report.delivery.failed,
         queued = report.delivery.queued,
         failed_records = report.failed.len(),
+        late_posts = report.delivery.late,
+        aborted,
         "stream batch handled"
     );
     stream_response(&report)
@@ -77,11 +84,24 @@ pub async fn deliver(fanout: &FanOut, deadline: Instant, event: SqsEvent) -> Sqs
     let lanes = lanes
         .into_iter()
         .map(|lane| deliver_lane(fanout, lane, start_by, frames_by));
-    let failed = futures_util::future::join_all(lanes)
+    let failed: Vec<String> = futures_util::future::join_all(lanes)
         .await
         .into_iter()
-        .flatten();
+        .flatten()
+        .collect();
+    // The posts let go (slow connections') end before the invocation does: Lambda would
+    // freeze them.
+    fanout.settle(settle_by(deadline)).await;
     sqs_response(failed)
+}
+
+/// When an invocation stops waiting for the posts it let go: a second before its deadline (at
+/// most an eighth of the time left), to answer in time.
+fn settle_by(deadline: Instant) -> Instant {
+    let left = deadline.saturating_duration_since(Instant::now());
+    deadline
+        .checked_sub(Duration::from_secs(1).min(left / 8))
+        .unwrap_or(deadline)
 }
 
 /// How long before its deadline an invocation stops starting jobs (at most half the time it
@@ -152,6 +172,7 @@ async fn deliver_lane(
             delivered = delivery.delivered,
             gone = delivery.gone.len(),
             failed = delivery.failed,
+            late = delivery.late,
             "delivery handled"
         );
     }
@@ -167,36 +188,54 @@ mod tests {
     use aws_lambda_events::event::sqs::SqsMessage;
     use std::sync::Arc;
 
-    /// A management API whose answer depends on the connection: `slow-…` times out, `ok-…`
-    /// takes the post, anything else finds the API refusing the caller. Closes are recorded.
+    /// A management API whose answer depends on the connection: `slow-…` times out at once,
+    /// `hangs-…` after the attempt timeout (1 s), `ok-…` takes the post, `lags-…` takes it
+    /// after 900 ms, `waits-…` after 5 s (throttled for a while), anything else finds the API
+    /// refusing the caller. Posts taken and closes are recorded.
     #[derive(Default)]
     struct Scripted {
         closed: std::sync::Mutex<Vec<String>>,
         /// (connection, frame) of every post taken.
         taken: std::sync::Mutex<Vec<(String, String)>>,
+        /// Posts taken ("connection frame") and closes ("closed connection"), in order.
+        happened: std::sync::Mutex<Vec<String>>,
     }
 
     #[async_trait]
     impl ConnectionGateway for Scripted {
         async fn post(&self, connection: &ConnectionId, frame: Bytes) -> Result<(), PostError> {
+            let takes_after = |c: &str| match c {
+                c if c.starts_with("ok") => Some(Duration::ZERO),
+                c if c.starts_with("lags") => Some(Duration::from_millis(900)),
+                c if c.starts_with("waits") => Some(Duration::from_secs(5)),
+                _ => None,
+            };
             match connection.as_str() {
                 c if c.starts_with("slow") => {
                     Err(PostError::TimedOut("no answer within 1000 ms".to_owned()))
                 }
-                c if c.starts_with("ok") || c.starts_with("waits") => {
-                    if c.starts_with("waits") {
-                        // Throttled for a while before it goes through.
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                    }
-                    let frame = String::from_utf8_lossy(&frame).into_owned();
-                    self.taken.lock().unwrap().push((c.to_owned(), frame));
-                    Ok(())
+                c if c.starts_with("hangs") => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    Err(PostError::TimedOut("no answer within 1000 ms".to_owned()))
                 }
-                _ => Err(PostError::Unavailable("ForbiddenException".to_owned())),
+                c => match takes_after(c) {
+                    Some(after) => {
+                        tokio::time::sleep(after).await;
+                        let frame = String::from_utf8_lossy(&frame).into_owned();
+                        self.happened.lock().unwrap().push(format!("{c} {frame}"));
+                        self.taken.lock().unwrap().push((c.to_owned(), frame));
+                        Ok(())
+                    }
+                    None => Err(PostError::Unavailable("ForbiddenException".to_owned())),
+                },
             }
         }
 
         async fn close(&self, connection: &ConnectionId) -> Result<(), PostError> {
+            self.happened
+                .lock()
+                .unwrap()
+                .push(format!("closed {connection}"));
             self.closed.lock().unwrap().push(connection.to_string());
             Ok(())
         }
@@ -223,11 +262,11 @@ mod tests {
         message
     }
 
-    /// A fan-out posting through a [`Scripted`] management API.
+    /// A fan-out posting through a [`Scripted`] management API, as the Lambda functions'.
     fn scripted() -> (Arc<Scripted>, FanOut) {
         let store = crate::store::memory::MemoryStore::store();
         let api = Arc::new(Scripted::default());
-        let fanout = FanOut::new(&store, api.clone());
+        let fanout = FanOut::new(&store, api.clone()).letting_stragglers_go();
         (api, fanout)
     }
 
@@ -345,16 +384,93 @@ mod tests {
         let (api, fanout) = scripted();
         let mut event = SqsEvent::default();
         let frames = ["m1", "m2", "m3", "m4", "m5", "m6", "m7"];
-        event.records = vec![message_of("run", &["waits-1"], &frames)];
-        // 40 s left: each frame's post waits 5 s for the bucket, so the seventh would start
+        // Every post waits: the API is throttled for everyone, and each frame waits for all.
+        event.records = vec![message_of("run", &["waits-1", "waits-2"], &frames)];
+        // 40 s left: each frame's posts wait 5 s for the bucket, so the seventh would start
         // with 10 s left — when a throttled post could still be trying at the deadline.
         let deadline = Instant::now() + Duration::from_secs(40);
         let response = deliver(&fanout, deadline, event).await;
-        // Not handed back: its recipient has the first frames, and catches up on the last.
+        // Not handed back: its recipients have the first frames, and catch up on the last.
         assert_eq!(failed(&response), Vec::<String>::new());
         let taken = api.taken.lock().unwrap().clone();
-        let posted: Vec<&str> = taken.iter().map(|(_, f)| f.as_str()).collect();
-        assert_eq!(posted, frames[..6]);
+        for c in ["waits-1", "waits-2"] {
+            let posted: Vec<&str> = taken
+                .iter()
+                .filter(|(to, _)| to == c)
+                .map(|(_, f)| f.as_str())
+                .collect();
+            assert_eq!(posted, frames[..6], "{c}");
+        }
+        assert!(Instant::now() < deadline, "done before the deadline");
+    }
+
+    /// The frames a connection took, in the order it took them.
+    fn taken_by(api: &Scripted, connection: &str) -> Vec<String> {
+        let taken = api.taken.lock().unwrap();
+        taken
+            .iter()
+            .filter(|(to, _)| to == connection)
+            .map(|(_, frame)| frame.clone())
+            .collect()
+    }
+
+    /// Where `what` happened among the posts taken and the closes.
+    fn when(api: &Scripted, what: &str) -> usize {
+        let happened = api.happened.lock().unwrap();
+        happened
+            .iter()
+            .position(|h| h == what)
+            .unwrap_or_else(|| panic!("{what} never happened: {happened:?}"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_connection_holds_up_neither_its_job_nor_its_lane_and_gets_its_frames_in_order()
+    {
+        let (api, fanout) = scripted();
+        let mut event = SqsEvent::default();
+        event.records = vec![
+            message_of("run", &["lags-1", "ok-1"], &["m1", "m2", "m3"]),
+            message_of("next", &["ok-2"], &["m4"]),
+        ];
+        let response = deliver(&fanout, soon(), event).await;
+        assert_eq!(failed(&response), Vec::<String>::new());
+        // Everyone else had every frame — the lane's next job too — before the slow connection
+        // took its first: nobody waited for it.
+        assert!(when(&api, "ok-2 m4") < when(&api, "lags-1 m1"));
+        assert_eq!(taken_by(&api, "ok-1"), ["m1", "m2", "m3"]);
+        // It took every frame, in order, before the invocation returned.
+        assert_eq!(taken_by(&api, "lags-1"), ["m1", "m2", "m3"]);
+        assert!(api.closed.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_hangs_is_closed_and_sent_nothing_more_while_its_job_goes_on() {
+        let (api, fanout) = scripted();
+        let mut event = SqsEvent::default();
+        event.records = vec![message_of("run", &["hangs-1", "ok-1"], &["m1", "m2", "m3"])];
+        let response = deliver(&fanout, soon(), event).await;
+        // Not handed back: ok-1 has every frame, taken before the hanging post timed out.
+        assert_eq!(failed(&response), Vec::<String>::new());
+        assert_eq!(taken_by(&api, "ok-1"), ["m1", "m2", "m3"]);
+        assert!(when(&api, "ok-1 m3") < when(&api, "closed hangs-1"));
+        // Closed once, when its first post timed out; its later frames were not posted (it
+        // replays them with joinRoom{after} when it reconnects).
+        assert_eq!(*api.closed.lock().unwrap(), ["hangs-1"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn posts_let_go_that_would_outlast_the_invocation_are_aborted_before_it_ends() {
+        let (api, fanout) = scripted();
+        let mut event = SqsEvent::default();
+        // waits-1 is let go at every frame; its posts, 5 s each, queue up behind each other.
+        let frames = ["m1", "m2", "m3", "m4", "m5"];
+        event.records = vec![message_of("run", &["waits-1", "ok-1"], &frames)];
+        let deadline = Instant::now() + Duration::from_secs(12);
+        let response = deliver(&fanout, deadline, event).await;
+        assert_eq!(failed(&response), Vec::<String>::new());
+        assert_eq!(taken_by(&api, "ok-1"), frames);
+        // Two of its five posts end by the deadline; the third is aborted before it does.
+        assert_eq!(taken_by(&api, "waits-1"), frames[..2]);
         assert!(Instant::now() < deadline, "done before the deadline");
     }
 }

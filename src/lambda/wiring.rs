@@ -99,6 +99,8 @@ impl Aws {
         FanOut::new(&self.store, self.gateway.clone())
             .with_handshake_grace(self.config.handshake_grace)
             .with_holder(Holder::ApiGateway)
+            // A post is a request one slow connection can hold: the frame goes on without it.
+            .letting_stragglers_go()
     }
 
     /// The stream-driven fan-out (`palaver-fanout`): big rooms go through the delivery queue

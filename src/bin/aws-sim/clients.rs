@@ -29,6 +29,11 @@ type Unacked = HashMap<String, (String, tokio::time::Instant, Duration)>;
 /// of a throttled account do not keep its bucket empty with their own resends.
 const RESEND_AFTER: Duration = Duration::from_secs(3);
 const RESEND_MAX: Duration = Duration::from_secs(30);
+/// Messages a client has out awaiting their `sent` at once; the ones typed meanwhile wait in
+/// its outbox, in order. A chat client keeps such a window so that, when the account throttles
+/// it, its backlog does not go out all at once — and again at every resend — multiplying the
+/// load that throttled it. Their latency counts from when they were typed.
+const IN_FLIGHT: usize = 4;
 /// How often a client catching up asks again for a room whose `getHistory` went unanswered.
 const RESYNC: Duration = Duration::from_secs(2);
 /// Bytes of filler after the timestamp in each message's text.
@@ -249,6 +254,7 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce(bool)) {
     let mut catching: Option<std::collections::HashSet<String>> = None;
     let mut answered: std::collections::HashSet<String> = Default::default();
     let mut unacked = Unacked::new();
+    let mut outbox: std::collections::VecDeque<(String, String)> = Default::default();
     'connection: loop {
         let Some(ws) = open(&shared, &plan).await else {
             break;
@@ -381,6 +387,16 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce(bool)) {
                 }
                 continue 'connection;
             }
+            // The outbox's next messages, while the window has room.
+            while unacked.len() < IN_FLIGHT
+                && let Some((id, frame)) = outbox.pop_front()
+            {
+                let due = tokio::time::Instant::now() + RESEND_AFTER;
+                unacked.insert(id, (frame.clone(), due, RESEND_AFTER));
+                if sink.send(Message::Text(frame.into())).await.is_err() {
+                    continue 'connection;
+                }
+            }
             let sending = plan.rate > 0.0 && shared.sending.load(Relaxed);
             tokio::select! {
                 message = stream.next() => {
@@ -455,11 +471,8 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, ready: impl FnOnce(bool)) {
                     })
                     .to_string();
                     shared.sent.fetch_add(1, Relaxed);
-                    let due = tokio::time::Instant::now() + RESEND_AFTER;
-                    unacked.insert(id, (frame.clone(), due, RESEND_AFTER));
-                    if sink.send(Message::Text(frame.into())).await.is_err() {
-                        continue 'connection;
-                    }
+                    // Sent at the top of the loop, when the window has room.
+                    outbox.push_back((id, frame));
                 }
             }
         }

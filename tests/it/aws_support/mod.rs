@@ -436,7 +436,9 @@ impl World {
     /// The fan-out function, given the stream event's JSON; returns its answer's JSON.
     pub async fn fan_out(&self, event: &Value) -> Value {
         let event = serde_json::from_value(event.clone()).expect("a DynamoDB stream event");
-        serde_json::to_value(lambda::fan_out(&self.stream_fanout, event).await)
+        // The fan-out function's timeout (template.yaml: 60 s) from now.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        serde_json::to_value(lambda::fan_out(&self.stream_fanout, deadline, event).await)
             .expect("a batch response")
     }
 
