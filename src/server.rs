@@ -184,12 +184,30 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         ready_max_lag,
     });
     let header_timeout = state.lifetime.header_read;
+    let closing = hub.clone();
     crate::gateway::http::serve(listener, router(state), header_timeout, async move {
         shutdown().await;
-        hub.close_all(CloseReason::ShuttingDown);
+        closing.close_all(CloseReason::ShuttingDown);
     })
-    .await
+    .await?;
+    // Every socket gets its close frame and every `$disconnect` is logged before the process
+    // exits: returning now would drop the sessions' tasks halfway.
+    if tokio::time::timeout(SHUTDOWN_GRACE, hub.all_ended())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = hub.sessions(),
+            "connections still closing at the shutdown deadline"
+        );
+    }
+    Ok(())
 }
+
+/// How long a stopping server waits for its connections to close: a closing connection has
+/// [`crate::gateway::lifetime::CLOSE_LINGER`] (2 s) to take what is left and answer the close,
+/// then its `$disconnect` is logged.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 async fn shutdown() {
     let ctrl_c = async {

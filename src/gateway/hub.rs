@@ -193,14 +193,42 @@ impl Link {
 }
 
 /// Every open connection of this gateway.
-#[derive(Default)]
 pub struct Hub {
     links: RwLock<HashMap<ConnectionId, Arc<Link>>>,
+    /// Connections registered whose session has not ended — its socket closed and its
+    /// `$disconnect` logged — for a shutdown to wait on ([`Hub::all_ended`]).
+    sessions: tokio::sync::watch::Sender<usize>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub {
+            links: RwLock::default(),
+            sessions: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl Hub {
     pub fn new() -> Arc<Hub> {
         Arc::new(Hub::default())
+    }
+
+    /// A registered connection's session ended: its socket is closed, and its `$disconnect`
+    /// logged (or its `$connect` refused).
+    pub fn ended(&self) {
+        self.sessions.send_modify(|n| *n = n.saturating_sub(1));
+    }
+
+    /// Resolves once every registered connection's session has ended.
+    pub async fn all_ended(&self) {
+        let mut sessions = self.sessions.subscribe();
+        let _ = sessions.wait_for(|n| *n == 0).await;
+    }
+
+    /// Sessions not ended yet.
+    pub fn sessions(&self) -> usize {
+        *self.sessions.borrow()
     }
 
     /// Registers a connection before `$connect` runs. Until its upgrade completes a post to it
@@ -236,6 +264,7 @@ impl Hub {
             return None;
         }
         links.insert(id, link.clone());
+        self.sessions.send_modify(|n| *n += 1);
         Some(link)
     }
 

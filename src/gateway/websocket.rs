@@ -94,6 +94,7 @@ pub async fn root(
         let response = state.routes.handle(connect).await;
         if response.status_code != 200 {
             state.hub.remove(&link.id);
+            state.hub.ended();
             return Err(response);
         }
         tokio::spawn(async move {
@@ -620,6 +621,7 @@ impl GatewayState {
         if response.status_code != 200 {
             tracing::error!(connection = %link.id, "$disconnect failed");
         }
+        self.hub.ended();
     }
 }
 

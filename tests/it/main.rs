@@ -20,6 +20,7 @@ mod management_api;
 mod nodes;
 mod operator;
 mod properties;
+mod shutdown;
 mod store_contract;
 mod stream_fanout;
 mod websocket;

@@ -287,6 +287,24 @@ impl Server {
         let _ = self.child.wait();
     }
 
+    /// Sends `signal` (SIGTERM, SIGINT) and waits for the process to exit: its exit status.
+    pub fn stop_with(&mut self, signal: i32) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        let sent = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(sent, 0, "kill({signal})");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waitpid") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server did not exit within 30 s of signal {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills the process with SIGKILL and starts a new one on the same store.
     pub fn restart_after_kill9(mut self) -> Server {
         self.kill9();
