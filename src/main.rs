@@ -226,7 +226,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             other => {
                 // Opening creates and migrates the file.
-                open(other).await?;
+                store::open(other, None).await?;
                 println!("{}: ready", describe(other));
                 Ok(())
             }
@@ -304,7 +304,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 
 /// Opens the store for an operator command, which writes nothing.
 async fn open(url: &StoreUrl) -> Result<Store, Failure> {
-    store::open(
+    store::open_existing(
         url,
         Some(palaver::domain::limits::DEFAULT_CONNECTION_RETENTION),
     )

@@ -5,8 +5,29 @@
 
 use crate::domain::event::rfc3339;
 use crate::domain::{RoomName, ServerFrame, Stream, UserId};
-use crate::ports::{Store, StoreResult};
+use crate::ports::{Store, StoreError, StoreResult};
 use serde::Serialize;
+
+/// Why an operator's question has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    /// Nobody ever joined the room: it has no log (a typo, most likely — names are
+    /// case-sensitive).
+    #[error("no room \"{0}\": nobody has joined it (`palaver rooms` lists the rooms there are)")]
+    NoSuchRoom(RoomName),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A room's log, or [`OperatorError::NoSuchRoom`]: every room's log starts with its first
+/// member's `joined`, so a room without one does not exist.
+async fn existing(store: &Store, room: &RoomName) -> Result<Stream, OperatorError> {
+    let stream = Stream::Room(room.clone());
+    if store.log.head(&stream).await? == 0 {
+        return Err(OperatorError::NoSuchRoom(room.clone()));
+    }
+    Ok(stream)
+}
 
 #[derive(Debug, Serialize)]
 pub struct RoomRow {
@@ -48,7 +69,8 @@ pub async fn rooms(store: &Store) -> StoreResult<Vec<RoomRow>> {
         .collect())
 }
 
-pub async fn members(store: &Store, room: &RoomName) -> StoreResult<Vec<MemberRow>> {
+pub async fn members(store: &Store, room: &RoomName) -> Result<Vec<MemberRow>, OperatorError> {
+    existing(store, room).await?;
     Ok(store
         .directory
         .members(room)
@@ -69,11 +91,9 @@ pub async fn history(
     room: &RoomName,
     after: u64,
     limit: usize,
-) -> StoreResult<Vec<ServerFrame>> {
-    let events = store
-        .log
-        .read(&Stream::Room(room.clone()), after, limit)
-        .await?;
+) -> Result<Vec<ServerFrame>, OperatorError> {
+    let stream = existing(store, room).await?;
+    let events = store.log.read(&stream, after, limit).await?;
     Ok(events.iter().filter_map(ServerFrame::of_event).collect())
 }
 

@@ -88,9 +88,14 @@ fn bad_room(error: crate::domain::InvalidName) -> Response {
         .into_response()
 }
 
-fn reply<T: serde::Serialize>(result: Result<T, crate::ports::StoreError>) -> Response {
-    match result {
+fn reply<T: serde::Serialize>(result: Result<T, impl Into<operator::OperatorError>>) -> Response {
+    match result.map_err(Into::into) {
         Ok(body) => Json(body).into_response(),
+        Err(error @ operator::OperatorError::NoSuchRoom(_)) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": error.to_string() })),
+        )
+            .into_response(),
         Err(error) => {
             tracing::error!(%error, "admin query failed");
             (

@@ -77,6 +77,19 @@ pub async fn open(
     }
 }
 
+/// Opens the store for the operator commands, which only read: a SQLite file must be there
+/// already ([`sqlite::SqliteStore::open_existing`]), read-only.
+pub async fn open_existing(
+    url: &StoreUrl,
+    connection_retention: Option<std::time::Duration>,
+) -> Result<Store, Box<dyn std::error::Error + Send + Sync>> {
+    match url {
+        #[cfg(feature = "local")]
+        StoreUrl::Sqlite(path) => Ok(sqlite::SqliteStore::open_existing(path).await?.store()),
+        other => open(other, connection_retention).await,
+    }
+}
+
 /// A DynamoDB client from the standard AWS configuration (environment, profile, IMDS;
 /// `AWS_ENDPOINT_URL` points it at a local emulator).
 pub async fn aws_client() -> aws_sdk_dynamodb::Client {

@@ -156,6 +156,63 @@ async fn operators_see_rooms_members_history_and_connections() {
     assert!(page.text().await.unwrap().contains("palaver"));
 }
 
+/// An operator command pointed at no database — run in the wrong directory, or with a typo
+/// in `--store` — says so and fails, and leaves no empty database behind that would show an
+/// empty chat the next time.
+#[test]
+fn operator_commands_where_there_is_no_database_say_so_and_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    for path in [dir.path().join("palaver.db"), dir.path().join("palaver.bd")] {
+        let store = format!("sqlite://{}", path.display());
+        for args in [
+            vec!["rooms"],
+            vec!["members", "general"],
+            vec!["history", "general"],
+            vec!["connections"],
+        ] {
+            let out = common::cli(&store, &args);
+            assert!(!out.status.success(), "{args:?} succeeded");
+            let said = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                said.contains(&format!("no palaver database at {}", path.display()))
+                    && said.contains("palaver serve"),
+                "{args:?}: {said}"
+            );
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "created {left:?}");
+}
+
+/// `members` and `history` of a room nobody joined say there is no such room (names are
+/// case-sensitive: `General` is not `general`) and fail; the admin endpoints answer 404.
+#[tokio::test]
+async fn an_unknown_room_is_named_as_unknown_not_shown_empty() {
+    let server = Server::start_readable();
+    let mut ana = server.connect("ana").await;
+    ana.join("general").await;
+    for args in [["members", "General"], ["history", "General"]] {
+        let out = server.cli(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("no room \"General\""), "{args:?}: {said}");
+        assert!(said.contains("palaver rooms"), "{said}");
+    }
+    assert!(server.cli(&["members", "general"]).status.success());
+    let http = reqwest::Client::new();
+    for path in ["members", "history"] {
+        let answer = http
+            .get(format!("{}/admin/rooms/General/{path}", server.url()))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 404, "{path}");
+        let error = answer.json::<Value>().await.unwrap()["error"].clone();
+        assert!(error.as_str().unwrap().contains("no room"), "{error}");
+    }
+}
+
 /// What users write reaches the operator's terminal as text: a message that would retitle the
 /// window, clear the screen and overwrite its own row with a forged one ("admin" saying
 /// "maintenance") is shown escaped in `palaver history`, and `--json` keeps it exactly.

@@ -18,6 +18,15 @@ pub enum SqliteError {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+    #[error("no palaver database at {path} (start `palaver serve` there, or pass --store)")]
+    Missing { path: String },
+    #[error("{path} is not a palaver database (pass --store sqlite://PATH of the server's file)")]
+    NotPalaver { path: String },
+    #[error(
+        "the palaver database at {path} is from an older palaver: run `palaver serve` on it once \
+         to bring it up to date"
+    )]
+    Outdated { path: String },
     #[error("SQLite: {0}")]
     Sql(#[source] sqlx::Error),
     /// The group-commit transaction this append was part of was rolled back. Every append of the

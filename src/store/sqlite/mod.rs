@@ -55,6 +55,32 @@ const ROW_BUFFER: usize = crate::domain::limits::MAX_HISTORY_LIMIT + 1;
 /// Appends queued for the committer before `append` waits for room (backpressure).
 const QUEUE: usize = 4 * commit::MAX_BATCH;
 
+/// How a process opens the file: the server creates and migrates it; operator commands read
+/// what is there.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Serve,
+    ReadOnly,
+}
+
+/// Whether the file at `path` is a palaver database with every migration this build knows.
+async fn up_to_date(pool: &SqlitePool, path: &str) -> Result<(), SqliteError> {
+    let applied: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await
+            .map_err(|_| SqliteError::NotPalaver {
+                path: path.to_owned(),
+            })?;
+    let latest = MIGRATOR.iter().map(|m| m.version).max();
+    if applied < latest {
+        return Err(SqliteError::Outdated {
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
 /// A SQLite-backed store. Clone the `Arc`; the committer stops when the last one is dropped.
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -70,10 +96,33 @@ impl SqliteStore {
     /// Opens the database at `path`, creating the file if it is missing, and brings its schema up
     /// to date. Must be called inside a tokio runtime: it starts the committer task.
     pub async fn open(path: &str) -> Result<Arc<SqliteStore>, SqliteError> {
+        SqliteStore::open_as(path, Access::Serve).await
+    }
+
+    /// Opens an existing database at `path` read-only, for the operator commands: a path with
+    /// no palaver database there (a typo, another directory) is an error, not a new empty
+    /// file that shows an empty chat. Its schema must be up to date (`palaver serve` brings
+    /// it there).
+    pub async fn open_existing(path: &str) -> Result<Arc<SqliteStore>, SqliteError> {
+        if !std::path::Path::new(path).is_file() {
+            return Err(SqliteError::Missing {
+                path: path.to_owned(),
+            });
+        }
+        SqliteStore::open_as(path, Access::ReadOnly).await
+    }
+
+    async fn open_as(path: &str, access: Access) -> Result<Arc<SqliteStore>, SqliteError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
+            .create_if_missing(access == Access::Serve)
+            .read_only(access == Access::ReadOnly);
+        // The journal mode is the file's: set by the server, read as it is here.
+        let options = match access {
+            Access::Serve => options.journal_mode(SqliteJournalMode::Wal),
+            Access::ReadOnly => options,
+        };
+        let options = options
             // An fsync per commit, so an acknowledged append survives power loss too; group
             // commit shares that fsync among every append of the batch.
             .synchronous(SqliteSynchronous::Full)
@@ -95,13 +144,16 @@ impl SqliteStore {
                 path: path.to_owned(),
                 source,
             })?;
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|source| SqliteError::Migrate {
-                path: path.to_owned(),
-                source,
-            })?;
+        match access {
+            Access::Serve => MIGRATOR
+                .run(&pool)
+                .await
+                .map_err(|source| SqliteError::Migrate {
+                    path: path.to_owned(),
+                    source,
+                })?,
+            Access::ReadOnly => up_to_date(&pool, path).await?,
+        }
         let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(pos), 0) FROM events")
             .fetch_one(&pool)
             .await?;
