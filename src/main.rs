@@ -352,6 +352,11 @@ async fn run_serve(
     node_id: Option<String>,
     settings: ServeSettings,
 ) -> Result<(), Failure> {
+    // One server per SQLite file, held until this returns (or the process dies).
+    let _serving = match url {
+        StoreUrl::Sqlite(path) => Some(store::sqlite::lock_for_serving(path)?),
+        _ => None,
+    };
     let store = store::open(url, settings.connection_retention).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await

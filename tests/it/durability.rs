@@ -112,3 +112,41 @@ async fn a_restarted_node_closes_its_own_connections_and_no_one_elses() {
         .await;
     assert_eq!(sent["type"], "sent", "{sent}");
 }
+
+/// A second `palaver serve` on a file another one serves — started in the same directory on
+/// another port, say — refuses to start, naming the file and the process that holds it; the
+/// first server's users notice nothing. Once the first dies (even by `kill -9`), the file is
+/// free again: the kernel let go of the lock.
+#[tokio::test]
+async fn a_second_server_on_the_same_sqlite_file_refuses_to_start() {
+    let first = Server::start_sqlite();
+    let mut ana = first.connect("ana").await;
+    let mut bob = first.connect("bob").await;
+    ana.join("r").await;
+    bob.join("r").await;
+
+    let store = format!("sqlite://{}", first.db_path().display());
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_palaver"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", &store])
+        .env("PALAVER_JWT_SECRET", common::SECRET)
+        .output()
+        .expect("palaver serve runs");
+    assert!(!second.status.success(), "the second server started");
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        said.contains(&format!(
+            "{} is in use by another palaver serve (process {})",
+            first.db_path().display(),
+            first.pid()
+        )),
+        "{said}"
+    );
+    // The first server's users are still connected, and still hear each other.
+    let seq = ana.say("r", "still here").await["seq"].as_u64().unwrap();
+    bob.pushed_until(|f| f["seq"] == seq).await;
+
+    // Killed, it leaves the file free for the next server.
+    let restarted = first.restart_after_kill9();
+    let mut ana = restarted.connect("ana").await;
+    ana.join("r").await;
+}

@@ -27,6 +27,19 @@ pub enum SqliteError {
          to bring it up to date"
     )]
     Outdated { path: String },
+    /// Another `palaver serve` holds the file's serving lock.
+    #[error(
+        "{path} is in use by another palaver serve{}: stop it first, or give this one another \
+         --store",
+        holder.map(|pid| format!(" (process {pid})")).unwrap_or_default()
+    )]
+    InUse { path: String, holder: Option<u32> },
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("SQLite: {0}")]
     Sql(#[source] sqlx::Error),
     /// The group-commit transaction this append was part of was rolled back. Every append of the

@@ -9,6 +9,7 @@
 mod batch;
 mod commit;
 mod error;
+mod lock;
 mod project;
 mod recent;
 mod retention;
@@ -17,6 +18,7 @@ mod snapshot;
 mod write;
 
 pub use error::SqliteError;
+pub use lock::{ServingLock, lock_for_serving};
 
 use crate::domain::{Appended, ConnectionId, Event, EventBody, Expect, RoomName, Stream, UserId};
 use crate::ports::{
