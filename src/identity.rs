@@ -120,6 +120,41 @@ pub fn random_secret() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Where a server started without `PALAVER_JWT_SECRET` keeps the secret it made, beside its
+/// SQLite database, so that a restart does not sign every open tab out.
+pub fn kept_secret_path(database: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("{database}.secret"))
+}
+
+/// The secret kept at `path`, made (32 random bytes, hex; the file readable by its owner only)
+/// if there is none yet. Returns it and whether it was made now.
+pub fn kept_secret(path: &std::path::Path) -> std::io::Result<(String, bool)> {
+    use std::io::Write;
+    match std::fs::read_to_string(path) {
+        Ok(kept) if kept.trim().len() >= 32 => return Ok((kept.trim().to_owned(), false)),
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} holds no usable secret: delete it to make a new one",
+                    path.display()
+                ),
+            ));
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    let secret = random_secret();
+    let mut file = std::fs::OpenOptions::new();
+    file.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+    let mut file = file.open(path)?;
+    writeln!(file, "{secret}")?;
+    file.sync_all()?;
+    Ok((secret, true))
+}
+
 /// Parses a duration like `90s`, `15m`, `1h 30m` or `7d`: humantime's syntax, with palaver's
 /// own rules on top, which settings written for earlier versions rely on.
 ///

@@ -6,7 +6,7 @@ use palaver::fanout::change_stream::ChangeSource;
 use palaver::gateway::admission::Admission;
 use palaver::gateway::lifetime::Lifetime;
 use palaver::gateway::sigv4::ManagementKeys;
-use palaver::identity::{Identity, parse_ttl, random_secret};
+use palaver::identity::{Identity, kept_secret, kept_secret_path, parse_ttl, random_secret};
 use palaver::operator::{self, table};
 use palaver::ports::Store;
 use palaver::server::{ServeConfig, ServeSettings, serve};
@@ -368,12 +368,22 @@ async fn run_serve(
         addr.to_string()
     };
 
+    // Without PALAVER_JWT_SECRET: beside a SQLite file, the secret made on its first start
+    // (so a restart keeps everyone signed in); in memory, one for this run only.
     let (secret, generated) = match std::env::var("PALAVER_JWT_SECRET") {
         Ok(secret) if !secret.is_empty() => {
             strong_enough(&secret)?;
-            (secret, false)
+            (secret, None)
         }
-        _ => (random_secret(), true),
+        _ => match url {
+            StoreUrl::Sqlite(path) => {
+                let kept = kept_secret_path(path);
+                let (secret, made) = kept_secret(&kept)
+                    .map_err(|e| format!("cannot keep a secret in {}: {e}", kept.display()))?;
+                (secret, Some(Generated::Kept { path: kept, made }))
+            }
+            _ => (random_secret(), Some(Generated::ForThisRun)),
+        },
     };
     let identity = Identity::new(secret.as_bytes());
     let admin_token = std::env::var("PALAVER_ADMIN_TOKEN")
@@ -415,19 +425,35 @@ async fn run_serve(
             ),
         }
     }
-    if generated {
+    if let Some(generated) = generated {
         let user = std::env::var("USER")
             .ok()
             .and_then(|u| UserId::parse(&u).ok())
             .unwrap_or_else(|| UserId::parse("guest").expect("a valid name"));
         let token = identity.issue(&user, Duration::from_secs(12 * 3600));
         println!();
-        println!("No PALAVER_JWT_SECRET was set, so this session made one up.");
+        match &generated {
+            Generated::Kept { path, made: true } => println!(
+                "No PALAVER_JWT_SECRET was set, so this server made one and keeps it in {} \
+                 (readable by you only): restarts keep everyone signed in. Delete it to sign \
+                 everyone out.",
+                path.display()
+            ),
+            Generated::Kept { path, made: false } => println!(
+                "No PALAVER_JWT_SECRET was set: using the secret kept in {} (delete it to sign \
+                 everyone out).",
+                path.display()
+            ),
+            Generated::ForThisRun => println!(
+                "No PALAVER_JWT_SECRET was set, so this server made one up for this run: \
+                 tokens stop working when it stops."
+            ),
+        }
         println!("Open the chat as {user}:");
         println!();
         println!("    http://{host}/?token={token}");
         println!();
-        println!("Tokens for other users (valid while this server runs):");
+        println!("Tokens for other users:");
         println!("    PALAVER_JWT_SECRET={secret} palaver token NAME");
     }
     if admin_token.is_none() {
@@ -451,6 +477,17 @@ async fn run_serve(
     })
     .await?;
     Ok(())
+}
+
+/// Where a secret made up by `serve` lives.
+enum Generated {
+    /// Beside the SQLite file (`made`: on this start).
+    Kept {
+        path: std::path::PathBuf,
+        made: bool,
+    },
+    /// In memory: for this run only.
+    ForThisRun,
 }
 
 /// Installs the Prometheus recorder that `/metrics` renders.

@@ -150,3 +150,48 @@ async fn a_second_server_on_the_same_sqlite_file_refuses_to_start() {
     let mut ana = restarted.connect("ana").await;
     ana.join("r").await;
 }
+
+/// Started without `PALAVER_JWT_SECRET`, a server makes a secret and keeps it beside its
+/// database, readable by its owner only; the next start uses it again, so the chat link it
+/// printed — and every open tab's token — still works after a restart.
+#[tokio::test]
+async fn a_secret_made_up_by_the_server_survives_its_restart() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("palaver.db");
+    let store = format!("sqlite://{}", db.display());
+    let no_secret = [("PALAVER_JWT_SECRET", "")];
+    let printed_token = |server: &Server| -> String {
+        let lines = server.stdout.lock().unwrap();
+        let line = lines
+            .iter()
+            .find(|l| l.contains("?token="))
+            .unwrap_or_else(|| panic!("no chat link in {lines:?}"));
+        line.split("?token=").nth(1).unwrap().trim().to_owned()
+    };
+    let mut first = Server::start_with_env(tempfile::tempdir().unwrap(), &store, &no_secret);
+    common::eventually("the chat link", || async {
+        first
+            .stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("?token="))
+            .then_some(())
+    })
+    .await;
+    let token = printed_token(&first);
+    let kept = dir.path().join("palaver.db.secret");
+    let mode = std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the secret is readable by its owner only");
+    let url = |server: &Server| format!("ws://{}/?token={token}", server.addr);
+    let mut tab = common::Client::connect(&url(&first), "me").await.unwrap();
+    tab.join("r").await;
+    assert_eq!(first.stop_with(libc::SIGTERM).code(), Some(0));
+
+    let second = Server::start_with_env(tempfile::tempdir().unwrap(), &store, &no_secret);
+    let mut tab = common::Client::connect(&url(&second), "me")
+        .await
+        .expect("the token from before the restart is accepted");
+    tab.join("r").await;
+}
