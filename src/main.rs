@@ -1,7 +1,7 @@
 //! The `palaver` command: run the server, make tokens, and answer operators' questions.
 
 use clap::{Parser, Subcommand};
-use palaver::domain::{RoomName, UserId};
+use palaver::domain::{RoomName, Stream, UserId};
 use palaver::fanout::change_stream::ChangeSource;
 use palaver::gateway::admission::Admission;
 use palaver::gateway::lifetime::Lifetime;
@@ -47,8 +47,8 @@ enum LogFormat {
 enum Command {
     /// Run the gateway, the route handlers, the fan-out and the chat page
     Serve {
-        /// Address to listen on
-        #[arg(long, default_value = "127.0.0.1:8080")]
+        /// Address to listen on, HOST:PORT (0.0.0.0:PORT for every interface)
+        #[arg(long, default_value = "127.0.0.1:8080", value_parser = parse_listen)]
         listen: String,
         /// Frames per second each connection may send, with bursts of twice that; 0 turns the
         /// limit off (for load tests: people never type this fast)
@@ -111,7 +111,7 @@ enum Command {
     Token {
         user: String,
         /// How long the token is valid: 90s, 30m, 1h, 7d
-        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        #[arg(long, default_value = "1h", value_parser = parse_token_ttl)]
         ttl: Duration,
     },
     /// Every room: members, online members, last seq
@@ -163,12 +163,30 @@ async fn main() -> ExitCode {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
     }
+    let store = cli.store.clone();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("palaver: {error}");
+            if let StoreUrl::DynamoDb(_) = store
+                && error.to_string().contains("DynamoDB")
+            {
+                eprintln!("palaver: the DynamoDB used: {}", dynamodb_endpoint());
+            }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Which DynamoDB the AWS configuration points at, for an error about it.
+fn dynamodb_endpoint() -> String {
+    let region = std::env::var("AWS_REGION")
+        .or_else(|_| std::env::var("AWS_DEFAULT_REGION"))
+        .unwrap_or_else(|_| "the profile's region".to_owned());
+    match std::env::var("AWS_ENDPOINT_URL_DYNAMODB").or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+    {
+        Ok(endpoint) => format!("{endpoint} (AWS_ENDPOINT_URL), region {region}"),
+        Err(_) => format!("AWS's own, region {region} (set AWS_ENDPOINT_URL for a local one)"),
     }
 }
 
@@ -311,6 +329,33 @@ async fn open(url: &StoreUrl) -> Result<Store, Failure> {
     .await
 }
 
+/// `--listen`: HOST:PORT. A bare port (`8081`) is the common slip: say what to write instead.
+fn parse_listen(s: &str) -> Result<String, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Err(format!(
+            "--listen takes HOST:PORT, not a port alone: 127.0.0.1:{port} (this machine only) or \
+             0.0.0.0:{port} (every interface)"
+        ));
+    }
+    if !s.contains(':') {
+        return Err(format!(
+            "--listen takes HOST:PORT (127.0.0.1:8080, 0.0.0.0:8080, [::1]:8080), not {s:?}"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+/// `token --ttl`: a duration of more than nothing; a token valid for 0s has expired already.
+fn parse_token_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = parse_ttl(s)?;
+    if ttl.is_zero() {
+        return Err(
+            "a token valid for 0s has expired already: give --ttl more (90s, 1h, 7d)".into(),
+        );
+    }
+    Ok(ttl)
+}
+
 /// `--node-lease`: a duration of at least a second.
 fn parse_lease(s: &str) -> Result<Duration, String> {
     let lease = parse_ttl(s)?;
@@ -358,9 +403,21 @@ async fn run_serve(
         _ => None,
     };
     let store = store::open(url, settings.connection_retention).await?;
+    if let StoreUrl::DynamoDb(_) = url {
+        // Asked once before anything says "listening": a store that cannot be reached, or has
+        // no tables, fails the start here, with the reason.
+        let probe = Stream::Room(RoomName::parse("readyz").expect("a valid room name"));
+        store.log.head(&probe).await?;
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AddrInUse => format!(
+                "cannot listen on {listen}: another process already listens there; stop it, or \
+                 pick another port with --listen HOST:PORT"
+            ),
+            _ => format!("cannot listen on {listen}: {e}"),
+        })?;
     let addr = listener.local_addr()?;
     let host = if addr.ip().is_unspecified() {
         format!("127.0.0.1:{}", addr.port())

@@ -29,6 +29,9 @@ pub async fn guard(
     request: Request,
     next: Next,
 ) -> Response {
+    if state.admin_token.is_none() {
+        return switched_off();
+    }
     if authorized(&state, &headers) {
         next.run(request).await
     } else {
@@ -69,6 +72,18 @@ fn authorized(state: &GatewayState, headers: &HeaderMap) -> bool {
         }
         _ => false,
     }
+}
+
+/// No token would do: the server was started without one. Said plainly, so that whoever sent
+/// the right header looks at the server's settings, not at their request.
+fn switched_off() -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        Json(json!({
+            "error": "the admin endpoints are off: PALAVER_ADMIN_TOKEN is not set on the server"
+        })),
+    )
+        .into_response()
 }
 
 fn unauthorized() -> Response {

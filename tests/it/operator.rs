@@ -570,3 +570,99 @@ async fn json_logs_are_one_object_per_line() {
     assert_eq!(connected["fields"]["user"], "ana", "{connected}");
     assert_eq!(connected["level"], "INFO");
 }
+
+/// Runs `palaver ARGS` with `env` on top of the test's own; returns (success, stdout, stderr).
+fn palaver(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_palaver"));
+    command.args(args).env("PALAVER_JWT_SECRET", common::SECRET);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = command.output().expect("palaver runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The everyday slips each get a message that says what to do, and a failing exit.
+#[tokio::test]
+async fn mistakes_are_answered_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite://{}", dir.path().join("palaver.db").display());
+
+    // A port alone for --listen.
+    let (ok, _, said) = palaver(&["serve", "--listen", "8081", "--store", &sqlite], &[]);
+    assert!(!ok);
+    assert!(
+        said.contains("--listen takes HOST:PORT") && said.contains("127.0.0.1:8081"),
+        "{said}"
+    );
+
+    // A port another process listens on.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let (ok, _, said) = palaver(&["serve", "--listen", &address, "--store", &sqlite], &[]);
+    assert!(!ok);
+    assert!(
+        said.contains("another process already listens there") && said.contains("--listen"),
+        "{said}"
+    );
+
+    // A token that would be born expired.
+    let (ok, out, said) = palaver(&["token", "ana", "--ttl", "0s"], &[]);
+    assert!(!ok && out.is_empty(), "printed {out:?}");
+    assert!(said.contains("has expired already"), "{said}");
+
+    // A DynamoDB that nothing answers: the cause and the endpoint, for the operator commands
+    // and for serve — which says so before it says it listens.
+    let nobody = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let unreachable = [("AWS_ENDPOINT_URL", nobody.as_str())];
+    for args in [
+        vec!["rooms", "--store", "dynamodb://chat"],
+        vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "dynamodb://chat",
+        ],
+    ] {
+        let (ok, out, said) = palaver(&args, &unreachable);
+        assert!(!ok, "{args:?}");
+        assert!(
+            !out.contains("listening"),
+            "{args:?} said it listens: {out}"
+        );
+        assert!(
+            said.contains("cannot reach DynamoDB") && said.contains(&nobody),
+            "{args:?}: {said}"
+        );
+    }
+    // Tables never created: run `palaver init`.
+    let (ok, _, said) = palaver(&["rooms", "--store", "dynamodb://never-initialised"], &[]);
+    assert!(!ok);
+    assert!(said.contains("run `palaver init`"), "{said}");
+
+    // The admin endpoints asked with a token when the server has none set.
+    let server = Server::start_with(&[("PALAVER_ADMIN_TOKEN", "")]);
+    let answer = reqwest::Client::new()
+        .get(format!("{}/admin/rooms", server.url()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 403);
+    let error = answer.json::<Value>().await.unwrap()["error"].clone();
+    assert!(
+        error
+            .as_str()
+            .unwrap()
+            .contains("PALAVER_ADMIN_TOKEN is not set on the server"),
+        "{error}"
+    );
+}
