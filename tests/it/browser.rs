@@ -439,19 +439,28 @@ async fn page_chats_with_a_websocket_client() {
         .await
         .expect("click Connect");
     wait_status(&browser, "connected").await;
+    // The token is kept in the browser's storage, never in the address (nor its history).
     let url = browser.current_url().await.expect("url");
     assert_eq!(url.path(), "/");
-    assert!(
-        url.query_pairs().any(|(k, v)| k == "token" && v == good),
-        "{url}"
+    assert_eq!(url.query(), None, "{url}");
+    assert_eq!(
+        js(
+            &browser,
+            "return localStorage.getItem('palaver:token');",
+            vec![]
+        )
+        .await,
+        json!(good)
     );
-    // The same as opening /?token=... directly.
+    // Opening /?token=... (the link `serve` prints) connects, and cleans the address.
     browser
         .goto(&page_url(&server, "alice"))
         .await
         .expect("open the page");
     wait_status(&browser, "connected").await;
     assert_eq!(browser.title().await.expect("title"), "palaver — alice");
+    let url = browser.current_url().await.expect("url");
+    assert!(!url.as_str().contains("token"), "{url}");
 
     // Joining for the first time shows the room's history (joinRoom after 0).
     join_via_ui(&browser, "lobby").await;
@@ -675,4 +684,125 @@ async fn page_reconnects_and_replays_what_it_missed() {
     assert_in_seq_order(&browser, "lobby").await;
 
     browser.close().await.expect("close the browser");
+}
+
+/// What a person at the page expects of it: a reload keeps them signed in (the token is in
+/// storage, not in the address), "Sign out" forgets it, links in messages can be clicked (and
+/// only http(s) links, built without parsing HTML), an error notice goes once the next request
+/// succeeds, and a room whose name differs from one in the list only by case is said to be
+/// another room.
+#[tokio::test]
+async fn page_keeps_people_signed_in_signs_them_out_links_and_clears_old_errors() {
+    let server = Server::start_readable();
+    let mut bob = server.connect("bob").await;
+    bob.join("general").await;
+    let (_driver, browser) = open_browser().await;
+    browser
+        .goto(&page_url(&server, "alice"))
+        .await
+        .expect("open the page");
+    wait_status(&browser, "connected").await;
+    join_via_ui(&browser, "general").await;
+
+    // Links: clickable, opening apart from the page; the rest stays text.
+    let said = "see https://example.com/a?b=c, and javascript:alert(1) <b>x</b>";
+    bob.say("general", said).await;
+    wait_for_text(&browser, ".message[data-room=general]", "see ").await;
+    let links = js(
+        &browser,
+        "return Array.from(document.querySelectorAll('.message[data-room=general] .text a'))
+             .map(a => [a.getAttribute('href'), a.target, a.rel]);",
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        links,
+        json!([[
+            "https://example.com/a?b=c",
+            "_blank",
+            "noopener noreferrer nofollow"
+        ]])
+    );
+    let text = js(
+        &browser,
+        "return document.querySelector('.message[data-room=general] .text').textContent;",
+        vec![],
+    )
+    .await;
+    assert_eq!(text, json!(said), "the text is shown as sent");
+    assert_eq!(
+        js(
+            &browser,
+            "return document.querySelectorAll('.message b').length;",
+            vec![]
+        )
+        .await,
+        json!(0)
+    );
+
+    // An error notice goes once the next request succeeds.
+    let too_long = "x".repeat(16 * 1024 + 1);
+    js(
+        &browser,
+        "document.getElementById('message-input').value = arguments[0];
+         document.getElementById('send-button').click();",
+        vec![json!(too_long)],
+    )
+    .await;
+    wait_until(
+        &browser,
+        "the notice",
+        "return !document.getElementById('notice').hidden;",
+        vec![],
+    )
+    .await;
+    // (The refused text stays in the box, to be shortened: it is replaced here.)
+    js(
+        &browser,
+        "document.getElementById('message-input').value = '';",
+        vec![],
+    )
+    .await;
+    send_via_button(&browser, "short enough").await;
+    wait_for_text(&browser, ".message[data-room=general]", "short enough").await;
+    wait_until(
+        &browser,
+        "the notice to go",
+        "return document.getElementById('notice').hidden;",
+        vec![],
+    )
+    .await;
+
+    // "General" is not "general": the page says so.
+    join_via_ui(&browser, "General").await;
+    wait_for_text(&browser, "#notice", "case-sensitive").await;
+    wait_for_text(&browser, "#notice", "#general").await;
+
+    // A reload keeps alice signed in, from storage.
+    browser.refresh().await.expect("reload");
+    wait_status(&browser, "connected").await;
+    assert_eq!(browser.title().await.expect("title"), "palaver — alice");
+
+    // Sign out: the connection closes, the token is forgotten, the login form is back — and
+    // stays after a reload.
+    browser
+        .find(Locator::Id("sign-out"))
+        .await
+        .expect("#sign-out")
+        .click()
+        .await
+        .expect("click Sign out");
+    wait_for(&browser, "#login:not([hidden]) #token-input").await;
+    assert_eq!(
+        js(
+            &browser,
+            "return localStorage.getItem('palaver:token');",
+            vec![]
+        )
+        .await,
+        Value::Null
+    );
+    wait_connections(&server, "alice", 0).await;
+    browser.refresh().await.expect("reload");
+    wait_for(&browser, "#login:not([hidden]) #token-input").await;
 }
