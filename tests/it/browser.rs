@@ -395,6 +395,17 @@ fn page_url(server: &Server, user: &str) -> String {
     format!("{}/?token={}", server.url(), common::token(user))
 }
 
+/// A fresh browser on the page, signed in as `user` through the link `serve` prints, connected.
+async fn page_signed_in(server: &Server, user: &str) -> (ChromeDriver, Browser) {
+    let (driver, browser) = open_browser().await;
+    browser
+        .goto(&page_url(server, user))
+        .await
+        .expect("open the page");
+    wait_status(&browser, "connected").await;
+    (driver, browser)
+}
+
 // ---- the tests --------------------------------------------------------------------------------
 
 /// Alice uses the page; Bob is a plain WebSocket client. History, both directions of chat,
@@ -567,12 +578,7 @@ async fn page_reconnects_and_replays_what_it_missed() {
     let mut bob = server.connect("bob").await;
     bob.join("lobby").await;
 
-    let (driver, browser) = open_browser().await;
-    browser
-        .goto(&page_url(&server, "alice"))
-        .await
-        .expect("open the page");
-    wait_status(&browser, "connected").await;
+    let (driver, browser) = page_signed_in(&server, "alice").await;
     join_via_ui(&browser, "lobby").await;
     wait_for_text(&browser, ".member[data-room=lobby]", "alice joined").await;
     bob.say("lobby", "before the drop").await;
@@ -696,12 +702,7 @@ async fn page_keeps_people_signed_in_signs_them_out_links_and_clears_old_errors(
     let server = Server::start_readable();
     let mut bob = server.connect("bob").await;
     bob.join("general").await;
-    let (_driver, browser) = open_browser().await;
-    browser
-        .goto(&page_url(&server, "alice"))
-        .await
-        .expect("open the page");
-    wait_status(&browser, "connected").await;
+    let (_driver, browser) = page_signed_in(&server, "alice").await;
     join_via_ui(&browser, "general").await;
 
     // Links: clickable, opening apart from the page; the rest stays text.

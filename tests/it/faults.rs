@@ -172,6 +172,19 @@ async fn send_until_acknowledged(client: &mut Client, room: &str, text: &str, id
     panic!("{id} was never acknowledged");
 }
 
+/// The seqs of the `message` frames `client` was pushed, up to the last of `seqs` (included).
+async fn messages_heard_up_to(client: &mut Client, seqs: &[u64]) -> Vec<u64> {
+    let last = *seqs.last().expect("a seq");
+    let heard = client.pushed_until(|f| f["seq"] == last).await;
+    let mut heard: Vec<u64> = heard
+        .iter()
+        .filter(|f| f["type"] == "message")
+        .map(|f| f["seq"].as_u64().unwrap())
+        .collect();
+    heard.push(last);
+    heard
+}
+
 async fn readyz(server: &Server) -> (u16, String) {
     let answer = reqwest::Client::new()
         .get(format!("{}/readyz", server.url()))
@@ -245,15 +258,10 @@ async fn a_store_that_throttles_fails_and_drops_out_for_a_while_loses_nothing() 
         .map(|(seq, text)| (*seq, text.to_owned()))
         .collect();
     assert_eq!(messages, expected);
-    let last = *acknowledged.last().unwrap();
-    let heard = bob.pushed_until(|f| f["seq"] == last).await;
-    let mut heard: Vec<u64> = heard
-        .iter()
-        .filter(|f| f["type"] == "message")
-        .map(|f| f["seq"].as_u64().unwrap())
-        .collect();
-    heard.push(last);
-    assert_eq!(heard, acknowledged);
+    assert_eq!(
+        messages_heard_up_to(&mut bob, &acknowledged).await,
+        acknowledged
+    );
     // Both connections stayed up throughout.
     assert!(ana.is_open().await && bob.is_open().await);
 }
@@ -470,13 +478,5 @@ async fn a_full_disk_under_sqlite_refuses_sends_and_loses_nothing() {
         seqs.windows(2).all(|w| w[1] == w[0] + 1),
         "gap-free: the refused sends left no trace: {seqs:?}"
     );
-    let last = *seqs.last().unwrap();
-    let heard = bob.pushed_until(|f| f["seq"] == last).await;
-    let mut heard: Vec<u64> = heard
-        .iter()
-        .filter(|f| f["type"] == "message")
-        .map(|f| f["seq"].as_u64().unwrap())
-        .collect();
-    heard.push(last);
-    assert_eq!(heard, seqs);
+    assert_eq!(messages_heard_up_to(&mut bob, &seqs).await, seqs);
 }

@@ -208,6 +208,16 @@ fn connected(c: &str, u: &str) -> EventBody {
     }
 }
 
+/// `u`'s connection `c` opened, held by the `palaver serve` node `node` (none: API Gateway).
+fn connected_on(c: &str, u: &str, node: Option<&str>) -> EventBody {
+    EventBody::Connected {
+        connection: conn(c),
+        user: user(u),
+        source_ip: None,
+        node: node.map(str::to_owned),
+    }
+}
+
 fn disconnected(c: &str, u: &str) -> EventBody {
     EventBody::Disconnected {
         connection: conn(c),
@@ -950,17 +960,11 @@ mod contract {
     /// holds: a room's listeners say who holds each, however the listener came to be (the
     /// user joined with the connection open, or the connection opened after the join).
     pub async fn listeners_name_the_node_that_holds_each_connection(store: &Store) {
-        let on = |c: &str, u: &str, node: Option<&str>| EventBody::Connected {
-            connection: conn(c),
-            user: user(u),
-            source_ip: None,
-            node: node.map(str::to_owned),
-        };
-        append(store, on("a1", "ana", Some("n1"))).await;
+        append(store, connected_on("a1", "ana", Some("n1"))).await;
         append(store, joined("hall", "ana")).await;
         append(store, joined("hall", "bo")).await;
-        append(store, on("b1", "bo", Some("n2"))).await;
-        append(store, on("c1", "cy", None)).await;
+        append(store, connected_on("b1", "bo", Some("n2"))).await;
+        append(store, connected_on("c1", "cy", None)).await;
         append(store, joined("hall", "cy")).await;
         let mut listeners = store.directory.listeners(&room("hall")).await.unwrap();
         listeners.sort_by(|a, b| a.connection.cmp(&b.connection));
@@ -974,17 +978,11 @@ mod contract {
     /// What a node starting again closes, or another node once its lease lapsed: its own open
     /// connections, none of another node's or API Gateway's, none closed already.
     pub async fn a_nodes_open_connections_are_the_ones_it_holds(store: &Store) {
-        let on = |c: &str, u: &str, node: Option<&str>| EventBody::Connected {
-            connection: conn(c),
-            user: user(u),
-            source_ip: None,
-            node: node.map(str::to_owned),
-        };
-        append(store, on("a1", "ana", Some("n1"))).await;
-        append(store, on("a2", "ana", Some("n1"))).await;
-        append(store, on("b1", "bo", Some("n1"))).await;
-        append(store, on("b2", "bo", Some("n2"))).await;
-        append(store, on("c1", "cy", None)).await;
+        append(store, connected_on("a1", "ana", Some("n1"))).await;
+        append(store, connected_on("a2", "ana", Some("n1"))).await;
+        append(store, connected_on("b1", "bo", Some("n1"))).await;
+        append(store, connected_on("b2", "bo", Some("n2"))).await;
+        append(store, connected_on("c1", "cy", None)).await;
         append(store, disconnected("a2", "ana")).await;
         let held = |node: &'static str| async move {
             let open = store
