@@ -26,6 +26,11 @@ use tokio_tungstenite::tungstenite::Message;
 /// everything unanswered goes again at once: a lost connection loses its answers.
 const RESEND_AFTER: Duration = Duration::from_secs(10);
 const RESEND_MAX: Duration = Duration::from_secs(60);
+/// Messages a client has out awaiting their `sent` at once; the ones typed meanwhile wait in its
+/// outbox, in order. Without the window a client whose messages go unanswered for a while (a
+/// node killed, a slow store) sends its whole backlog again on every reconnect and resend,
+/// and a run's clients bury the store they are waiting for.
+const IN_FLIGHT: usize = 8;
 /// The most events asked of one `getHistory` (the protocol's maximum).
 const PAGE: u64 = 500;
 
@@ -146,6 +151,8 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, deadline: Instant) {
         ..Outcome::default()
     };
     let mut unacked: BTreeMap<String, Unacked> = BTreeMap::new();
+    // Typed and not sent yet: (clientMsgId, room, frame).
+    let mut outbox: std::collections::VecDeque<(String, String, String)> = Default::default();
     let mut counter = 0u64;
     let mut connection = 0u64;
     let mut pause = Duration::from_millis(50);
@@ -183,6 +190,22 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, deadline: Instant) {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut resync = tokio::time::interval(Duration::from_millis(500));
         'connection: loop {
+            // The outbox's next messages, while the window has room.
+            while unacked.len() < IN_FLIGHT
+                && let Some((cmid, room, frame)) = outbox.pop_front()
+            {
+                out.push(frame.clone());
+                let (due, wait) = (Instant::now() + RESEND_AFTER, RESEND_AFTER);
+                unacked.insert(
+                    cmid,
+                    Unacked {
+                        room,
+                        frame,
+                        due,
+                        wait,
+                    },
+                );
+            }
             for frame in out.drain(..) {
                 if sink.send(Message::Text(frame.into())).await.is_err() {
                     break 'connection;
@@ -307,9 +330,8 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, deadline: Instant) {
                     })
                     .to_string();
                     shared.sent.fetch_add(1, Relaxed);
-                    out.push(frame.clone());
-                    let (due, wait) = (Instant::now() + RESEND_AFTER, RESEND_AFTER);
-                    unacked.insert(cmid, Unacked { room, frame, due, wait });
+                    // Sent at the top of the loop, when the window has room.
+                    outbox.push_back((cmid, room, frame));
                 }
                 _ = resync.tick() => {
                     let now = Instant::now();
@@ -323,7 +345,11 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, deadline: Instant) {
                             out.push(sent.frame.clone());
                         }
                     }
-                    if shared.finish.load(Relaxed) && unacked.is_empty() && !drained {
+                    if shared.finish.load(Relaxed)
+                        && unacked.is_empty()
+                        && outbox.is_empty()
+                        && !drained
+                    {
                         drained = true;
                         shared.drained.fetch_add(1, Relaxed);
                     }
