@@ -1,7 +1,7 @@
 //! The `palaver` command: run the server, make tokens, and answer operators' questions.
 
 use clap::{Parser, Subcommand};
-use palaver::domain::{RoomName, Stream, UserId};
+use palaver::domain::{RoomName, UserId};
 use palaver::fanout::change_stream::ChangeSource;
 use palaver::gateway::admission::Admission;
 use palaver::gateway::lifetime::Lifetime;
@@ -406,8 +406,7 @@ async fn run_serve(
     if let StoreUrl::DynamoDb(_) = url {
         // Asked once before anything says "listening": a store that cannot be reached, or has
         // no tables, fails the start here, with the reason.
-        let probe = Stream::Room(RoomName::parse("readyz").expect("a valid room name"));
-        store.log.head(&probe).await?;
+        store.answers().await?;
     }
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -391,6 +391,15 @@ pub struct Store {
     pub nodes: Option<Arc<dyn NodeLeases>>,
 }
 
+impl Store {
+    /// Whether the store answers: one small read (the head of a stream nobody writes), for
+    /// `/readyz` and for `serve` before it says it listens.
+    pub async fn answers(&self) -> StoreResult<()> {
+        let probe = RoomName::parse("readyz").expect("a valid room name");
+        self.log.head(&Stream::Room(probe)).await.map(drop)
+    }
+}
+
 /// The leases of the `palaver serve` nodes that share a store: each node renews its own while
 /// it runs; one whose lease lapsed died without closing its connections, and another node
 /// closes them for it (its users would otherwise stay "online", and count toward their caps,

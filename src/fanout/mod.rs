@@ -668,35 +668,41 @@ impl FanOut {
         if let Some(stragglers) = &self.stragglers {
             for (i, post) in posted.late {
                 let connection = recipients[i].clone();
-                let fanout = self.clone();
-                let settle = {
-                    let connection = connection.clone();
-                    async move {
-                        let mut delivery = Delivery::default();
-                        let follow = match post.ended().await {
-                            stragglers::Outcome::Answered(Ok(())) => {
-                                delivery.delivered += 1;
-                                true
-                            }
-                            stragglers::Outcome::Answered(Err(error)) => {
-                                fanout
-                                    .post_failed(&connection, error, answered, &mut delivery)
-                                    .await
-                            }
-                            stragglers::Outcome::Skipped => {
-                                delivery.failed += 1;
-                                false
-                            }
-                        };
-                        count(&delivery);
-                        follow
-                    }
-                };
-                stragglers.let_go(connection, settle);
+                let settled = self
+                    .clone()
+                    .late_post_ended(connection.clone(), post, answered);
+                stragglers.let_go(connection, settled);
             }
         }
         count(&delivery);
         delivery
+    }
+
+    /// What becomes of a post let go once it ends, counted into the metrics; returns whether
+    /// later frames may follow it to `connection` ([`Stragglers::let_go`]).
+    async fn late_post_ended(
+        self,
+        connection: ConnectionId,
+        post: stragglers::Late,
+        answered: bool,
+    ) -> bool {
+        let mut delivery = Delivery::default();
+        let follow = match post.ended().await {
+            stragglers::Outcome::Answered(Ok(())) => {
+                delivery.delivered += 1;
+                true
+            }
+            stragglers::Outcome::Answered(Err(error)) => {
+                self.post_failed(&connection, error, answered, &mut delivery)
+                    .await
+            }
+            stragglers::Outcome::Skipped => {
+                delivery.failed += 1;
+                false
+            }
+        };
+        count(&delivery);
+        follow
     }
 
     /// What a failed post means for its connection, counted into `delivery`; `answered`: other

@@ -50,8 +50,6 @@ pub(super) enum Outcome {
 /// A frame's posts, as far as they went before the last were let go.
 #[derive(Default)]
 pub(super) struct Posted {
-    /// Posts that reached their connection.
-    pub delivered: usize,
     /// Posts that failed, by index into the recipients.
     pub failures: Vec<(usize, PostError)>,
     /// Recipients not posted to: their connection is being closed.
@@ -143,7 +141,7 @@ impl Stragglers {
             running -= 1;
             let post = posts[i].take().expect("each post ends once");
             match outcome_of(post.await) {
-                Outcome::Answered(Ok(())) => posted.delivered += 1,
+                Outcome::Answered(Ok(())) => {}
                 Outcome::Answered(Err(error)) => posted.failures.push((i, error)),
                 Outcome::Skipped => posted.skipped += 1,
             }

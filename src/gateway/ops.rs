@@ -3,7 +3,6 @@
 //! answers, and the fan-out is not further behind the log than `--ready-max-lag`.
 
 use super::GatewayState;
-use crate::domain::{RoomName, Stream};
 use crate::ports::{StoreError, StoreResult};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -87,8 +86,7 @@ pub async fn readyz(State(state): State<Arc<GatewayState>>) -> (StatusCode, Stri
 /// iterator age is the lag, in CloudWatch); the store is still asked something.
 async fn lag(state: &GatewayState) -> StoreResult<Option<Lag>> {
     let (Some(feed), Some(progress)) = (&state.store.feed, &state.fanout) else {
-        let probe = RoomName::parse("readyz").expect("a valid room name");
-        state.store.log.head(&Stream::Room(probe)).await?;
+        state.store.answers().await?;
         return Ok(None);
     };
     let delivered = progress.delivered();
